@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Installs everything lazysnap, its tests and its sample need on a fresh Debian 12 machine.
+# Idempotent: a second run only checks. Used by the README and by .ci/run.
+set -euo pipefail
+
+PACKAGES=(
+  fuse3            # fusermount3, for unprivileged mounts
+  umoci            # reference unpacker the equality tests compare against
+  skopeo           # copies images between layouts, archives and registries
+  zstd pigz gzip   # peers: pure decompression, layer compression for test images
+  tar xz-utils
+  attr             # getfattr/setfattr for xattr checks
+  protobuf-compiler  # protoc, for containerd's gRPC protos
+  ca-certificates
+)
+
+missing=()
+for p in "${PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+
+if ((${#missing[@]})); then
+  SUDO=""
+  [[ $(id -u) -ne 0 ]] && SUDO="sudo"
+  echo "installing: ${missing[*]}" >&2
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+if ! command -v cargo >/dev/null; then
+  echo "cargo not found: install a Rust toolchain (rustup) first" >&2
+  exit 1
+fi
