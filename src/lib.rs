@@ -1,1 +1,18 @@
+//! lazysnap: mount container image root filesystems lazily, without extracting them.
+//!
+//! See ARCHITECTURE.md for the codemap. The pieces, each knowing only what it must:
+//! [`store`] (blobs), [`image`] (OCI/docker formats), [`index`] (tar → layer index),
+//! [`blob`] (random access into compressed blobs), [`meta`] (SQLite), [`unpack`] and
+//! [`import`] (orchestration), [`layer`] (a layer behind the fuse crate's trait).
 
+pub mod blob;
+pub mod digest;
+pub mod gc;
+pub mod image;
+pub mod import;
+pub mod index;
+pub mod layer;
+pub mod meta;
+pub mod root;
+pub mod store;
+pub mod unpack;

@@ -1,0 +1,219 @@
+//! `import`: image source → content store → unpack (index) → metadata. A failed import takes
+//! back what it added, so the store is as it was.
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use serde::Serialize;
+use tracing::info_span;
+
+use crate::digest::Digest;
+use crate::image::resolve::{IngestProgress, Ingested};
+use crate::image::source::open_source;
+use crate::image::{resolve_images, Desc, LayerDesc, Platform, ResolvedImage};
+use crate::meta::{ImageLayerRow, ImageRow};
+use crate::root::Root;
+use crate::unpack::{unpack, UnpackProgress};
+
+/// Progress reporting for a whole import (the CLI draws bars; tests pass a no-op).
+pub trait Reporter: IngestProgress {
+    /// Indexing starts for `layers` layers of `bytes` compressed bytes; returns the counters
+    /// the unpack step advances.
+    fn start_unpack(&mut self, layers: u64, bytes: u64) -> Arc<UnpackProgress>;
+    fn finish_unpack(&mut self);
+}
+
+pub struct NoProgress;
+impl IngestProgress for NoProgress {
+    fn start_blob(&mut self, _: u64) {}
+    fn bytes(&mut self, _: u64) {}
+}
+impl Reporter for NoProgress {
+    fn start_unpack(&mut self, _: u64, _: u64) -> Arc<UnpackProgress> {
+        Arc::new(UnpackProgress::default())
+    }
+    fn finish_unpack(&mut self) {}
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Imported {
+    pub name: String,
+    pub manifest: Digest,
+    pub chain_id: Option<Digest>,
+    pub layers: usize,
+}
+
+pub fn import(
+    root: &mut Root,
+    path: &Path,
+    name: Option<&str>,
+    platform: Option<&Platform>,
+    reporter: &mut dyn Reporter,
+) -> anyhow::Result<Vec<Imported>> {
+    let _span = info_span!("import", path = %path.display()).entered();
+    let source = open_source(path)?;
+    let default_name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .map(|n| {
+            n.trim_end_matches(".tar")
+                .trim_end_matches(".oci")
+                .to_string()
+        })
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| "image".to_string());
+    let mut ingested = Ingested::default();
+    let result = (|| {
+        let images = resolve_images(
+            source.as_ref(),
+            &root.store,
+            name,
+            platform,
+            &default_name,
+            &mut ingested,
+            reporter,
+        )?;
+        let mut out = Vec::new();
+        for img in &images {
+            out.push(unpack_and_record(root, img, reporter)?);
+        }
+        anyhow::Ok(out)
+    })();
+    if result.is_err() {
+        cleanup_after_failure(root, &ingested.added);
+    }
+    result
+}
+
+fn unpack_and_record(
+    root: &mut Root,
+    img: &ResolvedImage,
+    reporter: &mut dyn Reporter,
+) -> anyhow::Result<Imported> {
+    let bytes = img.layers.iter().map(|l| l.desc.size).sum();
+    let progress = reporter.start_unpack(img.layers.len() as u64, bytes);
+    let chain = unpack(root, &img.layers, progress)
+        .with_context(|| format!("unpacking {}", img.name));
+    reporter.finish_unpack();
+    let chain = chain?;
+    let row = ImageRow {
+        name: img.name.clone(),
+        target_digest: img.target.digest.to_string(),
+        target_media_type: img.target.media_type.clone(),
+        target_size: img.target.size,
+        manifest_digest: img.manifest.digest.to_string(),
+        manifest_media_type: img.manifest.media_type.clone(),
+        manifest_size: img.manifest.size,
+        config_digest: img.config.digest.to_string(),
+        config_media_type: img.config.media_type.clone(),
+        config_size: img.config.size,
+        platform: img.platform.to_string(),
+        chain_id: chain.as_ref().map(|c| c.to_string()),
+        created_at: crate::meta::now_unix(),
+        layers: img
+            .layers
+            .iter()
+            .map(|l| ImageLayerRow {
+                blob_digest: l.desc.digest.to_string(),
+                media_type: l.desc.media_type.clone(),
+                size: l.desc.size,
+                diff_id: l.diff_id.to_string(),
+            })
+            .collect(),
+        blobs: img.blobs.iter().map(|d| d.to_string()).collect(),
+    };
+    root.meta.put_image(&row)?;
+    Ok(Imported {
+        name: img.name.clone(),
+        manifest: img.manifest.digest.clone(),
+        chain_id: chain,
+        layers: img.layers.len(),
+    })
+}
+
+/// Re-runs unpack for an imported image (e.g. after its indexes were removed).
+pub fn unpack_image(root: &mut Root, name: &str, reporter: &mut dyn Reporter) -> anyhow::Result<Imported> {
+    let img = root
+        .meta
+        .image(name)?
+        .with_context(|| format!("image {name:?} not found"))?;
+    let layers = img
+        .layers
+        .iter()
+        .map(|l| {
+            let compression = crate::image::layer_compression(&l.media_type)
+                .with_context(|| format!("unknown media type {}", l.media_type))?;
+            Ok(LayerDesc {
+                desc: Desc {
+                    media_type: l.media_type.clone(),
+                    digest: Digest::parse(&l.blob_digest)?,
+                    size: l.size,
+                },
+                compression,
+                diff_id: Digest::parse(&l.diff_id)?,
+            })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    for l in &layers {
+        if !root.store.contains(&l.desc.digest) {
+            anyhow::bail!("layer blob {} of {name} is missing from the content store", l.desc.digest);
+        }
+    }
+    let bytes = layers.iter().map(|l| l.desc.size).sum();
+    let progress = reporter.start_unpack(layers.len() as u64, bytes);
+    let chain = unpack(root, &layers, progress);
+    reporter.finish_unpack();
+    let chain = chain?;
+    if let Some(c) = &chain {
+        root.meta.set_image_chain(name, c.as_str())?;
+    }
+    Ok(Imported {
+        name: name.to_string(),
+        manifest: Digest::parse(&img.manifest_digest)?,
+        chain_id: chain,
+        layers: layers.len(),
+    })
+}
+
+/// Removes the blobs this import added that nothing recorded references, and index files the
+/// metadata does not know.
+fn cleanup_after_failure(root: &mut Root, added: &[Digest]) {
+    let referenced: HashSet<String> = (|| -> rusqlite::Result<HashSet<String>> {
+        let conn = root.meta.conn();
+        let mut stmt =
+            conn.prepare("SELECT digest FROM image_blobs UNION SELECT digest FROM blobs")?;
+        let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
+        rows.collect()
+    })()
+    .unwrap_or_default();
+    if referenced.is_empty() && root.meta.image_names().map(|n| !n.is_empty()).unwrap_or(true) {
+        // Could not read what is referenced: keep everything rather than guess.
+        return;
+    }
+    for d in added {
+        if !referenced.contains(d.as_str()) {
+            let _ = root.store.remove(d);
+        }
+    }
+    let known: HashSet<String> = (|| -> rusqlite::Result<HashSet<String>> {
+        let conn = root.meta.conn();
+        let mut stmt = conn.prepare(
+            "SELECT index_path FROM layers UNION SELECT spans_path FROM blobs
+             UNION SELECT local_copy FROM blobs WHERE local_copy IS NOT NULL",
+        )?;
+        let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
+        rows.collect()
+    })()
+    .unwrap_or_default();
+    if let Ok(entries) = std::fs::read_dir(root.index_dir()) {
+        for entry in entries.flatten() {
+            let rel = format!("index/{}", entry.file_name().to_string_lossy());
+            if !known.contains(&rel) {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+    }
+    let _ = root.store.clean_ingest();
+}

@@ -1,0 +1,282 @@
+//! A layer as the filesystem sees it: its index plus a random-access reader of its blob,
+//! behind the `LayerTree` trait of the fuse crate.
+
+use std::io;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use lazysnap_fuse::{DirEntry, LayerTree, NodeAttr, NodeId, NodeKind, Timestamp};
+use tracing::warn;
+
+use crate::blob::{BlobReader, SpanCache, SpanMap};
+use crate::index::{Kind, LayerIndex, FLAG_IMPLICIT, FLAG_OPAQUE, NO_PARENT, WHITEOUT};
+use crate::meta::ChainRow;
+use crate::root::Root;
+
+pub struct IndexedLayer {
+    index: LayerIndex,
+    reader: BlobReader,
+    name: String,
+}
+
+impl IndexedLayer {
+    pub fn new(index: LayerIndex, reader: BlobReader, name: String) -> Self {
+        Self {
+            index,
+            reader,
+            name,
+        }
+    }
+
+    /// Opens the layer of one chain level from the root's metadata.
+    pub fn open(root: &Root, chain: &ChainRow, cache: Arc<SpanCache>) -> anyhow::Result<Self> {
+        let blob = root
+            .meta
+            .blob(&chain.blob_digest)?
+            .with_context(|| format!("blob {} is not indexed", chain.blob_digest))?;
+        let layer = root
+            .meta
+            .layer(&blob.diff_id)?
+            .with_context(|| format!("layer {} is not indexed", blob.diff_id))?;
+        let index = LayerIndex::load(&root.abs(&layer.index_path))
+            .with_context(|| format!("loading the index of layer {}", layer.diff_id))?;
+        let spans_path = root.abs(&blob.spans_path);
+        let spans = std::fs::read(&spans_path)
+            .with_context(|| format!("reading {}", spans_path.display()))?;
+        let map: SpanMap = postcard::from_bytes(&spans)
+            .with_context(|| format!("span map {} is corrupt", spans_path.display()))?;
+        let local = blob.local_copy.as_deref().map(|p| root.abs(p));
+        let digest = crate::digest::Digest::parse(&chain.blob_digest)?;
+        let reader = BlobReader::open(
+            &root.store.blob_path(&digest),
+            Arc::new(map),
+            local.as_deref(),
+            cache,
+        )
+        .with_context(|| format!("opening blob {}", chain.blob_digest))?;
+        Ok(Self::new(index, reader, chain.blob_digest.clone()))
+    }
+
+    pub fn index(&self) -> &LayerIndex {
+        &self.index
+    }
+
+    pub fn reader(&self) -> &BlobReader {
+        &self.reader
+    }
+
+    fn node(&self, id: NodeId) -> Option<&crate::index::Node> {
+        self.index.nodes.get(id as usize)
+    }
+
+    fn read_plain(&self, data_offset: u64, offset: u64, buf: &mut [u8]) -> io::Result<usize> {
+        let mut done = 0;
+        while done < buf.len() {
+            let n = self
+                .reader
+                .read_at(data_offset + offset + done as u64, &mut buf[done..])
+                .map_err(|e| {
+                    warn!(blob = %self.name, offset = data_offset + offset, error = %e, "read failed");
+                    io::Error::other(e.to_string())
+                })?;
+            if n == 0 {
+                break;
+            }
+            done += n;
+        }
+        Ok(done)
+    }
+}
+
+fn ts(t: (i64, u32)) -> Timestamp {
+    Timestamp {
+        sec: t.0,
+        nsec: t.1,
+    }
+}
+
+impl LayerTree for IndexedLayer {
+    fn root(&self) -> NodeId {
+        0
+    }
+
+    fn lookup(&self, dir: NodeId, name: &[u8]) -> Option<DirEntry> {
+        self.index.lookup(dir, name).map(|d| {
+            if d.target == WHITEOUT {
+                DirEntry::Whiteout
+            } else {
+                DirEntry::Node(d.target)
+            }
+        })
+    }
+
+    fn for_each_child(&self, dir: NodeId, f: &mut dyn FnMut(&[u8], DirEntry)) {
+        for d in self.index.children(dir) {
+            let entry = if d.target == WHITEOUT {
+                DirEntry::Whiteout
+            } else {
+                DirEntry::Node(d.target)
+            };
+            f(self.index.bytes_of(d.name), entry);
+        }
+    }
+
+    fn is_opaque(&self, dir: NodeId) -> bool {
+        self.node(dir).is_some_and(|n| n.flags & FLAG_OPAQUE != 0)
+    }
+
+    fn is_implicit(&self, dir: NodeId) -> bool {
+        self.node(dir).is_some_and(|n| n.flags & FLAG_IMPLICIT != 0)
+    }
+
+    fn parent(&self, dir: NodeId) -> Option<(NodeId, Vec<u8>)> {
+        let n = self.node(dir)?;
+        if n.parent == NO_PARENT {
+            return None;
+        }
+        let d = self.index.dirents.get(n.parent_dirent as usize)?;
+        Some((n.parent, self.index.bytes_of(d.name).to_vec()))
+    }
+
+    fn links(&self, node: NodeId) -> Vec<(NodeId, Vec<u8>)> {
+        let start = self.index.hardlinks.partition_point(|&(n, _)| n < node);
+        let mut out = Vec::new();
+        for &(n, dirent) in &self.index.hardlinks[start..] {
+            if n != node {
+                break;
+            }
+            // The dirent's directory: the node whose children range holds it.
+            let Some(d) = self.index.dirents.get(dirent as usize) else {
+                continue;
+            };
+            // Children ranges are laid out in node order, so the directory holding the dirent
+            // is the last non-empty range starting at or before it.
+            let upto = self
+                .index
+                .nodes
+                .partition_point(|p| p.children.start <= dirent);
+            let dir = self.index.nodes[..upto].iter().rposition(|p| {
+                p.kind == Kind::Dir && p.children.as_range().contains(&(dirent as usize))
+            });
+            if let Some(dir) = dir {
+                out.push((dir as NodeId, self.index.bytes_of(d.name).to_vec()));
+            }
+        }
+        out
+    }
+
+    fn attr(&self, node: NodeId) -> NodeAttr {
+        let Some(n) = self.node(node) else {
+            return NodeAttr {
+                kind: NodeKind::File,
+                perm: 0,
+                uid: 0,
+                gid: 0,
+                size: 0,
+                mtime: Timestamp::default(),
+                atime: Timestamp::default(),
+                ctime: Timestamp::default(),
+                rdev: 0,
+                nlink: 1,
+            };
+        };
+        let kind = match n.kind {
+            Kind::File => NodeKind::File,
+            Kind::Dir => NodeKind::Dir,
+            Kind::Symlink => NodeKind::Symlink,
+            Kind::CharDev => NodeKind::CharDev,
+            Kind::BlockDev => NodeKind::BlockDev,
+            Kind::Fifo => NodeKind::Fifo,
+        };
+        let mtime = ts(n.mtime);
+        NodeAttr {
+            kind,
+            perm: u32::from(n.perm),
+            uid: n.uid,
+            gid: n.gid,
+            size: n.size,
+            mtime,
+            atime: n.atime.map(ts).unwrap_or(mtime),
+            ctime: n.ctime.map(ts).unwrap_or(mtime),
+            rdev: libc::makedev(n.rdev.0, n.rdev.1),
+            nlink: n.nlink.max(1),
+        }
+    }
+
+    fn readlink(&self, node: NodeId) -> io::Result<Vec<u8>> {
+        match self.node(node) {
+            Some(n) if n.kind == Kind::Symlink => Ok(self.index.bytes_of(n.link).to_vec()),
+            _ => Err(io::Error::from_raw_os_error(libc::EINVAL)),
+        }
+    }
+
+    fn xattrs(&self, node: NodeId) -> Vec<(Vec<u8>, Vec<u8>)> {
+        let Some(n) = self.node(node) else {
+            return Vec::new();
+        };
+        self.index
+            .xattrs
+            .get(n.xattrs.as_range())
+            .unwrap_or(&[])
+            .iter()
+            .map(|x| {
+                (
+                    self.index.bytes_of(x.name).to_vec(),
+                    self.index.bytes_of(x.value).to_vec(),
+                )
+            })
+            .collect()
+    }
+
+    fn read_at(&self, node: NodeId, offset: u64, buf: &mut [u8]) -> io::Result<usize> {
+        let n = match self.node(node) {
+            Some(n) if n.kind == Kind::File => n,
+            _ => return Err(io::Error::from_raw_os_error(libc::EINVAL)),
+        };
+        if offset >= n.size || buf.is_empty() {
+            return Ok(0);
+        }
+        let want = (n.size - offset).min(buf.len() as u64) as usize;
+        let buf = &mut buf[..want];
+        let extents = self.index.sparse.get(n.sparse.as_range()).unwrap_or(&[]);
+        if extents.is_empty() {
+            return self.read_plain(n.data_offset, offset, buf);
+        }
+        // Sparse: zeros except in the extents, whose data is stored back to back.
+        buf.fill(0);
+        let end = offset + want as u64;
+        let mut stored = 0u64;
+        for &(ext_off, ext_len) in extents {
+            let ext_end = ext_off + ext_len;
+            if ext_end > offset && ext_off < end {
+                let from = offset.max(ext_off);
+                let to = end.min(ext_end);
+                let dst = &mut buf[(from - offset) as usize..(to - offset) as usize];
+                let got = self.read_plain(n.data_offset, stored + (from - ext_off), dst)?;
+                if got < dst.len() {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "sparse extent beyond the end of the layer",
+                    ));
+                }
+            }
+            stored += ext_len;
+        }
+        Ok(want)
+    }
+}
+
+/// Loads the layer stack of a chain (bottom first) for mounting.
+pub fn open_stack(
+    root: &Root,
+    chain_id: &str,
+    cache: Arc<SpanCache>,
+) -> anyhow::Result<Vec<Arc<dyn LayerTree>>> {
+    let chain = root.meta.chain_stack(chain_id)?;
+    chain
+        .iter()
+        .map(|c| {
+            IndexedLayer::open(root, c, cache.clone()).map(|l| Arc::new(l) as Arc<dyn LayerTree>)
+        })
+        .collect()
+}

@@ -1,0 +1,571 @@
+//! The metadata store: SQLite (WAL) holding layers, blobs, chains, images and snapshots.
+//! Every change is one transaction. Knows nothing of FUSE or tar.
+
+use std::path::Path;
+
+use rusqlite::{params, Connection, OptionalExtension, Transaction};
+use serde::Serialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MetaError {
+    #[error("metadata database: {0}")]
+    Sql(#[from] rusqlite::Error),
+    #[error("{0} not found")]
+    NotFound(String),
+    #[error("{0} already exists")]
+    AlreadyExists(String),
+    #[error("{0}")]
+    FailedPrecondition(String),
+}
+
+pub type Result<T> = std::result::Result<T, MetaError>;
+
+const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS layers (
+    diff_id           TEXT PRIMARY KEY,
+    uncompressed_size INTEGER NOT NULL,
+    entries           INTEGER NOT NULL,
+    index_path        TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS blobs (
+    digest      TEXT PRIMARY KEY,
+    diff_id     TEXT NOT NULL REFERENCES layers(diff_id),
+    media_type  TEXT NOT NULL,
+    compression TEXT NOT NULL,
+    size        INTEGER NOT NULL,
+    spans_path  TEXT NOT NULL,
+    local_copy  TEXT
+);
+CREATE TABLE IF NOT EXISTS chains (
+    chain_id    TEXT PRIMARY KEY,
+    parent      TEXT REFERENCES chains(chain_id),
+    diff_id     TEXT NOT NULL REFERENCES layers(diff_id),
+    blob_digest TEXT NOT NULL REFERENCES blobs(digest),
+    depth       INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS images (
+    name              TEXT PRIMARY KEY,
+    target_digest     TEXT NOT NULL,
+    target_media_type TEXT NOT NULL,
+    target_size       INTEGER NOT NULL,
+    manifest_digest   TEXT NOT NULL,
+    manifest_media_type TEXT NOT NULL,
+    manifest_size     INTEGER NOT NULL,
+    config_digest     TEXT NOT NULL,
+    config_media_type TEXT NOT NULL,
+    config_size       INTEGER NOT NULL,
+    platform          TEXT NOT NULL,
+    chain_id          TEXT REFERENCES chains(chain_id),
+    created_at        INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS image_layers (
+    image       TEXT NOT NULL REFERENCES images(name) ON DELETE CASCADE,
+    position    INTEGER NOT NULL,
+    blob_digest TEXT NOT NULL,
+    media_type  TEXT NOT NULL,
+    size        INTEGER NOT NULL,
+    diff_id     TEXT NOT NULL,
+    PRIMARY KEY (image, position)
+);
+CREATE TABLE IF NOT EXISTS image_blobs (
+    image  TEXT NOT NULL REFERENCES images(name) ON DELETE CASCADE,
+    digest TEXT NOT NULL,
+    PRIMARY KEY (image, digest)
+);
+CREATE TABLE IF NOT EXISTS snapshots (
+    id         INTEGER PRIMARY KEY AUTOINCREMENT,
+    key        TEXT NOT NULL UNIQUE,
+    kind       TEXT NOT NULL CHECK (kind IN ('committed', 'active', 'view')),
+    parent     TEXT REFERENCES snapshots(key),
+    chain_id   TEXT REFERENCES chains(chain_id),
+    created_at INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS snapshots_parent ON snapshots(parent);
+CREATE TABLE IF NOT EXISTS snapshot_labels (
+    snapshot_id INTEGER NOT NULL REFERENCES snapshots(id) ON DELETE CASCADE,
+    key         TEXT NOT NULL,
+    value       TEXT NOT NULL,
+    PRIMARY KEY (snapshot_id, key)
+);
+"#;
+
+/// Label marking a committed snapshot that unpack made for an image's chain; garbage
+/// collection may remove it once no image needs it.
+pub const UNPACK_LABEL: &str = "lazysnap.io/unpacked";
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LayerRow {
+    pub diff_id: String,
+    pub uncompressed_size: u64,
+    pub entries: u64,
+    pub index_path: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BlobRow {
+    pub digest: String,
+    pub diff_id: String,
+    pub media_type: String,
+    pub compression: String,
+    pub size: u64,
+    pub spans_path: String,
+    pub local_copy: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ChainRow {
+    pub chain_id: String,
+    pub parent: Option<String>,
+    pub diff_id: String,
+    pub blob_digest: String,
+    pub depth: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ImageLayerRow {
+    pub blob_digest: String,
+    pub media_type: String,
+    pub size: u64,
+    pub diff_id: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ImageRow {
+    pub name: String,
+    pub target_digest: String,
+    pub target_media_type: String,
+    pub target_size: u64,
+    pub manifest_digest: String,
+    pub manifest_media_type: String,
+    pub manifest_size: u64,
+    pub config_digest: String,
+    pub config_media_type: String,
+    pub config_size: u64,
+    pub platform: String,
+    pub chain_id: Option<String>,
+    pub created_at: i64,
+    pub layers: Vec<ImageLayerRow>,
+    /// Every content blob the image references (index, manifest, config, layers).
+    pub blobs: Vec<String>,
+}
+
+pub struct Meta {
+    conn: Connection,
+}
+
+pub fn now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+impl Meta {
+    pub fn open(path: &Path) -> Result<Self> {
+        let conn = Connection::open(path)?;
+        conn.busy_timeout(std::time::Duration::from_secs(30))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.execute_batch(SCHEMA)?;
+        Ok(Self { conn })
+    }
+
+    /// Runs `f` in one IMMEDIATE transaction (takes the write lock up front, so concurrent
+    /// writers queue on busy_timeout instead of failing mid-transaction).
+    pub fn write<T>(&mut self, f: impl FnOnce(&Transaction<'_>) -> Result<T>) -> Result<T> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let out = f(&tx)?;
+        tx.commit()?;
+        Ok(out)
+    }
+
+    pub fn conn(&self) -> &Connection {
+        &self.conn
+    }
+
+    pub fn layer(&self, diff_id: &str) -> Result<Option<LayerRow>> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT diff_id, uncompressed_size, entries, index_path FROM layers WHERE diff_id = ?1",
+                [diff_id],
+                |r| {
+                    Ok(LayerRow {
+                        diff_id: r.get(0)?,
+                        uncompressed_size: r.get(1)?,
+                        entries: r.get(2)?,
+                        index_path: r.get(3)?,
+                    })
+                },
+            )
+            .optional()?)
+    }
+
+    pub fn blob(&self, digest: &str) -> Result<Option<BlobRow>> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT digest, diff_id, media_type, compression, size, spans_path, local_copy
+                 FROM blobs WHERE digest = ?1",
+                [digest],
+                |r| {
+                    Ok(BlobRow {
+                        digest: r.get(0)?,
+                        diff_id: r.get(1)?,
+                        media_type: r.get(2)?,
+                        compression: r.get(3)?,
+                        size: r.get(4)?,
+                        spans_path: r.get(5)?,
+                        local_copy: r.get(6)?,
+                    })
+                },
+            )
+            .optional()?)
+    }
+
+    pub fn chain(&self, chain_id: &str) -> Result<Option<ChainRow>> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT chain_id, parent, diff_id, blob_digest, depth FROM chains WHERE chain_id = ?1",
+                [chain_id],
+                |r| {
+                    Ok(ChainRow {
+                        chain_id: r.get(0)?,
+                        parent: r.get(1)?,
+                        diff_id: r.get(2)?,
+                        blob_digest: r.get(3)?,
+                        depth: r.get(4)?,
+                    })
+                },
+            )
+            .optional()?)
+    }
+
+    /// The chain from the bottom layer up to `chain_id`.
+    pub fn chain_stack(&self, chain_id: &str) -> Result<Vec<ChainRow>> {
+        let mut out = Vec::new();
+        let mut next = Some(chain_id.to_string());
+        while let Some(id) = next {
+            let row = self
+                .chain(&id)?
+                .ok_or_else(|| MetaError::NotFound(format!("chain {id}")))?;
+            next = row.parent.clone();
+            out.push(row);
+        }
+        out.reverse();
+        Ok(out)
+    }
+
+    /// Records one indexed layer and the chain level it completes, in one transaction.
+    pub fn record_layer(&mut self, layer: &LayerRow, blob: &BlobRow, chain: &ChainRow) -> Result<()> {
+        self.write(|tx| {
+            tx.execute(
+                "INSERT OR IGNORE INTO layers (diff_id, uncompressed_size, entries, index_path)
+                 VALUES (?1, ?2, ?3, ?4)",
+                params![layer.diff_id, layer.uncompressed_size, layer.entries, layer.index_path],
+            )?;
+            tx.execute(
+                "INSERT OR IGNORE INTO blobs (digest, diff_id, media_type, compression, size, spans_path, local_copy)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![
+                    blob.digest,
+                    blob.diff_id,
+                    blob.media_type,
+                    blob.compression,
+                    blob.size,
+                    blob.spans_path,
+                    blob.local_copy
+                ],
+            )?;
+            insert_chain(tx, chain)?;
+            ensure_unpacked_snapshot(tx, &chain.chain_id, chain.parent.as_deref(), &chain.chain_id)?;
+            Ok(())
+        })
+    }
+
+    pub fn put_image(&mut self, img: &ImageRow) -> Result<()> {
+        self.write(|tx| {
+            tx.execute("DELETE FROM images WHERE name = ?1", [&img.name])?;
+            tx.execute(
+                "INSERT INTO images (name, target_digest, target_media_type, target_size,
+                    manifest_digest, manifest_media_type, manifest_size, config_digest,
+                    config_media_type, config_size, platform, chain_id, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+                params![
+                    img.name,
+                    img.target_digest,
+                    img.target_media_type,
+                    img.target_size,
+                    img.manifest_digest,
+                    img.manifest_media_type,
+                    img.manifest_size,
+                    img.config_digest,
+                    img.config_media_type,
+                    img.config_size,
+                    img.platform,
+                    img.chain_id,
+                    img.created_at
+                ],
+            )?;
+            for (i, l) in img.layers.iter().enumerate() {
+                tx.execute(
+                    "INSERT INTO image_layers (image, position, blob_digest, media_type, size, diff_id)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    params![img.name, i as i64, l.blob_digest, l.media_type, l.size, l.diff_id],
+                )?;
+            }
+            for d in &img.blobs {
+                tx.execute(
+                    "INSERT OR IGNORE INTO image_blobs (image, digest) VALUES (?1, ?2)",
+                    params![img.name, d],
+                )?;
+            }
+            Ok(())
+        })
+    }
+
+    pub fn set_image_chain(&mut self, name: &str, chain_id: &str) -> Result<()> {
+        self.write(|tx| {
+            tx.execute(
+                "UPDATE images SET chain_id = ?2 WHERE name = ?1",
+                params![name, chain_id],
+            )?;
+            Ok(())
+        })
+    }
+
+    pub fn image(&self, name: &str) -> Result<Option<ImageRow>> {
+        let row = self
+            .conn
+            .query_row(
+                "SELECT name, target_digest, target_media_type, target_size, manifest_digest,
+                    config_digest, config_media_type, config_size, platform, chain_id, created_at,
+                    manifest_media_type, manifest_size
+                 FROM images WHERE name = ?1",
+                [name],
+                |r| {
+                    Ok(ImageRow {
+                        name: r.get(0)?,
+                        target_digest: r.get(1)?,
+                        target_media_type: r.get(2)?,
+                        target_size: r.get(3)?,
+                        manifest_digest: r.get(4)?,
+                        manifest_media_type: r.get(11)?,
+                        manifest_size: r.get(12)?,
+                        config_digest: r.get(5)?,
+                        config_media_type: r.get(6)?,
+                        config_size: r.get(7)?,
+                        platform: r.get(8)?,
+                        chain_id: r.get(9)?,
+                        created_at: r.get(10)?,
+                        layers: Vec::new(),
+                        blobs: Vec::new(),
+                    })
+                },
+            )
+            .optional()?;
+        let Some(mut img) = row else { return Ok(None) };
+        let mut stmt = self.conn.prepare(
+            "SELECT blob_digest, media_type, size, diff_id FROM image_layers
+             WHERE image = ?1 ORDER BY position",
+        )?;
+        img.layers = stmt
+            .query_map([name], |r| {
+                Ok(ImageLayerRow {
+                    blob_digest: r.get(0)?,
+                    media_type: r.get(1)?,
+                    size: r.get(2)?,
+                    diff_id: r.get(3)?,
+                })
+            })?
+            .collect::<rusqlite::Result<_>>()?;
+        let mut stmt = self
+            .conn
+            .prepare("SELECT digest FROM image_blobs WHERE image = ?1 ORDER BY digest")?;
+        img.blobs = stmt
+            .query_map([name], |r| r.get(0))?
+            .collect::<rusqlite::Result<_>>()?;
+        Ok(Some(img))
+    }
+
+    pub fn image_names(&self) -> Result<Vec<String>> {
+        let mut stmt = self.conn.prepare("SELECT name FROM images ORDER BY name")?;
+        let names = stmt
+            .query_map([], |r| r.get(0))?
+            .collect::<rusqlite::Result<_>>()?;
+        Ok(names)
+    }
+
+    pub fn remove_image(&mut self, name: &str) -> Result<()> {
+        self.write(|tx| {
+            let n = tx.execute("DELETE FROM images WHERE name = ?1", [name])?;
+            if n == 0 {
+                return Err(MetaError::NotFound(format!("image {name}")));
+            }
+            Ok(())
+        })
+    }
+
+    pub fn snapshot_exists(&self, key: &str) -> Result<bool> {
+        Ok(self
+            .conn
+            .query_row("SELECT 1 FROM snapshots WHERE key = ?1", [key], |_| Ok(()))
+            .optional()?
+            .is_some())
+    }
+
+    /// Garbage collection of metadata: removes unpack snapshots no image needs and that have
+    /// no children, then chains, blobs and layers nothing references. Returns the removed
+    /// layer index paths and span/local-copy paths, and the content blobs still referenced.
+    pub fn collect_garbage(&mut self) -> Result<GcResult> {
+        self.write(|tx| {
+            // Unpack snapshots not on any image's chain and without children, to a fixpoint.
+            loop {
+                let n = tx.execute(
+                    "DELETE FROM snapshots WHERE id IN (
+                        SELECT s.id FROM snapshots s
+                        JOIN snapshot_labels l ON l.snapshot_id = s.id AND l.key = ?1
+                        WHERE s.kind = 'committed'
+                          AND NOT EXISTS (SELECT 1 FROM snapshots c WHERE c.parent = s.key)
+                          AND NOT EXISTS (
+                            WITH RECURSIVE up(id) AS (
+                                SELECT chain_id FROM images WHERE chain_id IS NOT NULL
+                                UNION SELECT c.parent FROM chains c JOIN up ON c.chain_id = up.id
+                                WHERE c.parent IS NOT NULL)
+                            SELECT 1 FROM up WHERE up.id = s.key))",
+                    [UNPACK_LABEL],
+                )?;
+                if n == 0 {
+                    break;
+                }
+            }
+            // Chains live while an image or snapshot reaches them.
+            tx.execute_batch(
+                "CREATE TEMP TABLE IF NOT EXISTS live_chains (id TEXT PRIMARY KEY);
+                 DELETE FROM live_chains;
+                 WITH RECURSIVE up(id) AS (
+                    SELECT chain_id FROM images WHERE chain_id IS NOT NULL
+                    UNION SELECT chain_id FROM snapshots WHERE chain_id IS NOT NULL
+                    UNION SELECT c.parent FROM chains c JOIN up ON c.chain_id = up.id
+                    WHERE c.parent IS NOT NULL)
+                 INSERT OR IGNORE INTO live_chains SELECT id FROM up;",
+            )?;
+            // Delete dead chains top-down (children before parents).
+            loop {
+                let n = tx.execute(
+                    "DELETE FROM chains WHERE chain_id NOT IN (SELECT id FROM live_chains)
+                       AND NOT EXISTS (SELECT 1 FROM chains c WHERE c.parent = chains.chain_id)",
+                    [],
+                )?;
+                if n == 0 {
+                    break;
+                }
+            }
+            let mut removed_paths = Vec::new();
+            {
+                let mut stmt = tx.prepare(
+                    "SELECT spans_path, local_copy FROM blobs b WHERE
+                       NOT EXISTS (SELECT 1 FROM chains c WHERE c.blob_digest = b.digest)
+                       AND NOT EXISTS (SELECT 1 FROM image_blobs i WHERE i.digest = b.digest)",
+                )?;
+                let rows = stmt.query_map([], |r| {
+                    Ok((r.get::<_, String>(0)?, r.get::<_, Option<String>>(1)?))
+                })?;
+                for row in rows {
+                    let (spans, local) = row?;
+                    removed_paths.push(spans);
+                    removed_paths.extend(local);
+                }
+            }
+            tx.execute(
+                "DELETE FROM blobs WHERE
+                   NOT EXISTS (SELECT 1 FROM chains c WHERE c.blob_digest = blobs.digest)
+                   AND NOT EXISTS (SELECT 1 FROM image_blobs i WHERE i.digest = blobs.digest)",
+                [],
+            )?;
+            {
+                let mut stmt = tx.prepare(
+                    "SELECT index_path FROM layers l WHERE
+                       NOT EXISTS (SELECT 1 FROM blobs b WHERE b.diff_id = l.diff_id)
+                       AND NOT EXISTS (SELECT 1 FROM chains c WHERE c.diff_id = l.diff_id)",
+                )?;
+                for row in stmt.query_map([], |r| r.get::<_, String>(0))? {
+                    removed_paths.push(row?);
+                }
+            }
+            tx.execute(
+                "DELETE FROM layers WHERE
+                   NOT EXISTS (SELECT 1 FROM blobs b WHERE b.diff_id = layers.diff_id)
+                   AND NOT EXISTS (SELECT 1 FROM chains c WHERE c.diff_id = layers.diff_id)",
+                [],
+            )?;
+            let mut live_blobs = Vec::new();
+            {
+                let mut stmt = tx.prepare(
+                    "SELECT digest FROM image_blobs UNION SELECT digest FROM blobs",
+                )?;
+                for row in stmt.query_map([], |r| r.get::<_, String>(0))? {
+                    live_blobs.push(row?);
+                }
+            }
+            Ok(GcResult {
+                removed_paths,
+                live_blobs,
+            })
+        })
+    }
+}
+
+pub struct GcResult {
+    /// Index, span-map and local-copy files whose rows were removed.
+    pub removed_paths: Vec<String>,
+    /// Content blobs something still references.
+    pub live_blobs: Vec<String>,
+}
+
+fn insert_chain(tx: &Transaction<'_>, chain: &ChainRow) -> Result<()> {
+    tx.execute(
+        "INSERT OR IGNORE INTO chains (chain_id, parent, diff_id, blob_digest, depth)
+         VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![chain.chain_id, chain.parent, chain.diff_id, chain.blob_digest, chain.depth],
+    )?;
+    Ok(())
+}
+
+/// Creates the committed snapshot `key` for a chain unpack made (no-op if it exists).
+fn ensure_unpacked_snapshot(
+    tx: &Transaction<'_>,
+    key: &str,
+    parent: Option<&str>,
+    chain_id: &str,
+) -> Result<()> {
+    let exists: Option<String> = tx
+        .query_row("SELECT kind FROM snapshots WHERE key = ?1", [key], |r| r.get(0))
+        .optional()?;
+    match exists.as_deref() {
+        Some("committed") => return Ok(()),
+        Some(_) => {
+            return Err(MetaError::AlreadyExists(format!(
+                "snapshot {key} (as an active snapshot)"
+            )))
+        }
+        None => {}
+    }
+    let now = now_unix();
+    tx.execute(
+        "INSERT INTO snapshots (key, kind, parent, chain_id, created_at, updated_at)
+         VALUES (?1, 'committed', ?2, ?3, ?4, ?4)",
+        params![key, parent, chain_id, now],
+    )?;
+    let id = tx.last_insert_rowid();
+    tx.execute(
+        "INSERT INTO snapshot_labels (snapshot_id, key, value) VALUES (?1, ?2, 'true')",
+        params![id, UNPACK_LABEL],
+    )?;
+    Ok(())
+}
