@@ -10,6 +10,7 @@ PACKAGES=(
   zstd pigz gzip   # peers: pure decompression, layer compression for test images
   tar xz-utils
   attr             # getfattr/setfattr for xattr checks
+  python3          # scripts/mkimage.py, make-edge-images.py, ocitool.py (test images, references)
   protobuf-compiler  # protoc, for containerd's gRPC protos
   ca-certificates
 )

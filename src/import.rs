@@ -94,8 +94,8 @@ fn unpack_and_record(
 ) -> anyhow::Result<Imported> {
     let bytes = img.layers.iter().map(|l| l.desc.size).sum();
     let progress = reporter.start_unpack(img.layers.len() as u64, bytes);
-    let chain = unpack(root, &img.layers, progress)
-        .with_context(|| format!("unpacking {}", img.name));
+    let chain =
+        unpack(root, &img.layers, progress).with_context(|| format!("unpacking {}", img.name));
     reporter.finish_unpack();
     let chain = chain?;
     let row = ImageRow {
@@ -134,7 +134,11 @@ fn unpack_and_record(
 }
 
 /// Re-runs unpack for an imported image (e.g. after its indexes were removed).
-pub fn unpack_image(root: &mut Root, name: &str, reporter: &mut dyn Reporter) -> anyhow::Result<Imported> {
+pub fn unpack_image(
+    root: &mut Root,
+    name: &str,
+    reporter: &mut dyn Reporter,
+) -> anyhow::Result<Imported> {
     let img = root
         .meta
         .image(name)?
@@ -158,7 +162,10 @@ pub fn unpack_image(root: &mut Root, name: &str, reporter: &mut dyn Reporter) ->
         .collect::<anyhow::Result<Vec<_>>>()?;
     for l in &layers {
         if !root.store.contains(&l.desc.digest) {
-            anyhow::bail!("layer blob {} of {name} is missing from the content store", l.desc.digest);
+            anyhow::bail!(
+                "layer blob {} of {name} is missing from the content store",
+                l.desc.digest
+            );
         }
     }
     let bytes = layers.iter().map(|l| l.desc.size).sum();
@@ -188,7 +195,13 @@ fn cleanup_after_failure(root: &mut Root, added: &[Digest]) {
         rows.collect()
     })()
     .unwrap_or_default();
-    if referenced.is_empty() && root.meta.image_names().map(|n| !n.is_empty()).unwrap_or(true) {
+    if referenced.is_empty()
+        && root
+            .meta
+            .image_names()
+            .map(|n| !n.is_empty())
+            .unwrap_or(true)
+    {
         // Could not read what is referenced: keep everything rather than guess.
         return;
     }

@@ -17,7 +17,11 @@ use lazysnap::root::{default_root, Root};
 use lazysnap::unpack::UnpackProgress;
 
 #[derive(Parser)]
-#[command(name = "lazysnap", version, about = "Mount container images lazily, without extracting them")]
+#[command(
+    name = "lazysnap",
+    version,
+    about = "Mount container images lazily, without extracting them"
+)]
 struct Cli {
     /// State directory [default: $LAZYSNAP_ROOT, /var/lib/lazysnap as root, else $XDG_DATA_HOME/lazysnap]
     #[arg(long, global = true)]
@@ -82,8 +86,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let mut root = Root::open(&root_path)?;
             let mut bars = Bars::new();
             let start = std::time::Instant::now();
-            let imported =
-                import::import(&mut root, &path, name.as_deref(), platform.as_ref(), &mut bars)?;
+            let imported = import::import(
+                &mut root,
+                &path,
+                name.as_deref(),
+                platform.as_ref(),
+                &mut bars,
+            )?;
             bars.clear();
             for img in imported {
                 println!(
@@ -91,7 +100,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     img.name,
                     img.layers,
                     img.manifest,
-                    img.chain_id.map(|c| c.to_string()).unwrap_or_else(|| "none".into()),
+                    img.chain_id
+                        .map(|c| c.to_string())
+                        .unwrap_or_else(|| "none".into()),
                     start.elapsed().as_secs_f64()
                 );
             }
@@ -105,7 +116,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 "unpacked {} ({} layers, snapshot {})",
                 img.name,
                 img.layers,
-                img.chain_id.map(|c| c.to_string()).unwrap_or_else(|| "none".into())
+                img.chain_id
+                    .map(|c| c.to_string())
+                    .unwrap_or_else(|| "none".into())
             );
         }
         Command::Images { json } => {
@@ -250,7 +263,10 @@ impl Reporter for Bars {
         let b = bar.clone();
         std::thread::spawn(move || {
             while !b.is_finished() {
-                b.set_position(p.compressed_bytes.load(std::sync::atomic::Ordering::Relaxed));
+                b.set_position(
+                    p.compressed_bytes
+                        .load(std::sync::atomic::Ordering::Relaxed),
+                );
                 b.set_message(format!(
                     "layers {}/{layers}",
                     p.layers_done.load(std::sync::atomic::Ordering::Relaxed)

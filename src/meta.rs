@@ -262,7 +262,12 @@ impl Meta {
     }
 
     /// Records one indexed layer and the chain level it completes, in one transaction.
-    pub fn record_layer(&mut self, layer: &LayerRow, blob: &BlobRow, chain: &ChainRow) -> Result<()> {
+    pub fn record_layer(
+        &mut self,
+        layer: &LayerRow,
+        blob: &BlobRow,
+        chain: &ChainRow,
+    ) -> Result<()> {
         self.write(|tx| {
             tx.execute(
                 "INSERT OR IGNORE INTO layers (diff_id, uncompressed_size, entries, index_path)
@@ -506,9 +511,8 @@ impl Meta {
             )?;
             let mut live_blobs = Vec::new();
             {
-                let mut stmt = tx.prepare(
-                    "SELECT digest FROM image_blobs UNION SELECT digest FROM blobs",
-                )?;
+                let mut stmt =
+                    tx.prepare("SELECT digest FROM image_blobs UNION SELECT digest FROM blobs")?;
                 for row in stmt.query_map([], |r| r.get::<_, String>(0))? {
                     live_blobs.push(row?);
                 }
@@ -532,7 +536,13 @@ fn insert_chain(tx: &Transaction<'_>, chain: &ChainRow) -> Result<()> {
     tx.execute(
         "INSERT OR IGNORE INTO chains (chain_id, parent, diff_id, blob_digest, depth)
          VALUES (?1, ?2, ?3, ?4, ?5)",
-        params![chain.chain_id, chain.parent, chain.diff_id, chain.blob_digest, chain.depth],
+        params![
+            chain.chain_id,
+            chain.parent,
+            chain.diff_id,
+            chain.blob_digest,
+            chain.depth
+        ],
     )?;
     Ok(())
 }
@@ -545,7 +555,9 @@ fn ensure_unpacked_snapshot(
     chain_id: &str,
 ) -> Result<()> {
     let exists: Option<String> = tx
-        .query_row("SELECT kind FROM snapshots WHERE key = ?1", [key], |r| r.get(0))
+        .query_row("SELECT kind FROM snapshots WHERE key = ?1", [key], |r| {
+            r.get(0)
+        })
         .optional()?;
     match exists.as_deref() {
         Some("committed") => return Ok(()),

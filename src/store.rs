@@ -17,7 +17,11 @@ pub enum StoreError {
     #[error("blob digest mismatch: expected {expected}, got {actual}")]
     DigestMismatch { expected: Digest, actual: Digest },
     #[error("blob size mismatch for {digest}: descriptor says {expected} bytes, got {actual}")]
-    SizeMismatch { digest: Digest, expected: u64, actual: u64 },
+    SizeMismatch {
+        digest: Digest,
+        expected: u64,
+        actual: u64,
+    },
     #[error("blob {0} is not in the content store")]
     NotFound(Digest),
     #[error("{context}: {source}")]
@@ -173,7 +177,12 @@ impl ContentStore {
     /// Writes `data` as a blob and returns its digest.
     pub fn write_bytes(&self, data: &[u8]) -> Result<Digest> {
         let digest = Digest::sha256_of(data);
-        self.ingest(&digest, Some(data.len() as u64), &mut &data[..], &mut |_| {})?;
+        self.ingest(
+            &digest,
+            Some(data.len() as u64),
+            &mut &data[..],
+            &mut |_| {},
+        )?;
         Ok(digest)
     }
 
@@ -270,8 +279,16 @@ mod tests {
             .ingest(&wrong, None, &mut &b"hello"[..], &mut |_| {})
             .unwrap_err();
         let msg = err.to_string();
-        assert!(msg.contains(&wrong.to_string()) && msg.contains(&d.to_string()), "{msg}");
+        assert!(
+            msg.contains(&wrong.to_string()) && msg.contains(&d.to_string()),
+            "{msg}"
+        );
         assert!(!store.contains(&wrong));
-        assert_eq!(fs::read_dir(dir.path().join("content/ingest")).unwrap().count(), 0);
+        assert_eq!(
+            fs::read_dir(dir.path().join("content/ingest"))
+                .unwrap()
+                .count(),
+            0
+        );
     }
 }

@@ -76,34 +76,32 @@ struct ThreadedReader<R: Read + Send + 'static> {
 impl<R: Read + Send + 'static> ThreadedReader<R> {
     fn spawn(mut inner: R) -> Self {
         let (tx, rx) = mpsc::sync_channel::<io::Result<Vec<u8>>>(8);
-        let handle = thread::spawn(move || {
-            loop {
-                let mut buf = vec![0u8; 1 << 20];
-                let mut filled = 0;
-                let result = loop {
-                    match inner.read(&mut buf[filled..]) {
-                        Ok(0) => break Ok(()),
-                        Ok(n) => {
-                            filled += n;
-                            if filled == buf.len() {
-                                break Ok(());
-                            }
+        let handle = thread::spawn(move || loop {
+            let mut buf = vec![0u8; 1 << 20];
+            let mut filled = 0;
+            let result = loop {
+                match inner.read(&mut buf[filled..]) {
+                    Ok(0) => break Ok(()),
+                    Ok(n) => {
+                        filled += n;
+                        if filled == buf.len() {
+                            break Ok(());
                         }
-                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                        Err(e) => break Err(e),
                     }
-                };
-                match result {
-                    Err(e) => {
-                        let _ = tx.send(Err(e));
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => break Err(e),
+                }
+            };
+            match result {
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                    return inner;
+                }
+                Ok(()) if filled == 0 => return inner,
+                Ok(()) => {
+                    buf.truncate(filled);
+                    if tx.send(Ok(buf)).is_err() {
                         return inner;
-                    }
-                    Ok(()) if filled == 0 => return inner,
-                    Ok(()) => {
-                        buf.truncate(filled);
-                        if tx.send(Ok(buf)).is_err() {
-                            return inner;
-                        }
                     }
                 }
             }
@@ -248,7 +246,10 @@ fn already_indexed(root: &Root, layer: &LayerDesc) -> anyhow::Result<bool> {
     Ok(blob.diff_id == layer.diff_id.as_str()
         && root.abs(&row.index_path).is_file()
         && root.abs(&blob.spans_path).is_file()
-        && blob.local_copy.as_deref().is_none_or(|p| root.abs(p).is_file()))
+        && blob
+            .local_copy
+            .as_deref()
+            .is_none_or(|p| root.abs(p).is_file()))
 }
 
 /// Unpacks `layers` (bottom first): indexes what is not indexed yet, records chains and the
@@ -267,7 +268,10 @@ pub fn unpack(
                 .compressed_bytes
                 .fetch_add(layer.desc.size, Ordering::Relaxed);
             progress.layers_done.fetch_add(1, Ordering::Relaxed);
-        } else if !todo.iter().any(|&j: &usize| layers[j].desc.digest == layer.desc.digest) {
+        } else if !todo
+            .iter()
+            .any(|&j: &usize| layers[j].desc.digest == layer.desc.digest)
+        {
             todo.push(i);
         }
     }

@@ -1,112 +1,730 @@
-//! TEMPORARY STUB of the blob reader (replaced by the real module): sequential decode only.
+//! Random access into container layer blobs (tar, tar+gzip, tar+zstd) without decompressing
+//! from the start.
+//!
+//! One streaming pass ([`IndexingReader`]) decompresses a blob for the layer indexer and, on the
+//! side, records a [`SpanMap`]: where the uncompressed stream can be entered again, at most about
+//! `span_size` uncompressed bytes apart. A [`BlobReader`] then serves `read_at` by decompressing
+//! only the spans a read touches, through a process-wide [`SpanCache`].
+//!
+//! - plain tar: `pread` on the blob; the kernel page cache is the cache.
+//! - gzip: zran-style checkpoints at deflate block boundaries (compressed offset, unused bits,
+//!   32 KiB window), see [`gz`].
+//! - zstd: groups of frames read straight from the blob; frames too large to enter are
+//!   re-compressed into a local seekable copy during the pass, see [`zst`].
+
+mod cache;
+mod gz;
+mod zst;
+
+#[cfg(test)]
+mod tests;
+
+use std::fs::File;
 use std::io::{self, Read};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub use cache::SpanCache;
+
+/// Default for [`SpanOptions::span_size`]: 4 MiB.
+pub const DEFAULT_SPAN_SIZE: u64 = 4 << 20;
+/// Smallest accepted span size; below this the map is mostly overhead.
+pub const MIN_SPAN_SIZE: u64 = 4 << 10;
+/// Largest accepted span size; every span is one allocation at read time.
+pub const MAX_SPAN_SIZE: u64 = 256 << 20;
+
+/// Refuse maps whose spans would need allocations larger than this.
+const MAX_DECODED_SPAN: u64 = 1 << 30;
+
+/// Compressed bytes read from a blob per `pread` while decompressing a span.
+const READ_CHUNK: usize = 256 << 10;
+
+/// How a layer blob is compressed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Compression {
     None,
     Gzip,
     Zstd,
 }
+
 impl Compression {
+    /// From the first bytes of a blob (gzip 1f 8b, zstd 28 b5 2f fd or a skippable frame, else
+    /// None if it looks like tar/anything).
     pub fn sniff(magic: &[u8]) -> Compression {
         if magic.starts_with(&[0x1f, 0x8b]) {
             Compression::Gzip
-        } else if magic.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+        } else if magic.starts_with(&[0x28, 0xb5, 0x2f, 0xfd])
+            || (magic.len() >= 4 && magic[0] & 0xf0 == 0x50 && magic[1..4] == [0x2a, 0x4d, 0x18])
+        {
+            // A zstd frame, or a zstd skippable frame (0x184D2A5?) leading the stream.
             Compression::Zstd
         } else {
             Compression::None
         }
     }
 }
+
+/// Errors of the blob reader. Corruption errors name the blob and the compressed offset.
 #[derive(Debug, thiserror::Error)]
 pub enum BlobError {
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("corrupt gzip data in {blob} at compressed offset {offset}: {msg}")]
+    CorruptGzip {
+        blob: String,
+        offset: u64,
+        msg: String,
+    },
+    #[error("corrupt zstd data in {blob} at compressed offset {offset}: {msg}")]
+    CorruptZstd {
+        blob: String,
+        offset: u64,
+        msg: String,
+    },
+    #[error("truncated {format} data in {blob}: input ends at compressed offset {offset}")]
+    Truncated {
+        format: &'static str,
+        blob: String,
+        offset: u64,
+    },
+    #[error("invalid span map for {blob}: {msg}")]
+    BadMap { blob: String, msg: String },
+    #[error("span map for {blob} needs a local seekable copy, but none was given")]
+    MissingLocalCopy { blob: String },
+    #[error("invalid span options: {0}")]
+    BadOptions(String),
+    #[error("indexing pass finished before the end of the compressed stream")]
+    NotFinished,
     #[error("{0}")]
-    Io(#[from] io::Error),
+    Internal(String),
 }
-pub type Result<T> = std::result::Result<T, BlobError>;
-pub struct SpanOptions {
-    pub span_size: u64,
-    pub local_copy: Option<PathBuf>,
-}
-impl Default for SpanOptions {
-    fn default() -> Self {
-        Self { span_size: 4 << 20, local_copy: None }
+
+impl BlobError {
+    fn io(context: impl Into<String>, source: io::Error) -> Self {
+        BlobError::Io {
+            context: context.into(),
+            source,
+        }
+    }
+
+    /// Maps to an `io::Error` for the `Read` impl: bad input is `InvalidData`.
+    fn into_io(self) -> io::Error {
+        match self {
+            BlobError::Io { ref source, .. } => io::Error::new(source.kind(), self),
+            other => io::Error::new(io::ErrorKind::InvalidData, other),
+        }
     }
 }
+
+pub type Result<T> = std::result::Result<T, BlobError>;
+
+/// Options of the indexing pass.
+#[derive(Debug, Clone)]
+pub struct SpanOptions {
+    /// Max uncompressed bytes one `read_at` decompresses per span it touches (default 4 MiB).
+    pub span_size: u64,
+    /// Where to write a seekable local copy for zstd frames too big to enter. Without it such
+    /// frames are served by decompressing from the frame start (correct, but unbounded).
+    pub local_copy: Option<PathBuf>,
+}
+
+impl Default for SpanOptions {
+    fn default() -> Self {
+        SpanOptions {
+            span_size: DEFAULT_SPAN_SIZE,
+            local_copy: None,
+        }
+    }
+}
+
+/// Serializable random-access map of one blob.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SpanMap {
     pub compression: Compression,
     pub compressed_size: u64,
     pub uncompressed_size: u64,
+    span_size: u64,
+    index: SpanIndex,
 }
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+enum SpanIndex {
+    Plain,
+    Gzip(Vec<gz::Checkpoint>),
+    Zstd(zst::ZstdIndex),
+}
+
 impl SpanMap {
+    /// Whether reading needs the local seekable copy written during the pass.
     pub fn has_local_copy(&self) -> bool {
-        false
+        match &self.index {
+            SpanIndex::Zstd(z) => z.has_local_copy(),
+            _ => false,
+        }
     }
-}
-pub struct IndexingReader<R: Read> {
-    inner: Box<dyn Read + Send>,
-    compression: Compression,
-    n: u64,
-    _r: std::marker::PhantomData<R>,
-}
-impl<R: Read + Send + 'static> IndexingReader<R> {
-    pub fn new(compression: Compression, inner: R, _opts: SpanOptions) -> Result<Self> {
-        let inner: Box<dyn Read + Send> = match compression {
-            Compression::None => Box::new(inner),
-            Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(inner)),
-            Compression::Zstd => Box::new(zstd::Decoder::new(inner)?),
+
+    /// The span size the map was built with.
+    pub fn span_size(&self) -> u64 {
+        self.span_size
+    }
+
+    /// Number of independently decompressible spans (0 for plain blobs).
+    pub fn span_count(&self) -> usize {
+        match &self.index {
+            SpanIndex::Plain => 0,
+            SpanIndex::Gzip(p) => p.len(),
+            SpanIndex::Zstd(z) => z.spans.len(),
+        }
+    }
+
+    fn span_start(&self, i: usize) -> u64 {
+        match &self.index {
+            SpanIndex::Plain => 0,
+            SpanIndex::Gzip(p) => p.get(i).map_or(self.uncompressed_size, |c| c.u_off),
+            SpanIndex::Zstd(z) => z.spans.get(i).map_or(self.uncompressed_size, |s| s.u_off),
+        }
+    }
+
+    /// Uncompressed range of span `i`.
+    fn span_range(&self, i: usize) -> (u64, u64) {
+        (self.span_start(i), self.span_start(i + 1))
+    }
+
+    /// Index of the span holding uncompressed offset `off` (< uncompressed_size).
+    fn span_of(&self, off: u64) -> usize {
+        let pp = match &self.index {
+            SpanIndex::Plain => 0,
+            SpanIndex::Gzip(p) => p.partition_point(|c| c.u_off <= off),
+            SpanIndex::Zstd(z) => z.spans.partition_point(|s| s.u_off <= off),
         };
-        Ok(Self { inner, compression, n: 0, _r: Default::default() })
+        pp.saturating_sub(1)
     }
-    pub fn finish(self) -> Result<SpanMap> {
-        Ok(SpanMap { compression: self.compression, compressed_size: 0, uncompressed_size: self.n })
+
+    /// Checks what a reader relies on, so a damaged map file gives an error, not a panic.
+    fn validate(&self, blob: &str) -> Result<()> {
+        let bad = |msg: String| BlobError::BadMap {
+            blob: blob.to_string(),
+            msg,
+        };
+        let expected = match &self.index {
+            SpanIndex::Plain => Compression::None,
+            SpanIndex::Gzip(_) => Compression::Gzip,
+            SpanIndex::Zstd(_) => Compression::Zstd,
+        };
+        if expected != self.compression {
+            return Err(bad(format!(
+                "compression {:?} does not match its index",
+                self.compression
+            )));
+        }
+        let n = self.span_count();
+        if self.compression != Compression::None && self.uncompressed_size > 0 {
+            if n == 0 || self.span_start(0) != 0 {
+                return Err(bad("first span does not start at offset 0".into()));
+            }
+            for i in 0..n {
+                let (a, b) = self.span_range(i);
+                if b <= a && i + 1 < n {
+                    return Err(bad(format!("span {i} is empty or out of order")));
+                }
+                if b.saturating_sub(a) > MAX_DECODED_SPAN {
+                    return Err(bad(format!(
+                        "span {i} is implausibly large ({} bytes)",
+                        b - a
+                    )));
+                }
+            }
+            if self.span_start(n - 1) >= self.uncompressed_size {
+                return Err(bad("last span starts past the end".into()));
+            }
+        }
+        match &self.index {
+            SpanIndex::Gzip(p) => gz::validate(p, self.compressed_size).map_err(bad),
+            SpanIndex::Zstd(z) => z.validate(self.compressed_size).map_err(bad),
+            SpanIndex::Plain => {
+                if self.compressed_size != self.uncompressed_size {
+                    Err(bad("plain blob with different compressed size".into()))
+                } else {
+                    Ok(())
+                }
+            }
+        }
     }
 }
+
+/// Something that decodes a compressed stream into `out`, 0 meaning end of stream.
+trait Decode {
+    fn decode(&mut self, out: &mut [u8]) -> Result<usize>;
+    /// Compressed bytes read from the input so far.
+    fn compressed_read(&self) -> u64;
+}
+
+/// Decoders run faster on big output buffers; small caller reads are served from this one.
+struct Buffered<D> {
+    dec: D,
+    buf: Vec<u8>,
+    pos: usize,
+    len: usize,
+    total_out: u64,
+    eof: bool,
+    failed: bool,
+}
+
+const OUT_BUF: usize = 256 << 10;
+
+impl<D: Decode> Buffered<D> {
+    fn new(dec: D) -> Self {
+        Buffered {
+            dec,
+            buf: Vec::new(),
+            pos: 0,
+            len: 0,
+            total_out: 0,
+            eof: false,
+            failed: false,
+        }
+    }
+
+    fn read(&mut self, out: &mut [u8]) -> Result<usize> {
+        if self.failed {
+            return Err(BlobError::Internal("indexing reader already failed".into()));
+        }
+        let r = self.read_inner(out);
+        if r.is_err() {
+            self.failed = true;
+        }
+        r
+    }
+
+    fn read_inner(&mut self, out: &mut [u8]) -> Result<usize> {
+        if out.is_empty() {
+            return Ok(0);
+        }
+        if self.pos == self.len {
+            if self.eof {
+                return Ok(0);
+            }
+            if out.len() >= OUT_BUF / 4 {
+                let n = self.dec.decode(out)?;
+                self.eof = n == 0;
+                self.total_out += n as u64;
+                return Ok(n);
+            }
+            if self.buf.is_empty() {
+                self.buf = vec![0; OUT_BUF];
+            }
+            self.len = self.dec.decode(&mut self.buf)?;
+            self.pos = 0;
+            self.eof = self.len == 0;
+            self.total_out += self.len as u64;
+        }
+        let n = out.len().min(self.len - self.pos);
+        out[..n].copy_from_slice(&self.buf[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+/// One streaming pass: decompresses `inner` (the compressed blob) and, as a side effect,
+/// records the span map. The indexer reads the uncompressed tar stream through it.
+pub struct IndexingReader<R: Read> {
+    inner: Pass<R>,
+}
+
+enum Pass<R: Read> {
+    Plain { r: R, n: u64, eof: bool, span: u64 },
+    Gzip(Box<Buffered<gz::GzIndexer<R>>>),
+    Zstd(Box<Buffered<zst::ZstdIndexer<R>>>),
+}
+
+impl<R: Read> IndexingReader<R> {
+    pub fn new(compression: Compression, inner: R, opts: SpanOptions) -> Result<Self> {
+        if !(MIN_SPAN_SIZE..=MAX_SPAN_SIZE).contains(&opts.span_size) {
+            return Err(BlobError::BadOptions(format!(
+                "span_size {} is outside {MIN_SPAN_SIZE}..={MAX_SPAN_SIZE}",
+                opts.span_size
+            )));
+        }
+        let inner = match compression {
+            Compression::None => Pass::Plain {
+                r: inner,
+                n: 0,
+                eof: false,
+                span: opts.span_size,
+            },
+            Compression::Gzip => {
+                Pass::Gzip(Box::new(Buffered::new(gz::GzIndexer::new(inner, &opts)?)))
+            }
+            Compression::Zstd => {
+                Pass::Zstd(Box::new(Buffered::new(zst::ZstdIndexer::new(inner, opts)?)))
+            }
+        };
+        Ok(IndexingReader { inner })
+    }
+
+    /// Uncompressed bytes produced so far.
+    pub fn uncompressed_read(&self) -> u64 {
+        match &self.inner {
+            Pass::Plain { n, .. } => *n,
+            Pass::Gzip(b) => b.total_out,
+            Pass::Zstd(b) => b.total_out,
+        }
+    }
+
+    /// Compressed bytes consumed so far.
+    pub fn compressed_read(&self) -> u64 {
+        match &self.inner {
+            Pass::Plain { n, .. } => *n,
+            Pass::Gzip(b) => b.dec.compressed_read(),
+            Pass::Zstd(b) => b.dec.compressed_read(),
+        }
+    }
+
+    /// Call after reading to EOF. Returns the map; for zstd with a local copy, fsyncs it and
+    /// renames it into place at `opts.local_copy`.
+    pub fn finish(self) -> Result<SpanMap> {
+        let map = match self.inner {
+            Pass::Plain { n, eof, span, .. } => {
+                if !eof {
+                    return Err(BlobError::NotFinished);
+                }
+                SpanMap {
+                    compression: Compression::None,
+                    compressed_size: n,
+                    uncompressed_size: n,
+                    span_size: span,
+                    index: SpanIndex::Plain,
+                }
+            }
+            Pass::Gzip(b) => {
+                if !b.eof {
+                    return Err(BlobError::NotFinished);
+                }
+                b.dec.finish(b.total_out)?
+            }
+            Pass::Zstd(b) => {
+                if !b.eof {
+                    return Err(BlobError::NotFinished);
+                }
+                b.dec.finish(b.total_out)?
+            }
+        };
+        tracing::debug!(
+            compression = ?map.compression,
+            compressed = map.compressed_size,
+            uncompressed = map.uncompressed_size,
+            spans = map.span_count(),
+            local_copy = map.has_local_copy(),
+            "span map built"
+        );
+        Ok(map)
+    }
+}
+
 impl<R: Read> Read for IndexingReader<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.n += n as u64;
-        Ok(n)
-    }
-}
-pub struct SpanCache;
-impl SpanCache {
-    pub fn new(_max: u64) -> Arc<Self> {
-        Arc::new(SpanCache)
-    }
-}
-pub struct BlobReader {
-    path: PathBuf,
-    map: Arc<SpanMap>,
-}
-impl BlobReader {
-    pub fn open(blob: &Path, map: Arc<SpanMap>, _l: Option<&Path>, _c: Arc<SpanCache>) -> Result<Self> {
-        Ok(Self { path: blob.to_path_buf(), map })
-    }
-    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<usize> {
-        let f = std::fs::File::open(&self.path)?;
-        let mut r: Box<dyn Read> = match self.map.compression {
-            Compression::None => Box::new(f),
-            Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(f)),
-            Compression::Zstd => Box::new(zstd::Decoder::new(f)?),
-        };
-        io::copy(&mut (&mut r).take(offset), &mut io::sink())?;
-        let mut n = 0;
-        while n < buf.len() {
-            let k = r.read(&mut buf[n..])?;
-            if k == 0 {
-                break;
+        match &mut self.inner {
+            Pass::Plain { r, n, eof, .. } => {
+                let got = r.read(buf)?;
+                if got == 0 && !buf.is_empty() {
+                    *eof = true;
+                }
+                *n += got as u64;
+                Ok(got)
             }
-            n += k;
+            Pass::Gzip(b) => b.read(buf).map_err(BlobError::into_io),
+            Pass::Zstd(b) => b.read(buf).map_err(BlobError::into_io),
         }
-        Ok(n)
     }
+}
+
+/// Reads `buf.len()` bytes at `off` unless the file ends first; returns the count.
+fn pread_full(file: &File, mut off: u64, buf: &mut [u8]) -> io::Result<usize> {
+    let mut done = 0;
+    while done < buf.len() {
+        match file.read_at(&mut buf[done..], off) {
+            Ok(0) => break,
+            Ok(n) => {
+                done += n;
+                off += n as u64;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
+}
+
+/// Sequential compressed input from a file region, fed to a decoder in chunks.
+struct PreadInput<'a> {
+    file: &'a File,
+    blob: &'a str,
+    /// Absolute offset of `buf[start]`.
+    pos: u64,
+    /// Absolute offset where the region ends.
+    limit: u64,
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+}
+
+impl<'a> PreadInput<'a> {
+    fn new(file: &'a File, blob: &'a str, pos: u64, limit: u64) -> Self {
+        let want = limit.saturating_sub(pos).min(READ_CHUNK as u64) as usize;
+        PreadInput {
+            file,
+            blob,
+            pos,
+            limit,
+            buf: vec![0; want.max(1)],
+            start: 0,
+            end: 0,
+        }
+    }
+
+    /// Buffered bytes, reading more if none are left; empty at the end of the region.
+    fn fill(&mut self) -> Result<&[u8]> {
+        if self.start == self.end {
+            let want = self
+                .limit
+                .saturating_sub(self.pos)
+                .min(self.buf.len() as u64) as usize;
+            let n = pread_full(self.file, self.pos, &mut self.buf[..want]).map_err(|e| {
+                BlobError::io(format!("reading {} at offset {}", self.blob, self.pos), e)
+            })?;
+            self.start = 0;
+            self.end = n;
+        }
+        Ok(&self.buf[self.start..self.end])
+    }
+
+    fn consume(&mut self, n: usize) {
+        let n = n.min(self.end - self.start);
+        self.start += n;
+        self.pos += n as u64;
+    }
+
+    fn skip(&mut self, n: u64) {
+        let in_buf = n.min((self.end - self.start) as u64) as usize;
+        self.consume(in_buf);
+        if (in_buf as u64) < n {
+            self.pos += n - in_buf as u64;
+            self.start = self.end;
+        }
+    }
+}
+
+static NEXT_READER_ID: AtomicU64 = AtomicU64::new(1);
+
+/// Random access to one blob. Thread-safe: `read_at` takes `&self`.
+pub struct BlobReader {
+    name: String,
+    file: File,
+    local: Option<File>,
+    map: Arc<SpanMap>,
+    cache: Arc<SpanCache>,
+    /// Cache identity: unique per reader, so a reused inode can never alias stale spans.
+    id: u64,
+    decompressed: AtomicU64,
+}
+
+impl std::fmt::Debug for BlobReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BlobReader")
+            .field("blob", &self.name)
+            .field("compression", &self.map.compression)
+            .field("spans", &self.map.span_count())
+            .finish()
+    }
+}
+
+impl BlobReader {
+    pub fn open(
+        blob: &Path,
+        map: Arc<SpanMap>,
+        local_copy: Option<&Path>,
+        cache: Arc<SpanCache>,
+    ) -> Result<Self> {
+        let name = blob.display().to_string();
+        map.validate(&name)?;
+        let file = File::open(blob).map_err(|e| BlobError::io(format!("opening {name}"), e))?;
+        let len = file
+            .metadata()
+            .map_err(|e| BlobError::io(format!("stat {name}"), e))?
+            .len();
+        if len != map.compressed_size {
+            return Err(BlobError::BadMap {
+                blob: name,
+                msg: format!(
+                    "blob is {len} bytes but the map was made from {} bytes",
+                    map.compressed_size
+                ),
+            });
+        }
+        let local = if map.has_local_copy() {
+            let p = local_copy.ok_or_else(|| BlobError::MissingLocalCopy { blob: name.clone() })?;
+            let f = File::open(p)
+                .map_err(|e| BlobError::io(format!("opening local copy {}", p.display()), e))?;
+            Some(f)
+        } else {
+            None
+        };
+        Ok(BlobReader {
+            name,
+            file,
+            local,
+            map,
+            cache,
+            id: NEXT_READER_ID.fetch_add(1, Ordering::Relaxed),
+            decompressed: AtomicU64::new(0),
+        })
+    }
+
+    pub fn map(&self) -> &SpanMap {
+        &self.map
+    }
+
+    /// Uncompressed size of the blob.
+    pub fn len(&self) -> u64 {
+        self.map.uncompressed_size
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.uncompressed_size == 0
+    }
+
+    /// Reads uncompressed bytes `[offset, offset+buf.len())` (short only at end of stream).
+    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<usize> {
+        let _span =
+            tracing::trace_span!("blob_read_at", blob = %self.name, offset, len = buf.len())
+                .entered();
+        let size = self.map.uncompressed_size;
+        if offset >= size || buf.is_empty() {
+            return Ok(0);
+        }
+        let want = (size - offset).min(buf.len() as u64) as usize;
+        let buf = &mut buf[..want];
+        if self.map.compression == Compression::None {
+            return pread_full(&self.file, offset, buf).map_err(|e| {
+                BlobError::io(format!("reading {} at offset {offset}", self.name), e)
+            });
+        }
+        let mut done = 0;
+        let mut idx = self.map.span_of(offset);
+        while done < want {
+            let pos = offset + done as u64;
+            let (start, end) = self.map.span_range(idx);
+            if !(start..end).contains(&pos) {
+                return Err(BlobError::BadMap {
+                    blob: self.name.clone(),
+                    msg: format!("no span holds offset {pos}"),
+                });
+            }
+            let data = self
+                .cache
+                .get_or_load((self.id, idx), || self.load_span(idx))?;
+            let from = (pos - start) as usize;
+            if data.len() < from {
+                return Err(BlobError::Internal(format!(
+                    "span {idx} of {} decoded short",
+                    self.name
+                )));
+            }
+            let n = (data.len() - from).min(want - done);
+            buf[done..done + n].copy_from_slice(&data[from..from + n]);
+            done += n;
+            idx += 1;
+        }
+        Ok(done)
+    }
+
+    /// Total uncompressed bytes this reader has decompressed so far.
     pub fn decompressed_bytes(&self) -> u64 {
-        0
+        self.decompressed.load(Ordering::Relaxed)
+    }
+
+    fn load_span(&self, idx: usize) -> Result<Arc<[u8]>> {
+        let (start, end) = self.map.span_range(idx);
+        let _span =
+            tracing::debug_span!("decompress_span", blob = %self.name, idx, start, end).entered();
+        let len = (end - start) as usize;
+        let data = match &self.map.index {
+            SpanIndex::Plain => {
+                return Err(BlobError::Internal("plain blobs have no spans".into()));
+            }
+            SpanIndex::Gzip(points) => gz::decode_span(
+                &self.file,
+                &self.name,
+                points,
+                idx,
+                len,
+                self.map.compressed_size,
+                &self.decompressed,
+            )?,
+            SpanIndex::Zstd(z) => z.decode_span(
+                &self.file,
+                self.local.as_ref(),
+                &self.name,
+                idx,
+                len,
+                &self.decompressed,
+            )?,
+        };
+        Ok(data.into())
+    }
+}
+
+impl Drop for BlobReader {
+    fn drop(&mut self) {
+        self.cache.forget_blob(self.id);
+    }
+}
+
+/// serde for `Vec<u8>` as one byte string rather than a sequence of numbers.
+mod serde_bytes_vec {
+    use serde::de::{Deserializer, SeqAccess, Visitor};
+    use serde::Serializer;
+    use std::fmt;
+
+    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(v)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        d.deserialize_byte_buf(BytesVisitor)
+    }
+
+    struct BytesVisitor;
+
+    impl<'de> Visitor<'de> for BytesVisitor {
+        type Value = Vec<u8>;
+
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a byte string")
+        }
+
+        fn visit_bytes<E>(self, v: &[u8]) -> Result<Vec<u8>, E> {
+            Ok(v.to_vec())
+        }
+
+        fn visit_byte_buf<E>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
+            Ok(v)
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<u8>, A::Error> {
+            let mut v = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1 << 16));
+            while let Some(b) = seq.next_element()? {
+                v.push(b);
+            }
+            Ok(v)
+        }
     }
 }

@@ -3,9 +3,9 @@
 //! Knows nothing of FUSE.
 
 pub mod platform;
-pub mod view;
 pub mod resolve;
 pub mod source;
+pub mod view;
 
 use std::io;
 

@@ -44,7 +44,9 @@ impl Platform {
                     variant: Some(variant.to_string()),
                 })
             }
-            _ => Err(format!("invalid platform {s:?}: expected OS/ARCH[/VARIANT]")),
+            _ => Err(format!(
+                "invalid platform {s:?}: expected OS/ARCH[/VARIANT]"
+            )),
         }
     }
 

@@ -1,7 +1,6 @@
 //! Reads the images of a source into the content store (every blob verified) and resolves each
 //! to one manifest for the wanted platform, its config and its layers.
 
-use std::collections::HashMap;
 use std::io::Read;
 
 use oci_spec::image::{ImageConfiguration, ImageIndex, ImageManifest};
@@ -61,6 +60,7 @@ pub struct Ingested {
 
 struct Ctx<'a> {
     source: &'a dyn ImageSource,
+    platform: Option<&'a Platform>,
     store: &'a ContentStore,
     ingested: &'a mut Ingested,
     progress: &'a mut dyn IngestProgress,
@@ -73,22 +73,21 @@ impl Ctx<'_> {
             return Ok(());
         }
         let path = format!("blobs/sha256/{}", desc.digest.hex());
-        let (mut reader, size) = self
-            .source
-            .open(&path)
-            .map_err(|e| match e {
-                ImageError::Missing(_) => ImageError::Missing(format!(
-                    "blob {} ({}) named by the image is not in {}",
-                    desc.digest,
-                    desc.media_type,
-                    self.source.describe()
-                )),
-                other => other,
-            })?;
+        let (mut reader, size) = self.source.open(&path).map_err(|e| match e {
+            ImageError::Missing(_) => ImageError::Missing(format!(
+                "blob {} ({}) named by the image is not in {}",
+                desc.digest,
+                desc.media_type,
+                self.source.describe()
+            )),
+            other => other,
+        })?;
         self.progress.start_blob(size);
         let progress = &mut *self.progress;
         self.store
-            .ingest(&desc.digest, Some(desc.size), &mut reader, &mut |n| progress.bytes(n))?;
+            .ingest(&desc.digest, Some(desc.size), &mut reader, &mut |n| {
+                progress.bytes(n)
+            })?;
         self.ingested.added.push(desc.digest.clone());
         Ok(())
     }
@@ -135,6 +134,7 @@ pub fn resolve_images(
 ) -> Result<Vec<ResolvedImage>, ImageError> {
     let mut ctx = Ctx {
         source,
+        platform,
         store,
         ingested,
         progress,
@@ -181,7 +181,7 @@ fn oci_tops(ctx: &mut Ctx<'_>, default_name: &str) -> Result<Vec<(String, Desc)>
         source: e,
     })?;
     let index: ImageIndex = ImageIndex::from_reader(&data[..]).map_err(json_err("index.json"))?;
-    let mut out = Vec::new();
+    let mut named: Vec<(String, Desc, Option<Platform>)> = Vec::new();
     for m in index.manifests() {
         let desc = desc_of(m)?;
         let ann = m.annotations().clone().unwrap_or_default();
@@ -204,9 +204,45 @@ fn oci_tops(ctx: &mut Ctx<'_>, default_name: &str) -> Result<Vec<(String, Desc)>
                     format!("{default_name}@{}", desc.digest)
                 }
             });
-        out.push((name, desc));
+        named.push((
+            name,
+            desc,
+            m.platform().as_ref().map(platform_of_descriptor),
+        ));
+    }
+    // Several manifests under one name, each with a platform: a multi-platform image listed
+    // flat in index.json. Pick one for the platform, as from a nested index.
+    let mut out: Vec<(String, Desc)> = Vec::new();
+    let mut seen: Vec<String> = Vec::new();
+    for (name, _, _) in &named {
+        if seen.contains(name) {
+            continue;
+        }
+        seen.push(name.clone());
+        let group: Vec<(Desc, Option<Platform>)> = named
+            .iter()
+            .filter(|(n, _, _)| n == name)
+            .map(|(_, d, p)| (d.clone(), p.clone()))
+            .collect();
+        if group.len() == 1 {
+            out.push((name.clone(), group[0].0.clone()));
+        } else if group.iter().all(|(_, p)| p.is_some()) {
+            out.push((name.clone(), pick_platform(&group, ctx.platform)?));
+        } else {
+            for (d, _) in group {
+                out.push((format!("{name}@{}", d.digest), d));
+            }
+        }
     }
     Ok(out)
+}
+
+fn platform_of_descriptor(p: &oci_spec::image::Platform) -> Platform {
+    Platform {
+        os: p.os().to_string(),
+        arch: p.architecture().to_string(),
+        variant: p.variant().clone(),
+    }
 }
 
 #[derive(Deserialize)]
@@ -388,25 +424,36 @@ fn resolve_target(
 }
 
 fn choose_manifest(index: &ImageIndex, wanted: Option<&Platform>) -> Result<Desc, ImageError> {
+    let candidates = index
+        .manifests()
+        .iter()
+        .map(|m| {
+            Ok((
+                desc_of(m)?,
+                m.platform().as_ref().map(platform_of_descriptor),
+            ))
+        })
+        .collect::<Result<Vec<_>, ImageError>>()?;
+    pick_platform(&candidates, wanted)
+}
+
+/// The first manifest whose platform runs on `wanted` (default: this host).
+fn pick_platform(
+    candidates: &[(Desc, Option<Platform>)],
+    wanted: Option<&Platform>,
+) -> Result<Desc, ImageError> {
     let host = Platform::host();
     let wanted = wanted.unwrap_or(&host);
     let mut present = Vec::new();
-    let mut by_platform: HashMap<String, Desc> = HashMap::new();
-    for m in index.manifests() {
-        let Some(p) = m.platform() else { continue };
-        let p = Platform {
-            os: p.os().to_string(),
-            arch: p.architecture().to_string(),
-            variant: p.variant().clone(),
-        };
+    for (desc, p) in candidates {
+        let Some(p) = p else { continue };
         if p.os == "unknown" {
             // Attestation manifests (buildx) carry platform unknown/unknown.
             continue;
         }
         present.push(p.to_string());
-        if wanted.matches(&p) {
-            by_platform.entry(p.to_string()).or_insert(desc_of(m)?);
-            return desc_of(m);
+        if wanted.matches(p) {
+            return Ok(desc.clone());
         }
     }
     Err(ImageError::NoPlatform {

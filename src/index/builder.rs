@@ -171,7 +171,9 @@ impl Tree {
                         node.implicit = false;
                     }
                     let id = self.push(node);
-                    self.nodes[dir].children.insert(comp.to_vec(), Child::Node(id));
+                    self.nodes[dir]
+                        .children
+                        .insert(comp.to_vec(), Child::Node(id));
                     id
                 }
             };
@@ -358,7 +360,7 @@ impl Tree {
         let mut parents: Vec<(u32, u32)> = vec![(super::NO_PARENT, u32::MAX)];
         let mut i = 0;
         // First assign ids and dirents in BFS order.
-        let mut dirent_ranges: Vec<Range> = vec![Range::default(); 0];
+        let mut dirent_ranges: Vec<Range> = Vec::new();
         while i < order.len() {
             let old = order[i];
             let start = out.dirents.len() as u32;
@@ -514,7 +516,10 @@ mod tests {
         assert_ne!(idx.nodes[var as usize].flags & FLAG_OPAQUE, 0);
         assert!(idx.resolve("escape").is_some());
         assert_ne!(idx.nodes[usr as usize].flags & FLAG_IMPLICIT, 0);
-        assert_eq!(idx.nodes[idx.resolve("etc").unwrap() as usize].flags & FLAG_IMPLICIT, 0);
+        assert_eq!(
+            idx.nodes[idx.resolve("etc").unwrap() as usize].flags & FLAG_IMPLICIT,
+            0
+        );
         let round = LayerIndex::from_bytes(&idx.to_bytes(), std::path::Path::new("x")).unwrap();
         assert_eq!(round, idx);
     }

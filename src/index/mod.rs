@@ -142,7 +142,9 @@ impl LayerIndex {
 
     pub fn children(&self, dir: u32) -> &[Dirent] {
         match self.nodes.get(dir as usize) {
-            Some(n) if n.kind == Kind::Dir => self.dirents.get(n.children.as_range()).unwrap_or(&[]),
+            Some(n) if n.kind == Kind::Dir => {
+                self.dirents.get(n.children.as_range()).unwrap_or(&[])
+            }
             _ => &[],
         }
     }

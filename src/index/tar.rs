@@ -376,6 +376,11 @@ impl<R: Read> TarReader<R> {
 
         let pax_iter = self.global_pax.clone().into_iter().chain(local_pax);
         for (key, value) in pax_iter {
+            if value.is_empty() {
+                // POSIX: an empty value deletes the keyword (as Go's archive/tar reads it, so
+                // an empty xattr record sets no xattr).
+                continue;
+            }
             let v = || String::from_utf8_lossy(&value).into_owned();
             match key.as_slice() {
                 b"path" => path = value,

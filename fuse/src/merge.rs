@@ -1,0 +1,569 @@
+//! The overlay logic, free of FUSE: the inode table, the per-directory lazy merge and attribute
+//! resolution. The rules are those of applying the layers with `tar -x` in order, whiteouts
+//! included (as containerd and umoci do):
+//!
+//! - the topmost layer that has an entry for a name decides it;
+//! - a whiteout hides the name in every layer below;
+//! - an opaque directory hides everything below it (its own children stay);
+//! - a non-directory replaces whatever was below, subtree included;
+//! - a directory over a non-directory (or a whiteout) starts fresh;
+//! - a directory over a directory merges; its attributes come from the topmost layer where the
+//!   directory is not merely implied by the paths of its children.
+//!
+//! Nothing is merged at construction: a directory is merged on its first lookup or listing and
+//! cached, so a mount costs nothing up front. Inode numbers are handed out on first sight and
+//! never reused or changed while the [`Merged`] lives; a node visible through several hardlinks
+//! of one layer gets one inode.
+//!
+//! A writable upper directory will sit above the layers; it will need the per-directory cache to
+//! be invalidated ([`Merged::invalidate_dir`]) and its own kind of source, but the rules above
+//! and the inode table stay as they are.
+
+use std::collections::hash_map::Entry;
+use std::collections::HashMap;
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
+
+use crate::layer::{DirEntry, LayerStack, LayerTree, NodeAttr, NodeId, NodeKind, Timestamp};
+
+#[cfg(test)]
+mod tests;
+
+/// Extended attributes as (name, value).
+pub type Xattrs = Vec<(Vec<u8>, Vec<u8>)>;
+
+/// A child name resolved: its kind and sources, or `None` when whited out.
+type Resolved = Option<(NodeKind, Vec<Origin>)>;
+
+/// An inode number of the merged view.
+pub type Ino = u64;
+
+/// The root directory's inode number (FUSE's `FUSE_ROOT_ID`).
+pub const ROOT_INO: Ino = 1;
+
+/// A node of one layer: `layer` indexes the stack, bottom = 0.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Origin {
+    pub layer: u32,
+    pub node: NodeId,
+}
+
+/// One entry of a merged directory.
+#[derive(Debug, Clone)]
+pub struct Child {
+    pub name: Box<[u8]>,
+    pub ino: Ino,
+    pub kind: NodeKind,
+}
+
+/// The visible content of one merged directory, sorted by name (so listing offsets are stable
+/// even if the cache is dropped and rebuilt).
+#[derive(Debug, Default)]
+pub struct MergedDir {
+    children: Vec<Child>,
+    subdirs: u32,
+}
+
+impl MergedDir {
+    pub fn children(&self) -> &[Child] {
+        &self.children
+    }
+
+    pub fn get(&self, name: &[u8]) -> Option<&Child> {
+        self.children
+            .binary_search_by(|c| (*c.name).cmp(name))
+            .ok()
+            .map(|i| &self.children[i])
+    }
+
+    /// Number of visible subdirectories (a directory's nlink is 2 + this).
+    pub fn subdirs(&self) -> u32 {
+        self.subdirs
+    }
+}
+
+/// One inode of the merged view.
+#[derive(Debug)]
+pub struct Inode {
+    pub ino: Ino,
+    /// The directory this inode was first found in (`..` for directories, which have one).
+    pub parent: Ino,
+    pub kind: NodeKind,
+    /// The layer nodes behind this inode, topmost first. A directory has the directory at its
+    /// path in every layer down to a whiteout or a non-directory; anything else has exactly one.
+    /// Empty only for the root of an empty stack.
+    sources: Box<[Origin]>,
+    /// How many of `sources` contribute children: up to the first opaque one. The ones below
+    /// still count for metadata (an opaque marker in an implied directory empties it but does
+    /// not recreate it).
+    merge_len: usize,
+    /// The merged children, for directories; built on first use, droppable on forget.
+    dir: Mutex<Option<Arc<MergedDir>>>,
+    /// Visible hardlink count, for nodes with nlink > 1 in their layer.
+    nlink: OnceLock<u32>,
+    /// Kernel references (FUSE lookup count). Only used to free caches, never inode numbers.
+    lookups: AtomicU64,
+}
+
+impl Inode {
+    pub fn sources(&self) -> &[Origin] {
+        &self.sources
+    }
+
+    /// The sources whose children show.
+    pub fn merged_sources(&self) -> &[Origin] {
+        &self.sources[..self.merge_len]
+    }
+}
+
+/// `merge_len` for a directory with `sources`: through the first opaque one.
+fn merge_len(layers: &LayerStack, sources: &[Origin]) -> usize {
+    sources
+        .iter()
+        .position(|o| layers[o.layer as usize].is_opaque(o.node))
+        .map_or(sources.len(), |i| i + 1)
+}
+
+#[derive(Default)]
+struct Table {
+    /// Indexed by `ino - 1`.
+    inodes: Vec<Arc<Inode>>,
+    /// Inode of a layer node: the topmost source of each inode.
+    by_origin: HashMap<Origin, Ino>,
+}
+
+/// The merged view of a stack of layers.
+pub struct Merged {
+    layers: LayerStack,
+    table: RwLock<Table>,
+}
+
+impl std::fmt::Debug for Merged {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Merged")
+            .field("layers", &self.layers.len())
+            .field("inodes", &self.inode_count())
+            .finish()
+    }
+}
+
+/// Attributes of the root of an empty stack.
+fn empty_root_attr() -> NodeAttr {
+    NodeAttr {
+        kind: NodeKind::Dir,
+        perm: 0o755,
+        uid: 0,
+        gid: 0,
+        size: 0,
+        mtime: Timestamp::default(),
+        atime: Timestamp::default(),
+        ctime: Timestamp::default(),
+        rdev: 0,
+        nlink: 2,
+    }
+}
+
+impl Merged {
+    /// A merged view of `layers` (bottom first). Cheap: nothing is read until asked.
+    pub fn new(layers: LayerStack) -> Merged {
+        let sources: Vec<Origin> = (0..layers.len())
+            .rev()
+            .map(|i| Origin {
+                layer: i as u32,
+                node: layers[i].root(),
+            })
+            .collect();
+        let merge_len = merge_len(&layers, &sources);
+        let root = Arc::new(Inode {
+            ino: ROOT_INO,
+            parent: ROOT_INO,
+            kind: NodeKind::Dir,
+            sources: sources.into(),
+            merge_len,
+            dir: Mutex::new(None),
+            nlink: OnceLock::new(),
+            lookups: AtomicU64::new(0),
+        });
+        let mut table = Table::default();
+        if let Some(top) = root.sources.first() {
+            table.by_origin.insert(*top, ROOT_INO);
+        }
+        table.inodes.push(root);
+        Merged {
+            layers,
+            table: RwLock::new(table),
+        }
+    }
+
+    pub fn layers(&self) -> &LayerStack {
+        &self.layers
+    }
+
+    fn layer(&self, o: Origin) -> &Arc<dyn LayerTree> {
+        &self.layers[o.layer as usize]
+    }
+
+    /// The inode `ino`, if it was handed out.
+    pub fn inode(&self, ino: Ino) -> Option<Arc<Inode>> {
+        let idx = usize::try_from(ino.checked_sub(1)?).ok()?;
+        let t = self.table.read().unwrap_or_else(PoisonError::into_inner);
+        t.inodes.get(idx).cloned()
+    }
+
+    /// How many inodes were handed out so far.
+    pub fn inode_count(&self) -> u64 {
+        let t = self.table.read().unwrap_or_else(PoisonError::into_inner);
+        t.inodes.len() as u64
+    }
+
+    /// The merged content of directory `ino`; `None` if `ino` is unknown or not a directory.
+    pub fn dir(&self, ino: Ino) -> Option<Arc<MergedDir>> {
+        let inode = self.inode(ino)?;
+        if inode.kind != NodeKind::Dir {
+            return None;
+        }
+        Some(self.merge_dir(&inode))
+    }
+
+    /// The entry `name` of directory `parent` without counting a kernel reference.
+    pub fn child(&self, parent: Ino, name: &[u8]) -> Option<Ino> {
+        let dir = self.dir(parent)?;
+        dir.get(name).map(|c| c.ino)
+    }
+
+    /// Looks `name` up in `parent` for the kernel: counts one reference on the result.
+    pub fn lookup(&self, parent: Ino, name: &[u8]) -> Result<(Ino, NodeAttr), Errno> {
+        let pinode = self.inode(parent).ok_or(Errno::NoEntry)?;
+        if pinode.kind != NodeKind::Dir {
+            return Err(Errno::NotDir);
+        }
+        let ino = match name {
+            b"." => parent,
+            b".." => pinode.parent,
+            _ => {
+                let dir = self.merge_dir(&pinode);
+                dir.get(name).ok_or(Errno::NoEntry)?.ino
+            }
+        };
+        let inode = self.inode(ino).ok_or(Errno::NoEntry)?;
+        let attr = self.attr_of(&inode);
+        inode.lookups.fetch_add(1, Ordering::Relaxed);
+        Ok((ino, attr))
+    }
+
+    /// Counts a kernel reference handed out by other means (readdirplus).
+    pub fn add_lookup(&self, ino: Ino) {
+        if let Some(inode) = self.inode(ino) {
+            inode.lookups.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// The kernel dropped `n` references. A directory nobody references drops its merged
+    /// children (memory); its inode number and those of its children stay, because the table
+    /// maps layer nodes to inodes for the whole mount.
+    pub fn forget(&self, ino: Ino, n: u64) {
+        let Some(inode) = self.inode(ino) else { return };
+        let prev = inode
+            .lookups
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
+                Some(v.saturating_sub(n))
+            })
+            .unwrap_or(0);
+        if prev <= n && ino != ROOT_INO && inode.kind == NodeKind::Dir {
+            self.invalidate_dir(ino);
+        }
+    }
+
+    /// Drops the cached merge of directory `ino`; the next use merges it again.
+    pub fn invalidate_dir(&self, ino: Ino) {
+        if let Some(inode) = self.inode(ino) {
+            *inode.dir.lock().unwrap_or_else(PoisonError::into_inner) = None;
+        }
+    }
+
+    /// The attributes of `ino`, nlink included.
+    pub fn attr(&self, ino: Ino) -> Option<NodeAttr> {
+        let inode = self.inode(ino)?;
+        Some(self.attr_of(&inode))
+    }
+
+    /// Where an inode's metadata comes from: its topmost source, unless that is a directory only
+    /// implied by its children's paths and a lower layer has the directory itself.
+    fn attr_source(&self, inode: &Inode) -> Option<Origin> {
+        let first = *inode.sources.first()?;
+        if inode.kind != NodeKind::Dir {
+            return Some(first);
+        }
+        Some(
+            inode
+                .sources
+                .iter()
+                .copied()
+                .find(|o| !self.layer(*o).is_implicit(o.node))
+                .unwrap_or(first),
+        )
+    }
+
+    fn attr_of(&self, inode: &Inode) -> NodeAttr {
+        let Some(src) = self.attr_source(inode) else {
+            let mut a = empty_root_attr();
+            a.nlink = 2 + self.merge_dir(inode).subdirs;
+            return a;
+        };
+        let mut a = self.layer(src).attr(src.node);
+        if inode.kind == NodeKind::Dir {
+            // The merged kind wins over a lower layer's record (never differs in a sane layer).
+            a.kind = NodeKind::Dir;
+            a.nlink = 2u32.saturating_add(self.merge_dir(inode).subdirs);
+        } else if a.nlink > 1 {
+            a.nlink = *inode.nlink.get_or_init(|| self.visible_links(inode));
+        } else {
+            a.nlink = 1;
+        }
+        a
+    }
+
+    /// How many of a hardlinked node's paths in its layer still lead to it in the merged view.
+    fn visible_links(&self, inode: &Inode) -> u32 {
+        let Some(&src) = inode.sources.first() else {
+            return 1;
+        };
+        let layer = self.layer(src);
+        let mut count = 0u32;
+        for (dir, name) in layer.links(src.node) {
+            let Some(path) = layer_path(&**layer, dir) else {
+                continue;
+            };
+            let mut cur = ROOT_INO;
+            let mut ok = true;
+            for comp in &path {
+                match self.child(cur, comp) {
+                    Some(next) => cur = next,
+                    None => {
+                        ok = false;
+                        break;
+                    }
+                }
+            }
+            if ok && self.child(cur, &name) == Some(inode.ino) {
+                count += 1;
+            }
+        }
+        count.max(1)
+    }
+
+    /// The merged children of a directory inode, merged now if not cached.
+    fn merge_dir(&self, inode: &Inode) -> Arc<MergedDir> {
+        // Held while merging so that concurrent first uses of one directory merge it once.
+        // Lock order: a directory's lock, then the table; never two directory locks.
+        let mut slot = inode.dir.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(d) = &*slot {
+            return d.clone();
+        }
+        let merged = Arc::new(self.build_dir(inode));
+        *slot = Some(merged.clone());
+        merged
+    }
+
+    fn build_dir(&self, inode: &Inode) -> MergedDir {
+        // Visible children with their sources, keyed by name; `None` = whited out.
+        let mut seen: HashMap<Box<[u8]>, Resolved> = HashMap::new();
+        let dirs = inode.merged_sources();
+        for (i, dir) in dirs.iter().enumerate() {
+            let layer = self.layer(*dir);
+            layer.for_each_child(dir.node, &mut |name, entry| {
+                if let Entry::Vacant(v) = seen.entry(name.into()) {
+                    let resolved = match entry {
+                        DirEntry::Whiteout => None,
+                        DirEntry::Node(node) => Some(self.resolve_child(&dirs[i..], name, node)),
+                    };
+                    v.insert(resolved);
+                }
+            });
+        }
+        let mut visible: Vec<(Box<[u8]>, NodeKind, Vec<Origin>)> = seen
+            .into_iter()
+            .filter_map(|(name, r)| r.map(|(kind, src)| (name, kind, src)))
+            .collect();
+        visible.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+
+        let mut table = self.table.write().unwrap_or_else(PoisonError::into_inner);
+        let mut children = Vec::with_capacity(visible.len());
+        let mut subdirs = 0u32;
+        for (name, kind, sources) in visible {
+            if kind == NodeKind::Dir {
+                subdirs += 1;
+            }
+            let key = sources[0];
+            let ino = match table.by_origin.get(&key) {
+                Some(ino) => *ino,
+                None => {
+                    let ino = table.inodes.len() as Ino + 1;
+                    let merge_len = if kind == NodeKind::Dir {
+                        merge_len(&self.layers, &sources)
+                    } else {
+                        sources.len()
+                    };
+                    table.inodes.push(Arc::new(Inode {
+                        ino,
+                        parent: inode.ino,
+                        kind,
+                        sources: sources.into(),
+                        merge_len,
+                        dir: Mutex::new(None),
+                        nlink: OnceLock::new(),
+                        lookups: AtomicU64::new(0),
+                    }));
+                    table.by_origin.insert(key, ino);
+                    ino
+                }
+            };
+            children.push(Child { name, ino, kind });
+        }
+        MergedDir { children, subdirs }
+    }
+
+    /// The sources of child `name` whose topmost entry is `node` in `dirs[0]`'s layer; `dirs` are
+    /// the parent directory's merged sources from that layer down. A directory collects the
+    /// directories at its path below, past its own opaque marker (see `Inode::merge_len`).
+    fn resolve_child(&self, dirs: &[Origin], name: &[u8], node: NodeId) -> (NodeKind, Vec<Origin>) {
+        let top = Origin {
+            layer: dirs[0].layer,
+            node,
+        };
+        let kind = self.layer(top).attr(node).kind;
+        let mut sources = vec![top];
+        if kind != NodeKind::Dir {
+            return (kind, sources);
+        }
+        for dir in &dirs[1..] {
+            let layer = self.layer(*dir);
+            match layer.lookup(dir.node, name) {
+                None => continue,
+                Some(DirEntry::Whiteout) => break,
+                Some(DirEntry::Node(n)) => {
+                    if layer.attr(n).kind != NodeKind::Dir {
+                        break;
+                    }
+                    sources.push(Origin {
+                        layer: dir.layer,
+                        node: n,
+                    });
+                }
+            }
+        }
+        (kind, sources)
+    }
+
+    /// The target of symlink `ino`.
+    pub fn readlink(&self, ino: Ino) -> Result<Vec<u8>, Errno> {
+        let inode = self.inode(ino).ok_or(Errno::NoEntry)?;
+        if inode.kind != NodeKind::Symlink {
+            return Err(Errno::Invalid);
+        }
+        let src = *inode.sources.first().ok_or(Errno::Invalid)?;
+        self.layer(src).readlink(src.node).map_err(Errno::Io)
+    }
+
+    /// The extended attributes of `ino` (from the layer its metadata comes from).
+    pub fn xattrs(&self, ino: Ino) -> Result<Xattrs, Errno> {
+        let inode = self.inode(ino).ok_or(Errno::NoEntry)?;
+        Ok(match self.attr_source(&inode) {
+            Some(src) => self.layer(src).xattrs(src.node),
+            None => Vec::new(),
+        })
+    }
+
+    /// What a read of file `ino` reads from: the layer, the node and the file size. The caller
+    /// reads without any lock of the merged view held.
+    pub fn file_source(&self, ino: Ino) -> Result<(Arc<dyn LayerTree>, NodeId, u64), Errno> {
+        let inode = self.inode(ino).ok_or(Errno::NoEntry)?;
+        match inode.kind {
+            NodeKind::File => {}
+            NodeKind::Dir => return Err(Errno::IsDir),
+            _ => return Err(Errno::Invalid),
+        }
+        let src = *inode.sources.first().ok_or(Errno::Invalid)?;
+        let layer = self.layer(src).clone();
+        let size = layer.attr(src.node).size;
+        Ok((layer, src.node, size))
+    }
+
+    /// A human description of `ino` for logs: its layer and path inside that layer.
+    pub fn describe(&self, ino: Ino) -> String {
+        let Some(inode) = self.inode(ino) else {
+            return format!("inode {ino} (unknown)");
+        };
+        let Some(&src) = inode.sources.first() else {
+            return format!("inode {ino} (/)");
+        };
+        let layer = self.layer(src);
+        let path = if inode.kind == NodeKind::Dir {
+            layer_path(&**layer, src.node)
+        } else {
+            layer
+                .links(src.node)
+                .into_iter()
+                .next()
+                .and_then(|(dir, name)| {
+                    let mut p = layer_path(&**layer, dir)?;
+                    p.push(name);
+                    Some(p)
+                })
+        };
+        let path = match path {
+            Some(p) => p
+                .iter()
+                .map(|c| String::from_utf8_lossy(c).into_owned())
+                .collect::<Vec<_>>()
+                .join("/"),
+            None => "?".to_string(),
+        };
+        format!(
+            "inode {ino} (layer {} node {}: /{path})",
+            src.layer, src.node
+        )
+    }
+}
+
+/// The components of directory `dir`'s path in `layer` (empty for the root); `None` when the
+/// layer's parent chain is broken or loops.
+fn layer_path(layer: &dyn LayerTree, dir: NodeId) -> Option<Vec<Vec<u8>>> {
+    let mut comps = Vec::new();
+    let mut cur = dir;
+    while let Some((parent, name)) = layer.parent(cur) {
+        comps.push(name);
+        cur = parent;
+        if comps.len() > 4096 {
+            return None;
+        }
+    }
+    if cur != layer.root() {
+        return None;
+    }
+    comps.reverse();
+    Some(comps)
+}
+
+/// Why a request on the merged view failed; maps onto an errno.
+#[derive(Debug)]
+pub enum Errno {
+    NoEntry,
+    NotDir,
+    IsDir,
+    Invalid,
+    Io(io::Error),
+}
+
+impl Errno {
+    pub fn raw(&self) -> i32 {
+        match self {
+            Errno::NoEntry => libc::ENOENT,
+            Errno::NotDir => libc::ENOTDIR,
+            Errno::IsDir => libc::EISDIR,
+            Errno::Invalid => libc::EINVAL,
+            Errno::Io(e) => e.raw_os_error().unwrap_or(libc::EIO),
+        }
+    }
+}
