@@ -13,6 +13,7 @@ pub mod import;
 pub mod index;
 pub mod layer;
 pub mod meta;
+pub mod mount;
 pub mod root;
 pub mod store;
 pub mod unpack;

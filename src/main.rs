@@ -56,6 +56,23 @@ enum Command {
     Rmi { names: Vec<String> },
     /// Remove blobs, indexes and snapshots nothing references
     Gc,
+    /// Mount an image's root filesystem read-only at DIR, lazily (nothing is extracted)
+    Mount {
+        /// Image name (or the key of a committed snapshot)
+        image: String,
+        dir: PathBuf,
+        /// Serve in this process until unmounted or interrupted
+        #[arg(long)]
+        foreground: bool,
+        /// Memory for decompressed spans (e.g. 256M, 1G)
+        #[arg(long, default_value = "256M", value_parser = lazysnap::mount::parse_size)]
+        cache_size: u64,
+        /// FUSE worker threads [default: 2 x cores, 4..16]
+        #[arg(long)]
+        threads: Option<usize>,
+    },
+    /// Unmount a lazysnap mount (also cleans a stale one left by a killed daemon)
+    Umount { dir: PathBuf },
 }
 
 fn main() {
@@ -177,6 +194,49 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                        "index_files_removed": stats.index_files_removed,
                        "bytes_freed": stats.bytes_freed})
             );
+        }
+        Command::Mount {
+            image,
+            dir,
+            foreground,
+            cache_size,
+            threads,
+        } => {
+            let req = lazysnap::mount::MountRequest {
+                target: image,
+                dir: std::fs::canonicalize(&dir)
+                    .with_context(|| format!("mountpoint {} does not exist", dir.display()))?,
+                cache_bytes: cache_size,
+                threads,
+            };
+            let root = Root::open(&root_path)?;
+            if foreground {
+                lazysnap::mount::run_foreground(root, &req)?;
+            } else {
+                // Fail fast in this process on what can be checked here.
+                lazysnap::mount::prepare_mountpoint(&req.dir)?;
+                lazysnap::mount::resolve_chain(&root, &req.target)?;
+                drop(root);
+                let log = lazysnap::mount::daemon_log(&root_path);
+                if let Some(parent) = log.parent() {
+                    std::fs::create_dir_all(parent)?;
+                }
+                let ms = lazysnap::mount::spawn_daemon(&root_path, &req, &log)?;
+                println!(
+                    "mounted {} at {} in {ms:.1} ms",
+                    req.target,
+                    req.dir.display()
+                );
+            }
+        }
+        Command::Umount { dir } => {
+            if lazysnap_fuse::unmount(&dir)
+                .with_context(|| format!("unmounting {}", dir.display()))?
+            {
+                println!("unmounted {}", dir.display());
+            } else {
+                anyhow::bail!("{} is not mounted", dir.display());
+            }
         }
     }
     Ok(())

@@ -1,0 +1,243 @@
+//! `mount`: serve an image's (or committed snapshot's) merged root filesystem at a directory.
+//! The daemon form re-executes the binary in the foreground form, detached, and waits on a
+//! pipe until the mount is ready (or failed), so `lazysnap mount` returns a usable mount.
+
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use anyhow::{bail, Context as _};
+use lazysnap_fuse::MountOptions;
+use tracing::{info, warn};
+
+use crate::blob::SpanCache;
+use crate::layer::open_stack;
+use crate::root::Root;
+
+/// Env var naming the fd the foreground child reports readiness on.
+const READY_FD_ENV: &str = "LAZYSNAP_READY_FD";
+
+pub struct MountRequest {
+    /// Image name, or the key of a committed snapshot / chain ID.
+    pub target: String,
+    pub dir: PathBuf,
+    pub cache_bytes: u64,
+    pub threads: Option<usize>,
+}
+
+/// The chain ID to mount for `target`: an image's top chain, or a committed snapshot's.
+pub fn resolve_chain(root: &Root, target: &str) -> anyhow::Result<String> {
+    if let Some(img) = root.meta.image(target)? {
+        return img
+            .chain_id
+            .with_context(|| format!("image {target} has no layers to mount"));
+    }
+    if root.meta.chain(target)?.is_some() {
+        return Ok(target.to_string());
+    }
+    let names = root.meta.image_names()?;
+    bail!(
+        "no image or committed snapshot named {target:?} (images: {})",
+        if names.is_empty() {
+            "none".to_string()
+        } else {
+            names.join(", ")
+        }
+    )
+}
+
+/// Checks the mountpoint: a stale mount of a dead daemon is cleaned (with a message); a live
+/// mount is an error.
+pub fn prepare_mountpoint(dir: &Path) -> anyhow::Result<()> {
+    if lazysnap_fuse::is_stale_mount(dir) {
+        eprintln!(
+            "lazysnap: {} held a stale mount of a daemon that is gone; unmounting it",
+            dir.display()
+        );
+        lazysnap_fuse::unmount(dir)
+            .with_context(|| format!("cleaning the stale mount at {}", dir.display()))?;
+    }
+    let md = std::fs::metadata(dir)
+        .with_context(|| format!("mountpoint {} does not exist", dir.display()))?;
+    if !md.is_dir() {
+        bail!("mountpoint {} is not a directory", dir.display());
+    }
+    if lazysnap_fuse::is_mountpoint(dir) {
+        bail!(
+            "{} is already a mount point (lazysnap umount {} first)",
+            dir.display(),
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
+/// Mounts in this process and serves until unmounted or signalled (SIGINT/SIGTERM unmount).
+pub fn run_foreground(root: Root, req: &MountRequest) -> anyhow::Result<()> {
+    let start = Instant::now();
+    let ready_fd = take_ready_fd();
+    let result = (|| {
+        prepare_mountpoint(&req.dir)?;
+        let chain = resolve_chain(&root, &req.target)?;
+        let cache = SpanCache::new(req.cache_bytes);
+        let stack = open_stack(&root, &chain, cache)?;
+        drop(root);
+        let mut opts = MountOptions {
+            fsname: format!("lazysnap:{}", short(&req.target)),
+            ..MountOptions::default()
+        };
+        if let Some(t) = req.threads {
+            opts.threads = t.max(1);
+        }
+        let handle = lazysnap_fuse::mount(stack, &req.dir, &opts)
+            .with_context(|| format!("mounting at {}", req.dir.display()))?;
+        anyhow::Ok(handle)
+    })();
+    let handle = match result {
+        Ok(h) => h,
+        Err(e) => {
+            if let Some(mut fd) = ready_fd {
+                let _ = write!(fd, "error: {e:#}");
+            }
+            return Err(e);
+        }
+    };
+    let elapsed = start.elapsed();
+    info!(dir = %req.dir.display(), ms = elapsed.as_secs_f64() * 1000.0, "mounted");
+    match ready_fd {
+        Some(mut fd) => {
+            let _ = write!(fd, "ok {}", elapsed.as_micros());
+        }
+        None => eprintln!(
+            "mounted {} at {} in {:.1} ms (Ctrl-C unmounts)",
+            req.target,
+            req.dir.display(),
+            elapsed.as_secs_f64() * 1000.0
+        ),
+    }
+    let dir = req.dir.clone();
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGHUP,
+    ])
+    .context("installing signal handlers")?;
+    std::thread::spawn(move || {
+        if let Some(sig) = signals.forever().next() {
+            info!(signal = sig, "unmounting on signal");
+            if let Err(e) = lazysnap_fuse::unmount(&dir) {
+                warn!(error = %e, "unmount on signal failed");
+            }
+        }
+    });
+    handle.join().context("serving the mount")?;
+    Ok(())
+}
+
+fn short(s: &str) -> String {
+    s.chars().take(48).collect()
+}
+
+fn take_ready_fd() -> Option<std::fs::File> {
+    let fd: i32 = std::env::var(READY_FD_ENV).ok()?.parse().ok()?;
+    std::env::remove_var(READY_FD_ENV);
+    // SAFETY: the parent passed us this fd for our exclusive use.
+    Some(unsafe { std::fs::File::from(OwnedFd::from_raw_fd(fd)) })
+}
+
+/// Starts a detached daemon serving the mount; returns once it is ready, with the time the
+/// mount took.
+pub fn spawn_daemon(root_path: &Path, req: &MountRequest, log: &Path) -> anyhow::Result<f64> {
+    let mut fds = [0i32; 2];
+    // SAFETY: pipe2 writes two fds into the array.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("creating a pipe");
+    }
+    // SAFETY: both fds were just created and are owned here.
+    let (read_end, write_end) =
+        unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    let exe = std::env::current_exe().context("finding the lazysnap binary")?;
+    let logfile = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .with_context(|| format!("opening log {}", log.display()))?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("--root")
+        .arg(root_path)
+        .arg("mount")
+        .arg("--foreground")
+        .arg("--cache-size")
+        .arg(req.cache_bytes.to_string())
+        .arg(&req.target)
+        .arg(&req.dir)
+        .env(READY_FD_ENV, write_end.as_raw_fd().to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(logfile);
+    if let Some(t) = req.threads {
+        cmd.arg("--threads").arg(t.to_string());
+    }
+    let raw_write = write_end.as_raw_fd();
+    // SAFETY: only async-signal-safe calls (setsid, fcntl) between fork and exec.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+            libc::setsid();
+            // Keep the ready pipe open across exec.
+            let flags = libc::fcntl(raw_write, libc::F_GETFD);
+            libc::fcntl(raw_write, libc::F_SETFD, flags & !libc::FD_CLOEXEC);
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().context("starting the mount daemon")?;
+    drop(write_end);
+    let mut msg = String::new();
+    std::fs::File::from(read_end)
+        .read_to_string(&mut msg)
+        .context("waiting for the mount daemon")?;
+    if let Some(us) = msg.strip_prefix("ok ") {
+        return Ok(us.trim().parse::<f64>().unwrap_or(0.0) / 1000.0);
+    }
+    let status = child.wait().ok();
+    if let Some(err) = msg.strip_prefix("error: ") {
+        bail!("{err}");
+    }
+    bail!(
+        "the mount daemon exited ({}) before the mount was ready; see {}",
+        status.map(|s| s.to_string()).unwrap_or_default(),
+        log.display()
+    )
+}
+
+/// Parses sizes like `512M`, `2G`, `1048576`.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().find(|(_, c)| c.is_ascii_alphabetic()) {
+        Some((i, _)) => {
+            let unit = s[i..].to_ascii_lowercase();
+            let mult: u64 = match unit.trim_end_matches("ib").trim_end_matches('b') {
+                "" => 1,
+                "k" => 1 << 10,
+                "m" => 1 << 20,
+                "g" => 1 << 30,
+                "t" => 1 << 40,
+                _ => return Err(format!("unknown size unit in {s:?}")),
+            };
+            (&s[..i], mult)
+        }
+        None => (s, 1),
+    };
+    let n: u64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("invalid size {s:?}"))?;
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("size {s:?} too large"))
+}
+
+/// A default log location for a mount daemon.
+pub fn daemon_log(root: &Path) -> PathBuf {
+    root.join("logs").join("mount.log")
+}
