@@ -1,0 +1,334 @@
+//! [mount] end to end through a real FUSE mount of the `lazysnap` binary: every test image, in
+//! every compression and archive form, equals the reference umoci unpacks, field for field;
+//! random reads across span boundaries; concurrent readers; unmount, signals and stale mounts.
+
+mod common;
+
+use std::fs;
+use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rand::{Rng, SeedableRng};
+
+fn lazysnap(root: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(common::lazysnap_bin())
+        .arg("--root")
+        .arg(root)
+        .args(args)
+        .output()
+        .expect("running lazysnap")
+}
+
+fn ok(root: &Path, args: &[&str]) -> String {
+    let out = lazysnap(root, args);
+    assert!(
+        out.status.success(),
+        "lazysnap {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn can_mount() -> bool {
+    common::require(common::is_root(), "root (FUSE mounts, umoci references)")
+        && common::require(common::have_dev_fuse(), "/dev/fuse")
+        && common::require(common::have_cmd("umoci"), "umoci (scripts/install-deps.sh)")
+}
+
+/// A mount that is unmounted when dropped, even when the test fails.
+struct Mounted {
+    root: PathBuf,
+    dir: PathBuf,
+}
+
+impl Mounted {
+    fn new(root: &Path, image: &str, dir: &Path) -> Self {
+        fs::create_dir_all(dir).unwrap();
+        let out = ok(root, &["mount", image, dir.to_str().unwrap()]);
+        assert!(out.contains("mounted"), "{out}");
+        Mounted {
+            root: root.to_path_buf(),
+            dir: dir.to_path_buf(),
+        }
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = lazysnap(&self.root, &["umount", self.dir.to_str().unwrap()]);
+    }
+}
+
+fn import(root: &Path, src: &Path, name: &str) {
+    ok(root, &["import", src.to_str().unwrap(), "--name", name]);
+}
+
+fn check_equal(root: &Path, image: &str, layout: &Path, mnt: &Path) {
+    let reference = common::reference_tree(layout, common::TAG);
+    let _m = Mounted::new(root, image, mnt);
+    common::assert_trees_equal(mnt, &reference);
+}
+
+#[test]
+fn debian_images_mount_equal_to_umoci_unpack() {
+    if !can_mount() {
+        return;
+    }
+    let data = common::testdata();
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("root");
+    for src in common::DEBIAN_IMAGES {
+        import(&root, &data.join(src), src);
+        check_equal(
+            &root,
+            src,
+            &data.join(src),
+            &tmp.path().join(format!("mnt-{src}")),
+        );
+    }
+    // The archive forms give the same tree.
+    for src in ["debian-gzip.oci.tar", "debian-docker.tar"] {
+        import(&root, &data.join(src), src);
+        check_equal(
+            &root,
+            src,
+            &data.join("debian-gzip"),
+            &tmp.path().join("mnt-archive"),
+        );
+    }
+}
+
+#[test]
+fn edge_case_images_mount_equal_to_umoci_unpack() {
+    if !can_mount() {
+        return;
+    }
+    let data = common::testdata();
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("root");
+    for src in common::EDGE_IMAGES {
+        import(&root, &data.join(src), src);
+        check_equal(
+            &root,
+            src,
+            &data.join(src),
+            &tmp.path().join(format!("mnt-{src}")),
+        );
+    }
+}
+
+#[test]
+fn runs_programs_from_the_image() {
+    if !can_mount() {
+        return;
+    }
+    let data = common::testdata();
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("root");
+    import(&root, &data.join("debian-zstd"), "deb");
+    let mnt = tmp.path().join("mnt");
+    let _m = Mounted::new(&root, "deb", &mnt);
+    let out = Command::new("chroot")
+        .arg(&mnt)
+        .args([
+            "/usr/bin/python3",
+            "-c",
+            "import json,sqlite3; print(json.dumps([sqlite3.sqlite_version_info[0]]))",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "[3]");
+    let out = Command::new("chroot")
+        .arg(&mnt)
+        .args(["/bin/bash", "-c", "ls /usr/bin | wc -l"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let n: usize = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+    assert!(n > 50, "{n}");
+}
+
+/// Every regular file of `dir` larger than `min`, with its size.
+fn big_files(dir: &Path, min: u64) -> Vec<(PathBuf, u64)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).unwrap().flatten() {
+            let md = e.path().symlink_metadata().unwrap();
+            if md.is_dir() {
+                stack.push(e.path());
+            } else if md.is_file() && md.len() >= min {
+                out.push((e.path(), md.len()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+fn read_range(path: &Path, off: u64, len: usize) -> Vec<u8> {
+    let mut f = fs::File::open(path).unwrap();
+    f.seek(SeekFrom::Start(off)).unwrap();
+    let mut buf = vec![0u8; len];
+    let mut got = 0;
+    while got < len {
+        let n = f.read(&mut buf[got..]).unwrap();
+        if n == 0 {
+            break;
+        }
+        got += n;
+    }
+    buf.truncate(got);
+    buf
+}
+
+#[test]
+fn random_reads_across_spans_and_concurrent_readers_match_the_reference() {
+    if !can_mount() {
+        return;
+    }
+    let data = common::testdata();
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("root");
+    for src in ["edge-gzip", "edge-zstd", "edge-mixed"] {
+        import(&root, &data.join(src), src);
+        let reference = common::reference_tree(&data.join(src), common::TAG);
+        let mnt = tmp.path().join(format!("mnt-{src}"));
+        let _m = Mounted::new(&root, src, &mnt);
+        let files = big_files(&reference, 1 << 20);
+        assert!(!files.is_empty(), "the edge image has files of several MiB");
+        let mut rng = rand::rngs::StdRng::seed_from_u64(42);
+        for (path, size) in &files {
+            let rel = path.strip_prefix(&reference).unwrap();
+            for _ in 0..20 {
+                let off = rng.random_range(0..*size);
+                let len = rng.random_range(1..=(9 << 20));
+                assert!(
+                    read_range(&mnt.join(rel), off, len) == read_range(path, off, len),
+                    "{src}: {} at {off}+{len}",
+                    rel.display()
+                );
+            }
+        }
+        // Eight threads reading every big file at once, each from its own offset.
+        std::thread::scope(|s| {
+            for t in 0..8u64 {
+                let files = &files;
+                let mnt = &mnt;
+                let reference = &reference;
+                s.spawn(move || {
+                    for (path, size) in files {
+                        let rel = path.strip_prefix(reference).unwrap();
+                        let off = (size / 8) * t;
+                        assert!(
+                            read_range(&mnt.join(rel), off, 3 << 20)
+                                == read_range(path, off, 3 << 20)
+                        );
+                    }
+                });
+            }
+        });
+    }
+}
+
+#[test]
+fn unmount_sigterm_and_stale_mounts() {
+    if !can_mount() {
+        return;
+    }
+    let data = common::testdata();
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("root");
+    import(&root, &data.join("edge-none"), "edge");
+    let mnt = tmp.path().join("mnt");
+    fs::create_dir_all(&mnt).unwrap();
+
+    // Mounting twice at one place is refused.
+    let m = Mounted::new(&root, "edge", &mnt);
+    let out = lazysnap(&root, &["mount", "edge", mnt.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already a mount point"));
+    drop(m);
+    assert!(!is_mounted(&mnt));
+    assert!(!lazysnap(&root, &["umount", mnt.to_str().unwrap()])
+        .status
+        .success());
+
+    // SIGTERM to a foreground daemon unmounts cleanly.
+    let mut child = Command::new(common::lazysnap_bin())
+        .arg("--root")
+        .arg(&root)
+        .args(["mount", "--foreground", "edge", mnt.to_str().unwrap()])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_until(|| is_mounted(&mnt));
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status}");
+    assert!(!is_mounted(&mnt));
+
+    // A killed daemon leaves a stale mount; the next mount cleans it and says so.
+    let mut child = Command::new(common::lazysnap_bin())
+        .arg("--root")
+        .arg(&root)
+        .args(["mount", "--foreground", "edge", mnt.to_str().unwrap()])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until(|| is_mounted(&mnt));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(is_mounted(&mnt), "the dead daemon's mount stays behind");
+    let err = fs::metadata(mnt.join("base")).err();
+    assert!(err.is_some() || fs::read_dir(&mnt).is_err());
+    let out = lazysnap(&root, &["mount", "edge", mnt.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("stale"));
+    assert!(fs::read_dir(&mnt).unwrap().count() > 0);
+    ok(&root, &["umount", mnt.to_str().unwrap()]);
+}
+
+fn is_mounted(dir: &Path) -> bool {
+    let dir = fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+    fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .any(|l| l.split(' ').nth(4) == Some(dir.to_str().unwrap()))
+}
+
+fn wait_until(f: impl Fn() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < Duration::from_secs(30), "timed out");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn mount_of_unknown_image_names_what_exists() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("root");
+    let mnt = tmp.path().join("mnt");
+    fs::create_dir_all(&mnt).unwrap();
+    let out = lazysnap(&root, &["mount", "nope", mnt.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("nope") && err.contains("images: none"),
+        "{err}"
+    );
+    let _ = fs::metadata(&mnt).unwrap().ino();
+}
