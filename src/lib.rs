@@ -7,6 +7,7 @@
 
 pub mod blob;
 pub mod digest;
+pub mod export;
 pub mod gc;
 pub mod image;
 pub mod import;
@@ -15,5 +16,6 @@ pub mod layer;
 pub mod meta;
 pub mod mount;
 pub mod root;
+pub mod snapshot;
 pub mod store;
 pub mod unpack;

@@ -1,5 +1,6 @@
 //! The `lazysnap` command line: a thin layer over the library.
 
+use std::collections::BTreeMap;
 use std::io::IsTerminal as _;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -13,7 +14,9 @@ use serde_json::json;
 use lazysnap::image::resolve::IngestProgress;
 use lazysnap::image::Platform;
 use lazysnap::import::{self, Reporter};
+use lazysnap::mount::DaemonMounter;
 use lazysnap::root::{default_root, Root};
+use lazysnap::snapshot::Snapshotter;
 use lazysnap::unpack::UnpackProgress;
 
 #[derive(Parser)]
@@ -28,6 +31,54 @@ struct Cli {
     root: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Subcommand)]
+enum SnapshotCmd {
+    /// Create an active (writable) snapshot on a committed parent and mount it; prints its mounts
+    Prepare {
+        key: String,
+        #[arg(default_value = "")]
+        parent: String,
+        /// label KEY=VALUE (repeatable)
+        #[arg(long = "label")]
+        labels: Vec<String>,
+    },
+    /// Create a read-only view of a committed parent; prints its mounts
+    View {
+        key: String,
+        parent: String,
+        #[arg(long = "label")]
+        labels: Vec<String>,
+    },
+    /// Commit active KEY as committed NAME (a new layer)
+    Commit {
+        name: String,
+        key: String,
+        #[arg(long = "label")]
+        labels: Vec<String>,
+        #[arg(long, default_value = "zstd", value_parser = ["zstd", "gzip", "none"])]
+        compression: String,
+    },
+    /// Remove a snapshot (fails while it has children)
+    Rm { keys: Vec<String> },
+    /// Info of a snapshot, as JSON
+    Stat { key: String },
+    /// List snapshots (containerd filters: name==x, parent==x, kind==active, labels."k"==v)
+    Ls {
+        #[arg(long = "filter")]
+        filters: Vec<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Mounts of an active snapshot, as JSON
+    Mounts { key: String },
+    /// Size and inodes of a snapshot's own changes
+    Usage { key: String },
+    /// Set labels KEY=VALUE (KEY= removes one)
+    Label { key: String, labels: Vec<String> },
+    /// Remove leftovers of interrupted operations
+    Cleanup,
 }
 
 #[derive(Subcommand)]
@@ -70,7 +121,26 @@ enum Command {
         /// FUSE worker threads [default: 2 x cores, 4..16]
         #[arg(long)]
         threads: Option<usize>,
+        /// Writable: prepare an active snapshot on the image and mount it (see `commit`)
+        #[arg(long)]
+        rw: bool,
+        /// (internal) IMAGE is the key of an active snapshot or view to serve
+        #[arg(long, hide = true)]
+        snapshot: bool,
     },
+    /// Commit the changes made in a `mount --rw` directory as a new image NAME
+    Commit {
+        dir: PathBuf,
+        name: String,
+        /// Layer compression
+        #[arg(long, default_value = "zstd", value_parser = ["zstd", "gzip", "none"])]
+        compression: String,
+    },
+    /// Write an image or committed snapshot as an OCI layout directory (or OCI archive if OUT ends in .tar)
+    Export { name: String, out: PathBuf },
+    /// containerd's Snapshotter contract on the command line
+    #[command(subcommand)]
+    Snapshot(SnapshotCmd),
     /// Unmount a lazysnap mount (also cleans a stale one left by a killed daemon)
     Umount { dir: PathBuf },
 }
@@ -198,11 +268,45 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Mount {
             image,
             dir,
+            cache_size,
+            threads,
+            rw,
+            snapshot,
+            ..
+        } if rw && !snapshot => {
+            let dir = std::fs::canonicalize(&dir)
+                .with_context(|| format!("mountpoint {} does not exist", dir.display()))?;
+            let root = Root::open(&root_path)?;
+            let parent = lazysnap::mount::resolve_chain(&root, &image)?;
+            let mut sn = snapshotter(root, &root_path, cache_size);
+            let key = format!("rw:{}", dir.display());
+            let start = std::time::Instant::now();
+            if sn.root().meta.snapshot(&key)?.is_some() {
+                // Same directory again: re-attach the changes made there before.
+                sn.mounts(&key)?;
+            } else {
+                lazysnap::mount::prepare_mountpoint(&dir)?;
+                sn.create(&key, &parent, &Default::default(), false, Some(&dir))?;
+            }
+            let _ = threads;
+            println!(
+                "mounted {image} read-write at {} in {:.1} ms (snapshot {key}; `lazysnap commit {}` NAME saves it)",
+                dir.display(),
+                start.elapsed().as_secs_f64() * 1000.0,
+                dir.display()
+            );
+        }
+        Command::Mount {
+            image,
+            dir,
             foreground,
             cache_size,
             threads,
+            snapshot,
+            ..
         } => {
             let req = lazysnap::mount::MountRequest {
+                snapshot,
                 target: image,
                 dir: std::fs::canonicalize(&dir)
                     .with_context(|| format!("mountpoint {} does not exist", dir.display()))?,
@@ -215,7 +319,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             } else {
                 // Fail fast in this process on what can be checked here.
                 lazysnap::mount::prepare_mountpoint(&req.dir)?;
-                lazysnap::mount::resolve_chain(&root, &req.target)?;
+                if !req.snapshot {
+                    lazysnap::mount::resolve_chain(&root, &req.target)?;
+                }
                 drop(root);
                 let log = lazysnap::mount::daemon_log(&root_path);
                 if let Some(parent) = log.parent() {
@@ -229,6 +335,65 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 );
             }
         }
+        Command::Commit {
+            dir,
+            name,
+            compression,
+        } => {
+            let dir = std::fs::canonicalize(&dir)
+                .with_context(|| format!("{} does not exist", dir.display()))?;
+            let root = Root::open(&root_path)?;
+            let mut sn = snapshotter(root, &root_path, 256 << 20);
+            sn.compression = parse_compression(&compression)?;
+            let row = sn.active_at(&dir)?.with_context(|| {
+                format!("{} is not a `lazysnap mount --rw` directory", dir.display())
+            })?;
+            let snap_name = format!("commit:{name}");
+            sn.commit(&snap_name, &row.key, &Default::default())?;
+            let root = sn.root_mut();
+            let chain = root
+                .meta
+                .snapshot(&snap_name)?
+                .and_then(|s| s.chain_id)
+                .context("committed snapshot has no chain")?;
+            let built = lazysnap::export::build_image_for_chain(root, &chain)?;
+            let mut blobs: Vec<String> =
+                built.layers.iter().map(|l| l.blob_digest.clone()).collect();
+            blobs.push(built.manifest.digest.to_string());
+            blobs.push(built.config.digest.to_string());
+            root.meta.put_image(&lazysnap::meta::ImageRow {
+                name: name.clone(),
+                target_digest: built.manifest.digest.to_string(),
+                target_media_type: built.manifest.media_type.clone(),
+                target_size: built.manifest.size,
+                manifest_digest: built.manifest.digest.to_string(),
+                manifest_media_type: built.manifest.media_type.clone(),
+                manifest_size: built.manifest.size,
+                config_digest: built.config.digest.to_string(),
+                config_media_type: built.config.media_type.clone(),
+                config_size: built.config.size,
+                platform: built.platform.clone(),
+                chain_id: Some(chain.clone()),
+                created_at: lazysnap::meta::now_unix(),
+                layers: built.layers.clone(),
+                blobs,
+            })?;
+            // The image holds the chain now; the intermediate snapshot name is not needed.
+            sn.remove(&snap_name)?;
+            println!(
+                "committed {} as image {name} (chain {chain})",
+                dir.display()
+            );
+        }
+        Command::Export { name, out } => {
+            let root = Root::open(&root_path)?;
+            lazysnap::export::export(&root, &name, &out)?;
+            println!("exported {name} to {}", out.display());
+        }
+        Command::Snapshot(cmd) => {
+            let root = Root::open(&root_path)?;
+            snapshot_cmd(snapshotter(root, &root_path, 256 << 20), cmd)?;
+        }
         Command::Umount { dir } => {
             if lazysnap_fuse::unmount(&dir)
                 .with_context(|| format!("unmounting {}", dir.display()))?
@@ -237,6 +402,102 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             } else {
                 anyhow::bail!("{} is not mounted", dir.display());
             }
+        }
+    }
+    Ok(())
+}
+
+fn snapshotter(root: Root, root_path: &std::path::Path, cache_bytes: u64) -> Snapshotter {
+    Snapshotter::new(
+        root,
+        Box::new(DaemonMounter {
+            root_path: root_path.to_path_buf(),
+            cache_bytes,
+        }),
+    )
+}
+
+fn parse_compression(s: &str) -> anyhow::Result<lazysnap::blob::Compression> {
+    lazysnap::image::parse_compression(s).with_context(|| format!("unknown compression {s:?}"))
+}
+
+fn parse_labels(labels: &[String]) -> anyhow::Result<BTreeMap<String, String>> {
+    labels
+        .iter()
+        .map(|l| {
+            l.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .with_context(|| format!("label {l:?} is not KEY=VALUE"))
+        })
+        .collect()
+}
+
+fn snapshot_cmd(mut sn: Snapshotter, cmd: SnapshotCmd) -> anyhow::Result<()> {
+    match cmd {
+        SnapshotCmd::Prepare {
+            key,
+            parent,
+            labels,
+        } => {
+            let m = sn.prepare(&key, &parent, &parse_labels(&labels)?)?;
+            println!("{}", serde_json::to_string_pretty(&m)?);
+        }
+        SnapshotCmd::View {
+            key,
+            parent,
+            labels,
+        } => {
+            let m = sn.view(&key, &parent, &parse_labels(&labels)?)?;
+            println!("{}", serde_json::to_string_pretty(&m)?);
+        }
+        SnapshotCmd::Commit {
+            name,
+            key,
+            labels,
+            compression,
+        } => {
+            sn.compression = parse_compression(&compression)?;
+            let info = sn.commit(&name, &key, &parse_labels(&labels)?)?;
+            println!("{}", serde_json::to_string_pretty(&info)?);
+        }
+        SnapshotCmd::Rm { keys } => {
+            for k in keys {
+                sn.remove(&k)?;
+                println!("removed {k}");
+            }
+        }
+        SnapshotCmd::Stat { key } => {
+            println!("{}", serde_json::to_string_pretty(&sn.stat(&key)?)?);
+        }
+        SnapshotCmd::Ls { filters, json } => {
+            let mut all = Vec::new();
+            sn.walk(&filters, &mut |i| all.push(i.clone()))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&all)?);
+            } else {
+                println!("{:<72} {:<72} KIND", "KEY", "PARENT");
+                for i in all {
+                    println!("{:<72} {:<72} {}", i.name, i.parent, i.kind.as_str());
+                }
+            }
+        }
+        SnapshotCmd::Mounts { key } => {
+            println!("{}", serde_json::to_string_pretty(&sn.mounts(&key)?)?);
+        }
+        SnapshotCmd::Usage { key } => {
+            println!("{}", serde_json::to_string(&sn.usage(&key)?)?);
+        }
+        SnapshotCmd::Label { key, labels } => {
+            let parsed = parse_labels(&labels)?;
+            let paths: Vec<String> = parsed.keys().map(|k| format!("labels.{k}")).collect();
+            let set: BTreeMap<String, String> =
+                parsed.into_iter().filter(|(_, v)| !v.is_empty()).collect();
+            let info = sn.update(&key, &set, &paths)?;
+            println!("{}", serde_json::to_string_pretty(&info)?);
+        }
+        SnapshotCmd::Cleanup => {
+            sn.cleanup()?;
+            println!("cleaned up");
         }
     }
     Ok(())

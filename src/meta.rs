@@ -16,6 +16,8 @@ pub enum MetaError {
     AlreadyExists(String),
     #[error("{0}")]
     FailedPrecondition(String),
+    #[error("{0}")]
+    InvalidArgument(String),
 }
 
 pub type Result<T> = std::result::Result<T, MetaError>;
@@ -78,6 +80,7 @@ CREATE TABLE IF NOT EXISTS snapshots (
     kind       TEXT NOT NULL CHECK (kind IN ('committed', 'active', 'view')),
     parent     TEXT REFERENCES snapshots(key),
     chain_id   TEXT REFERENCES chains(chain_id),
+    mountpoint TEXT,
     created_at INTEGER NOT NULL,
     updated_at INTEGER NOT NULL
 );
@@ -580,4 +583,290 @@ fn ensure_unpacked_snapshot(
         params![id, UNPACK_LABEL],
     )?;
     Ok(())
+}
+
+/// A snapshot as containerd's `Info` describes it, plus where lazysnap keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SnapshotRow {
+    pub id: i64,
+    pub key: String,
+    /// "committed", "active" or "view".
+    pub kind: String,
+    pub parent: Option<String>,
+    /// The layer chain: for committed snapshots their own, for active ones their parent's.
+    pub chain_id: Option<String>,
+    /// Where an active snapshot's filesystem is mounted when not the default place.
+    pub mountpoint: Option<String>,
+    pub created_at: i64,
+    pub updated_at: i64,
+    pub labels: std::collections::BTreeMap<String, String>,
+}
+
+const SNAPSHOT_COLS: &str = "id, key, kind, parent, chain_id, mountpoint, created_at, updated_at";
+
+fn snapshot_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SnapshotRow> {
+    Ok(SnapshotRow {
+        id: r.get(0)?,
+        key: r.get(1)?,
+        kind: r.get(2)?,
+        parent: r.get(3)?,
+        chain_id: r.get(4)?,
+        mountpoint: r.get(5)?,
+        created_at: r.get(6)?,
+        updated_at: r.get(7)?,
+        labels: Default::default(),
+    })
+}
+
+fn load_labels(conn: &Connection, row: &mut SnapshotRow) -> Result<()> {
+    let mut stmt =
+        conn.prepare_cached("SELECT key, value FROM snapshot_labels WHERE snapshot_id = ?1")?;
+    row.labels = stmt
+        .query_map([row.id], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<rusqlite::Result<_>>()?;
+    Ok(())
+}
+
+fn get_snapshot(conn: &Connection, key: &str) -> Result<Option<SnapshotRow>> {
+    let row = conn
+        .query_row(
+            &format!("SELECT {SNAPSHOT_COLS} FROM snapshots WHERE key = ?1"),
+            [key],
+            snapshot_from_row,
+        )
+        .optional()?;
+    match row {
+        Some(mut r) => {
+            load_labels(conn, &mut r)?;
+            Ok(Some(r))
+        }
+        None => Ok(None),
+    }
+}
+
+fn put_labels(
+    tx: &Transaction<'_>,
+    id: i64,
+    labels: &std::collections::BTreeMap<String, String>,
+) -> Result<()> {
+    tx.execute("DELETE FROM snapshot_labels WHERE snapshot_id = ?1", [id])?;
+    for (k, v) in labels {
+        tx.execute(
+            "INSERT INTO snapshot_labels (snapshot_id, key, value) VALUES (?1, ?2, ?3)",
+            params![id, k, v],
+        )?;
+    }
+    Ok(())
+}
+
+/// The labels containerd passes from an active snapshot to the one committed from it.
+pub fn inheritable_label(key: &str) -> bool {
+    key.starts_with("containerd.io/snapshot/")
+        || key == "containerd.io/snapshot/uidmapping"
+        || key == "containerd.io/snapshot/gidmapping"
+}
+
+/// Everything a commit records, in one transaction.
+pub struct CommitRecord<'a> {
+    pub layer: &'a LayerRow,
+    pub blob: &'a BlobRow,
+    pub chain: &'a ChainRow,
+}
+
+impl Meta {
+    pub fn snapshot(&self, key: &str) -> Result<Option<SnapshotRow>> {
+        get_snapshot(&self.conn, key)
+    }
+
+    pub fn snapshots(&self) -> Result<Vec<SnapshotRow>> {
+        let mut stmt = self.conn.prepare(&format!(
+            "SELECT {SNAPSHOT_COLS} FROM snapshots ORDER BY id"
+        ))?;
+        let mut rows: Vec<SnapshotRow> = stmt
+            .query_map([], snapshot_from_row)?
+            .collect::<rusqlite::Result<_>>()?;
+        for r in &mut rows {
+            load_labels(&self.conn, r)?;
+        }
+        Ok(rows)
+    }
+
+    /// Creates an active (or view) snapshot on a committed parent ("" = none).
+    pub fn create_active(
+        &mut self,
+        key: &str,
+        parent: &str,
+        view: bool,
+        labels: &std::collections::BTreeMap<String, String>,
+        mountpoint: Option<&str>,
+    ) -> Result<SnapshotRow> {
+        if key.is_empty() {
+            return Err(MetaError::FailedPrecondition(
+                "snapshot key is empty".into(),
+            ));
+        }
+        self.write(|tx| {
+            if get_snapshot(tx, key)?.is_some() {
+                return Err(MetaError::AlreadyExists(format!("snapshot {key}")));
+            }
+            let chain_id = if parent.is_empty() {
+                None
+            } else {
+                let p = get_snapshot(tx, parent)?
+                    .ok_or_else(|| MetaError::NotFound(format!("parent snapshot {parent}")))?;
+                if p.kind != "committed" {
+                    return Err(MetaError::FailedPrecondition(format!(
+                        "parent {parent} is not a committed snapshot"
+                    )));
+                }
+                p.chain_id
+            };
+            let now = now_unix();
+            tx.execute(
+                "INSERT INTO snapshots (key, kind, parent, chain_id, mountpoint, created_at, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)",
+                params![
+                    key,
+                    if view { "view" } else { "active" },
+                    (!parent.is_empty()).then_some(parent),
+                    chain_id,
+                    mountpoint,
+                    now
+                ],
+            )?;
+            let id = tx.last_insert_rowid();
+            put_labels(tx, id, labels)?;
+            get_snapshot(tx, key)?.ok_or_else(|| MetaError::NotFound(format!("snapshot {key}")))
+        })
+    }
+
+    /// Records the layer a commit made and the committed snapshot `name`, in one transaction.
+    pub fn commit_snapshot(
+        &mut self,
+        name: &str,
+        key: &str,
+        extra_labels: &std::collections::BTreeMap<String, String>,
+        record: &CommitRecord<'_>,
+    ) -> Result<SnapshotRow> {
+        self.write(|tx| {
+            let active = get_snapshot(tx, key)?
+                .ok_or_else(|| MetaError::NotFound(format!("snapshot {key}")))?;
+            check_committable(&active, key)?;
+            if get_snapshot(tx, name)?.is_some() {
+                return Err(MetaError::AlreadyExists(format!("snapshot {name}")));
+            }
+            tx.execute(
+                "INSERT OR IGNORE INTO layers (diff_id, uncompressed_size, entries, index_path)
+                 VALUES (?1, ?2, ?3, ?4)",
+                params![
+                    record.layer.diff_id,
+                    record.layer.uncompressed_size,
+                    record.layer.entries,
+                    record.layer.index_path
+                ],
+            )?;
+            tx.execute(
+                "INSERT OR IGNORE INTO blobs (digest, diff_id, media_type, compression, size, spans_path, local_copy)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![
+                    record.blob.digest,
+                    record.blob.diff_id,
+                    record.blob.media_type,
+                    record.blob.compression,
+                    record.blob.size,
+                    record.blob.spans_path,
+                    record.blob.local_copy
+                ],
+            )?;
+            insert_chain(tx, record.chain)?;
+            let now = now_unix();
+            tx.execute(
+                "INSERT INTO snapshots (key, kind, parent, chain_id, created_at, updated_at)
+                 VALUES (?1, 'committed', ?2, ?3, ?4, ?4)",
+                params![name, active.parent, record.chain.chain_id, now],
+            )?;
+            let id = tx.last_insert_rowid();
+            let mut labels: std::collections::BTreeMap<String, String> = active
+                .labels
+                .iter()
+                .filter(|(k, _)| inheritable_label(k))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            labels.extend(extra_labels.clone());
+            put_labels(tx, id, &labels)?;
+            get_snapshot(tx, name)?.ok_or_else(|| MetaError::NotFound(format!("snapshot {name}")))
+        })
+    }
+
+    /// Removes a snapshot row; fails while children exist.
+    pub fn remove_snapshot(&mut self, key: &str) -> Result<SnapshotRow> {
+        self.write(|tx| {
+            let row = get_snapshot(tx, key)?
+                .ok_or_else(|| MetaError::NotFound(format!("snapshot {key}")))?;
+            let children: i64 = tx.query_row(
+                "SELECT COUNT(*) FROM snapshots WHERE parent = ?1",
+                [key],
+                |r| r.get(0),
+            )?;
+            if children > 0 {
+                return Err(MetaError::FailedPrecondition(format!(
+                    "cannot remove snapshot {key}: {children} snapshot(s) depend on it"
+                )));
+            }
+            tx.execute("DELETE FROM snapshots WHERE id = ?1", [row.id])?;
+            Ok(row)
+        })
+    }
+
+    /// containerd's Update: replaces labels (`labels`), or sets/deletes single ones
+    /// (`labels.KEY`); no field paths = replace all labels.
+    pub fn update_labels(
+        &mut self,
+        key: &str,
+        labels: &std::collections::BTreeMap<String, String>,
+        fieldpaths: &[String],
+    ) -> Result<SnapshotRow> {
+        self.write(|tx| {
+            let row = get_snapshot(tx, key)?
+                .ok_or_else(|| MetaError::NotFound(format!("snapshot {key}")))?;
+            let mut new = row.labels.clone();
+            if fieldpaths.is_empty() || fieldpaths.iter().any(|p| p == "labels") {
+                new = labels.clone();
+            } else {
+                for p in fieldpaths {
+                    let Some(k) = p.strip_prefix("labels.") else {
+                        return Err(MetaError::InvalidArgument(format!(
+                            "cannot update field {p:?} of snapshot {key}: only labels"
+                        )));
+                    };
+                    match labels.get(k) {
+                        Some(v) => {
+                            new.insert(k.to_string(), v.clone());
+                        }
+                        None => {
+                            new.remove(k);
+                        }
+                    }
+                }
+            }
+            put_labels(tx, row.id, &new)?;
+            tx.execute(
+                "UPDATE snapshots SET updated_at = ?2 WHERE id = ?1",
+                params![row.id, now_unix()],
+            )?;
+            get_snapshot(tx, key)?.ok_or_else(|| MetaError::NotFound(format!("snapshot {key}")))
+        })
+    }
+}
+
+fn check_committable(active: &SnapshotRow, key: &str) -> Result<()> {
+    match active.kind.as_str() {
+        "active" => Ok(()),
+        "view" => Err(MetaError::FailedPrecondition(format!(
+            "snapshot {key} is a view and cannot be committed"
+        ))),
+        _ => Err(MetaError::FailedPrecondition(format!(
+            "snapshot {key} is committed, not active"
+        ))),
+    }
 }

@@ -20,8 +20,10 @@ use crate::root::Root;
 const READY_FD_ENV: &str = "LAZYSNAP_READY_FD";
 
 pub struct MountRequest {
-    /// Image name, or the key of a committed snapshot / chain ID.
+    /// Image name, or the key of a committed snapshot / chain ID; with `snapshot`, the key of
+    /// an active snapshot or view.
     pub target: String,
+    pub snapshot: bool,
     pub dir: PathBuf,
     pub cache_bytes: u64,
     pub threads: Option<usize>,
@@ -80,12 +82,21 @@ pub fn run_foreground(root: Root, req: &MountRequest) -> anyhow::Result<()> {
     let ready_fd = take_ready_fd();
     let result = (|| {
         prepare_mountpoint(&req.dir)?;
-        let chain = resolve_chain(&root, &req.target)?;
+        let (chain, _upper) = if req.snapshot {
+            let spec = crate::snapshot::spec_for(&root, &req.target)?;
+            (spec.chain_id, spec.upper)
+        } else {
+            (Some(resolve_chain(&root, &req.target)?), None)
+        };
         let cache = SpanCache::new(req.cache_bytes);
-        let stack = open_stack(&root, &chain, cache)?;
+        let stack = match &chain {
+            Some(chain) => open_stack(&root, chain, cache)?,
+            None => Vec::new(),
+        };
         drop(root);
         let mut opts = MountOptions {
             fsname: format!("lazysnap:{}", short(&req.target)),
+            // upper, (waits for the fuse crate)
             ..MountOptions::default()
         };
         if let Some(t) = req.threads {
@@ -171,6 +182,7 @@ pub fn spawn_daemon(root_path: &Path, req: &MountRequest, log: &Path) -> anyhow:
         .arg("--foreground")
         .arg("--cache-size")
         .arg(req.cache_bytes.to_string())
+        .args(req.snapshot.then_some("--snapshot"))
         .arg(&req.target)
         .arg(&req.dir)
         .env(READY_FD_ENV, write_end.as_raw_fd().to_string())
@@ -240,4 +252,41 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 /// A default log location for a mount daemon.
 pub fn daemon_log(root: &Path) -> PathBuf {
     root.join("logs").join("mount.log")
+}
+
+/// Serves snapshot filesystems with one detached `lazysnap mount --foreground --snapshot`
+/// daemon each (the CLI's mounter; `serve` mounts in its own process instead).
+pub struct DaemonMounter {
+    pub root_path: PathBuf,
+    pub cache_bytes: u64,
+}
+
+impl crate::snapshot::Mounter for DaemonMounter {
+    fn mount(&self, _root: &Root, spec: &crate::snapshot::MountSpec) -> anyhow::Result<()> {
+        std::fs::create_dir_all(&spec.mountpoint)
+            .with_context(|| format!("creating {}", spec.mountpoint.display()))?;
+        let req = MountRequest {
+            target: spec.key.clone(),
+            snapshot: true,
+            dir: spec.mountpoint.clone(),
+            cache_bytes: self.cache_bytes,
+            threads: None,
+        };
+        let log = daemon_log(&self.root_path);
+        if let Some(parent) = log.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        spawn_daemon(&self.root_path, &req, &log)?;
+        Ok(())
+    }
+
+    fn unmount(&self, mountpoint: &Path) -> anyhow::Result<()> {
+        lazysnap_fuse::unmount(mountpoint)
+            .with_context(|| format!("unmounting {}", mountpoint.display()))?;
+        Ok(())
+    }
+
+    fn is_mounted(&self, mountpoint: &Path) -> bool {
+        lazysnap_fuse::is_mountpoint(mountpoint) && !lazysnap_fuse::is_stale_mount(mountpoint)
+    }
 }

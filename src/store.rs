@@ -174,6 +174,21 @@ impl ContentStore {
         Ok((digest, total))
     }
 
+    /// A writer that becomes a blob named by its digest on [`BlobWriter::commit`] (and
+    /// disappears if dropped before).
+    pub fn writer(&self) -> Result<BlobWriter> {
+        let tmp = tempfile::Builder::new()
+            .prefix("write.")
+            .tempfile_in(&self.ingest)
+            .map_err(io_err("creating ingest file"))?;
+        Ok(BlobWriter {
+            store: self.clone(),
+            tmp,
+            hasher: Sha256::new(),
+            size: 0,
+        })
+    }
+
     /// Writes `data` as a blob and returns its digest.
     pub fn write_bytes(&self, data: &[u8]) -> Result<Digest> {
         let digest = Digest::sha256_of(data);
@@ -236,6 +251,39 @@ impl ContentStore {
             let _ = fs::remove_file(entry.path());
         }
         Ok(())
+    }
+}
+
+/// See [`ContentStore::writer`].
+pub struct BlobWriter {
+    store: ContentStore,
+    tmp: tempfile::NamedTempFile,
+    hasher: Sha256,
+    size: u64,
+}
+
+impl Write for BlobWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.tmp.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.size += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.tmp.flush()
+    }
+}
+
+impl BlobWriter {
+    /// Verifies nothing (the content defines the name): fsyncs and renames into place.
+    pub fn commit(self) -> Result<(Digest, u64)> {
+        let digest = Digest::sha256_from_bytes(self.hasher.finalize().into());
+        let target = self.store.blob_path(&digest);
+        if !target.is_file() {
+            self.store.commit_temp(self.tmp, &target)?;
+        }
+        Ok((digest, self.size))
     }
 }
 

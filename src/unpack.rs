@@ -32,9 +32,9 @@ pub struct UnpackProgress {
 }
 
 /// What indexing one blob produced, before it is recorded.
-struct Indexed {
-    layer: LayerRow,
-    blob: BlobRow,
+pub struct Indexed {
+    pub layer: LayerRow,
+    pub blob: BlobRow,
 }
 
 pub fn index_rel_path(diff_id: &Digest) -> String {
@@ -154,7 +154,7 @@ impl<R: Read + Send + 'static> Read for &mut ThreadedReader<R> {
 }
 
 /// Indexes one blob: one streaming pass, nothing extracted.
-fn index_blob(
+pub fn index_blob(
     root_path: &Path,
     blob_path: &Path,
     layer: &LayerDesc,

@@ -17,6 +17,8 @@ pub enum FuseError {
     Unmount { path: PathBuf, source: io::Error },
     #[error("fusermount3 -u {} failed: {message}", path.display())]
     Fusermount { path: PathBuf, message: String },
+    #[error("upper directory {}: {source}", path.display())]
+    Upper { path: PathBuf, source: io::Error },
     #[error("the FUSE session at {} ended with an error: {source}", path.display())]
     Session { path: PathBuf, source: io::Error },
 }

@@ -3,23 +3,39 @@
 //! Layers are immutable, so everything is cached by the kernel for as long as it likes: long
 //! entry/attr TTLs, `FOPEN_KEEP_CACHE` and `FOPEN_CACHE_DIR`. Reads call the layer without any
 //! lock of the merged view held, so slow decompression never stalls metadata requests.
+//!
+//! With a writable upper the TTLs stay long: every change goes through this mount, and the
+//! kernel updates or invalidates what each change touches (the entry, its attributes, the
+//! parent directories' attributes), while copy-up changes nothing it can see (inode numbers
+//! stay). Directory listings are not cached by the kernel then, and each open directory reads
+//! a snapshot of the merged listing so that offsets stay valid while entries come and go (as
+//! `rm -rf` needs). Upper files are read and written through host fds kept per open.
 
+use std::collections::HashMap;
 use std::ffi::OsStr;
+use std::fs::File;
 use std::io;
+use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
-use std::sync::Arc;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
-    AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
-    INodeNo, InitFlags, KernelConfig, LockOwner, OpenAccMode, OpenFlags, ReplyAttr, ReplyData,
-    ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr,
-    Request,
+    AccessFlags, BsdFileFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
+    Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenAccMode, OpenFlags, RenameFlags,
+    ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry,
+    ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use tracing::{debug, debug_span, warn};
 
 use crate::layer::{LayerStack, NodeAttr, NodeKind, Timestamp};
-use crate::merge::{self, Ino, Merged};
+use crate::merge::{self, FullAttr, Ino, Merged, MergedDir};
+use crate::ownership::PRIVATE_PREFIX;
+use crate::upper::Upper;
+use crate::write::{Caller, NewNode, SetAttr, SetTime};
 
 /// How long the kernel may cache entries and attributes: the layers never change.
 pub const TTL: Duration = Duration::from_secs(365 * 24 * 3600);
@@ -32,12 +48,76 @@ const MAX_IO: u32 = 1 << 20;
 #[derive(Debug)]
 pub struct MergedFs {
     merged: Arc<Merged>,
+    /// Open upper files by file handle (handle 0 = read from the layer).
+    files: Mutex<HashMap<u64, Arc<File>>>,
+    /// Listing snapshots of open directories of a writable view.
+    dirs: Mutex<HashMap<u64, Arc<MergedDir>>>,
+    next_fh: AtomicU64,
 }
 
 impl MergedFs {
     pub fn new(stack: LayerStack) -> MergedFs {
+        Self::from_merged(Merged::new(stack))
+    }
+
+    /// A writable view: `upper` holds the changes (see the crate docs); `record_in_xattr`
+    /// records ownership in an xattr even when running as root.
+    pub fn with_upper(
+        stack: LayerStack,
+        upper: &Path,
+        record_in_xattr: bool,
+    ) -> io::Result<MergedFs> {
+        let upper = Upper::open(upper, record_in_xattr)?;
+        Ok(Self::from_merged(Merged::with_upper(stack, upper)?))
+    }
+
+    fn from_merged(merged: Merged) -> MergedFs {
         MergedFs {
-            merged: Arc::new(Merged::new(stack)),
+            merged: Arc::new(merged),
+            files: Mutex::new(HashMap::new()),
+            dirs: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+        }
+    }
+
+    fn file(&self, fh: FileHandle) -> Option<Arc<File>> {
+        let files = self.files.lock().unwrap_or_else(PoisonError::into_inner);
+        files.get(&fh.0).cloned()
+    }
+
+    fn add_file(&self, f: File) -> FileHandle {
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        let mut files = self.files.lock().unwrap_or_else(PoisonError::into_inner);
+        files.insert(fh, Arc::new(f));
+        FileHandle(fh)
+    }
+
+    /// The listing of directory `ino` as open directory `fh` sees it.
+    fn listing(&self, ino: Ino, fh: FileHandle, offset: u64) -> Option<Arc<MergedDir>> {
+        if fh.0 == 0 {
+            return self.merged.dir(ino);
+        }
+        let mut dirs = self.dirs.lock().unwrap_or_else(PoisonError::into_inner);
+        let snap = dirs.get(&fh.0).cloned();
+        match snap {
+            // A rewind sees the changes since the open.
+            Some(d) if offset > 0 => Some(d),
+            _ => {
+                let d = self.merged.dir(ino)?;
+                dirs.insert(fh.0, d.clone());
+                Some(d)
+            }
+        }
+    }
+
+    /// Replies with the entry of a node just made (the kernel takes a reference on it).
+    fn reply_new(&self, ino: Ino, reply: ReplyEntry) {
+        match self.merged.attr_full(ino) {
+            Ok(a) => {
+                self.merged.add_lookup(ino);
+                reply.entry(&TTL, &full_attr(ino, &a), Generation(0))
+            }
+            Err(e) => reply.error(errno(&e)),
         }
     }
 
@@ -99,6 +179,60 @@ pub(crate) fn file_attr(ino: Ino, a: &NodeAttr) -> FileAttr {
     }
 }
 
+fn full_attr(ino: Ino, a: &FullAttr) -> FileAttr {
+    let mut f = file_attr(ino, &a.0);
+    if let Some(blocks) = a.1 {
+        f.blocks = blocks;
+    }
+    f
+}
+
+fn caller(req: &Request) -> Caller {
+    Caller {
+        uid: req.uid(),
+        gid: req.gid(),
+    }
+}
+
+fn timestamp(t: SystemTime) -> Timestamp {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => Timestamp {
+            sec: d.as_secs() as i64,
+            nsec: d.subsec_nanos(),
+        },
+        Err(e) => {
+            let d = e.duration();
+            let (sec, nsec) = (d.as_secs() as i64, d.subsec_nanos());
+            if nsec == 0 {
+                Timestamp { sec: -sec, nsec: 0 }
+            } else {
+                Timestamp {
+                    sec: -sec - 1,
+                    nsec: 1_000_000_000 - nsec,
+                }
+            }
+        }
+    }
+}
+
+fn set_time(t: Option<TimeOrNow>) -> Option<SetTime> {
+    t.map(|t| match t {
+        TimeOrNow::Now => SetTime::Now,
+        TimeOrNow::SpecificTime(t) => SetTime::At(timestamp(t)),
+    })
+}
+
+/// The kernel's 32-bit device number back to `makedev` form.
+fn rdev_from32(rdev: u32) -> u64 {
+    let major = (rdev & 0xfff00) >> 8;
+    let minor = (rdev & 0xff) | ((rdev >> 12) & 0xfff00);
+    libc::makedev(major, minor)
+}
+
+fn io_errno(e: &io::Error) -> Errno {
+    Errno::from_i32(e.raw_os_error().unwrap_or(libc::EIO))
+}
+
 /// Answers a getxattr/listxattr: `size` 0 asks for the length; too small a buffer is ERANGE.
 fn reply_sized(reply: ReplyXattr, size: u32, data: &[u8]) {
     let Ok(len) = u32::try_from(data.len()) else {
@@ -114,8 +248,15 @@ fn reply_sized(reply: ReplyXattr, size: u32, data: &[u8]) {
 }
 
 /// Permission check for `access(2)` when the kernel does not do it (no `default_permissions`).
-fn may_access(a: &NodeAttr, uid: u32, gid: u32, mask: AccessFlags) -> Result<(), Errno> {
-    if mask.contains(AccessFlags::W_OK) {
+fn may_access(
+    a: &NodeAttr,
+    uid: u32,
+    gid: u32,
+    mask: AccessFlags,
+    writable: bool,
+) -> Result<(), Errno> {
+    let want_w = mask.contains(AccessFlags::W_OK);
+    if want_w && !writable {
         return Err(Errno::EROFS);
     }
     let want_x = mask.contains(AccessFlags::X_OK);
@@ -133,7 +274,10 @@ fn may_access(a: &NodeAttr, uid: u32, gid: u32, mask: AccessFlags) -> Result<(),
     } else {
         a.perm & 7
     };
-    if (mask.contains(AccessFlags::R_OK) && bits & 4 == 0) || (want_x && bits & 1 == 0) {
+    if (mask.contains(AccessFlags::R_OK) && bits & 4 == 0)
+        || (want_w && bits & 2 == 0)
+        || (want_x && bits & 1 == 0)
+    {
         return Err(Errno::EACCES);
     }
     Ok(())
@@ -166,8 +310,8 @@ impl Filesystem for MergedFs {
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let _s = debug_span!("lookup", parent = parent.0, name = ?name).entered();
-        match self.merged.lookup(parent.0, name.as_bytes()) {
-            Ok((ino, attr)) => reply.entry(&TTL, &file_attr(ino, &attr), Generation(0)),
+        match self.merged.lookup_ext(parent.0, name.as_bytes()) {
+            Ok((ino, attr)) => reply.entry(&TTL, &full_attr(ino, &attr), Generation(0)),
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -178,9 +322,9 @@ impl Filesystem for MergedFs {
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         let _s = debug_span!("getattr", ino = ino.0).entered();
-        match self.merged.attr(ino.0) {
-            Some(a) => reply.attr(&TTL, &file_attr(ino.0, &a)),
-            None => reply.error(Errno::ENOENT),
+        match self.merged.attr_full(ino.0) {
+            Ok(a) => reply.attr(&TTL, &full_attr(ino.0, &a)),
+            Err(e) => reply.error(errno(&e)),
         }
     }
 
@@ -199,7 +343,16 @@ impl Filesystem for MergedFs {
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let _s = debug_span!("open", ino = ino.0).entered();
-        if flags.acc_mode() != OpenAccMode::O_RDONLY {
+        let writes = flags.acc_mode() != OpenAccMode::O_RDONLY || flags.0 & libc::O_TRUNC != 0;
+        if self.merged.is_writable() {
+            let upper = self.merged.inode(ino.0).is_some_and(|i| i.is_upper());
+            if writes || upper {
+                return match self.merged.open_upper(ino.0, flags.0) {
+                    Ok(f) => reply.opened(self.add_file(f), FopenFlags::empty()),
+                    Err(e) => reply.error(errno(&e)),
+                };
+            }
+        } else if writes {
             return reply.error(Errno::EROFS);
         }
         match self.merged.file_source(ino.0) {
@@ -220,9 +373,19 @@ impl Filesystem for MergedFs {
         reply: ReplyData,
     ) {
         let _s = debug_span!("read", ino = ino.0, offset, size).entered();
+        if let Some(f) = self.file(_fh) {
+            return read_file(&f, offset, size, reply);
+        }
         // `file_source` clones what it needs and releases the table lock before the read.
         let (layer, node, file_size) = match self.merged.file_source(ino.0) {
             Ok(s) => s,
+            // Copied up since this read-only open: read the upper file.
+            Err(merge::Errno::Upper) => {
+                return match self.merged.open_upper(ino.0, libc::O_RDONLY) {
+                    Ok(f) => read_file(&f, offset, size, reply),
+                    Err(e) => reply.error(errno(&e)),
+                }
+            }
             Err(e) => return reply.error(errno(&e)),
         };
         if offset >= file_size {
@@ -252,6 +415,10 @@ impl Filesystem for MergedFs {
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         match self.merged.inode(ino.0) {
+            Some(i) if i.kind == NodeKind::Dir && self.merged.is_writable() => {
+                let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+                reply.opened(FileHandle(fh), FopenFlags::empty())
+            }
             Some(i) if i.kind == NodeKind::Dir => reply.opened(
                 FileHandle(0),
                 FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR,
@@ -267,15 +434,16 @@ impl Filesystem for MergedFs {
         &self,
         _req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
         let _s = debug_span!("readdir", ino = ino.0, offset).entered();
-        let (Some(inode), Some(dir)) = (self.merged.inode(ino.0), self.merged.dir(ino.0)) else {
+        let (Some(inode), Some(dir)) = (self.merged.inode(ino.0), self.listing(ino.0, fh, offset))
+        else {
             return reply.error(Errno::ENOTDIR);
         };
-        let dots = [(ino.0, b".".as_slice()), (inode.parent, b"..".as_slice())];
+        let dots = [(ino.0, b".".as_slice()), (inode.parent(), b"..".as_slice())];
         let total = 2 + dir.children().len() as u64;
         for idx in offset..total {
             let (ino, kind, name) = match idx {
@@ -301,25 +469,26 @@ impl Filesystem for MergedFs {
         &self,
         _req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
         let _s = debug_span!("readdirplus", ino = ino.0, offset).entered();
-        let (Some(inode), Some(dir)) = (self.merged.inode(ino.0), self.merged.dir(ino.0)) else {
+        let (Some(inode), Some(dir)) = (self.merged.inode(ino.0), self.listing(ino.0, fh, offset))
+        else {
             return reply.error(Errno::ENOTDIR);
         };
         let total = 2 + dir.children().len() as u64;
         for idx in offset..total {
             let (ino, name) = match idx {
                 0 => (ino.0, b".".as_slice()),
-                1 => (inode.parent, b"..".as_slice()),
+                1 => (inode.parent(), b"..".as_slice()),
                 _ => {
                     let c = &dir.children()[(idx - 2) as usize];
                     (c.ino, &*c.name)
                 }
             };
-            let Some(attr) = self.merged.attr(ino) else {
+            let Ok(attr) = self.merged.attr_full(ino) else {
                 continue;
             };
             let full = reply.add(
@@ -327,7 +496,7 @@ impl Filesystem for MergedFs {
                 idx + 1,
                 OsStr::from_bytes(name),
                 &TTL,
-                &file_attr(ino, &attr),
+                &full_attr(ino, &attr),
                 Generation(0),
             );
             if full {
@@ -342,12 +511,27 @@ impl Filesystem for MergedFs {
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        if let Some(st) = self.merged.upper_statfs() {
+            return reply.statfs(
+                st.f_blocks,
+                st.f_bfree,
+                st.f_bavail,
+                st.f_files,
+                st.f_ffree,
+                st.f_bsize as u32,
+                st.f_namemax as u32,
+                st.f_frsize as u32,
+            );
+        }
         // Read-only and lazily discovered: no free space, inode count as known so far.
         reply.statfs(0, 0, 0, self.merged.inode_count(), 0, 4096, 255, 4096);
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
         let _s = debug_span!("getxattr", ino = ino.0, name = ?name).entered();
+        if name.as_bytes().starts_with(PRIVATE_PREFIX) {
+            return reply.error(Errno::NO_XATTR);
+        }
         match self.merged.xattrs(ino.0) {
             Ok(xs) => match xs.iter().find(|(n, _)| n.as_slice() == name.as_bytes()) {
                 Some((_, v)) => reply_sized(reply, size, v),
@@ -362,7 +546,7 @@ impl Filesystem for MergedFs {
         match self.merged.xattrs(ino.0) {
             Ok(xs) => {
                 let mut names = Vec::new();
-                for (n, _) in &xs {
+                for (n, _) in xs.iter().filter(|(n, _)| !n.starts_with(PRIVATE_PREFIX)) {
                     names.extend_from_slice(n);
                     names.push(0);
                 }
@@ -374,13 +558,398 @@ impl Filesystem for MergedFs {
 
     fn access(&self, req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
         match self.merged.attr(ino.0) {
-            Some(a) => match may_access(&a, req.uid(), req.gid(), mask) {
-                Ok(()) => reply.ok(),
-                Err(e) => reply.error(e),
-            },
+            Some(a) => {
+                match may_access(&a, req.uid(), req.gid(), mask, self.merged.is_writable()) {
+                    Ok(()) => reply.ok(),
+                    Err(e) => reply.error(e),
+                }
+            }
             None => reply.error(Errno::ENOENT),
         }
     }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let _s = debug_span!("setattr", ino = ino.0, ?mode, ?uid, ?gid, ?size).entered();
+        let change = SetAttr {
+            perm: mode.map(|m| m & 0o7777),
+            uid,
+            gid,
+            size,
+            atime: set_time(atime),
+            mtime: set_time(mtime),
+        };
+        let file = fh.and_then(|fh| self.file(fh));
+        let done = self
+            .merged
+            .setattr(ino.0, &change, file.as_deref())
+            .and_then(|()| self.merged.attr_full(ino.0));
+        match done {
+            Ok(a) => reply.attr(&TTL, &full_attr(ino.0, &a)),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        let _s = debug_span!("mknod", parent = parent.0, name = ?name, mode).entered();
+        let perm = mode & 0o7777;
+        let node = match mode & libc::S_IFMT {
+            libc::S_IFREG | 0 => NewNode::File { perm },
+            libc::S_IFCHR => NewNode::Special {
+                kind: NodeKind::CharDev,
+                perm,
+                rdev: rdev_from32(rdev),
+            },
+            libc::S_IFBLK => NewNode::Special {
+                kind: NodeKind::BlockDev,
+                perm,
+                rdev: rdev_from32(rdev),
+            },
+            libc::S_IFIFO => NewNode::Special {
+                kind: NodeKind::Fifo,
+                perm,
+                rdev: 0,
+            },
+            libc::S_IFSOCK => NewNode::Special {
+                kind: NodeKind::Socket,
+                perm,
+                rdev: 0,
+            },
+            _ => return reply.error(Errno::EINVAL),
+        };
+        match self
+            .merged
+            .create(caller(req), parent.0, name.as_bytes(), node)
+        {
+            Ok(ino) => self.reply_new(ino, reply),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        reply: ReplyEntry,
+    ) {
+        let _s = debug_span!("mkdir", parent = parent.0, name = ?name, mode).entered();
+        let node = NewNode::Dir {
+            perm: mode & 0o7777,
+        };
+        match self
+            .merged
+            .create(caller(req), parent.0, name.as_bytes(), node)
+        {
+            Ok(ino) => self.reply_new(ino, reply),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
+        let _s = debug_span!("symlink", parent = parent.0, name = ?link_name).entered();
+        let node = NewNode::Symlink {
+            target: target.as_os_str().as_bytes().to_vec(),
+        };
+        match self
+            .merged
+            .create(caller(req), parent.0, link_name.as_bytes(), node)
+        {
+            Ok(ino) => self.reply_new(ino, reply),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let _s = debug_span!("create", parent = parent.0, name = ?name, mode).entered();
+        let node = NewNode::File {
+            perm: mode & 0o7777,
+        };
+        let made = self
+            .merged
+            .create(caller(req), parent.0, name.as_bytes(), node)
+            .and_then(|ino| {
+                let f = self.merged.open_upper(ino, flags & !libc::O_TRUNC)?;
+                let a = self.merged.attr_full(ino)?;
+                Ok((ino, f, a))
+            });
+        match made {
+            Ok((ino, f, a)) => {
+                self.merged.add_lookup(ino);
+                let fh = self.add_file(f);
+                reply.created(
+                    &TTL,
+                    &full_attr(ino, &a),
+                    Generation(0),
+                    fh,
+                    FopenFlags::empty(),
+                )
+            }
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _s = debug_span!("unlink", parent = parent.0, name = ?name).entered();
+        match self.merged.unlink(parent.0, name.as_bytes()) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _s = debug_span!("rmdir", parent = parent.0, name = ?name).entered();
+        match self.merged.rmdir(parent.0, name.as_bytes()) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        let _s = debug_span!("rename", parent = parent.0, name = ?name, newparent = newparent.0,
+            newname = ?newname)
+        .entered();
+        match self.merged.rename(
+            parent.0,
+            name.as_bytes(),
+            newparent.0,
+            newname.as_bytes(),
+            flags.bits(),
+        ) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn link(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        let _s =
+            debug_span!("link", ino = ino.0, newparent = newparent.0, newname = ?newname).entered();
+        match self.merged.link(ino.0, newparent.0, newname.as_bytes()) {
+            Ok(()) => self.reply_new(ino.0, reply),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        let _s = debug_span!("write", ino = ino.0, offset, len = data.len()).entered();
+        let Some(f) = self.file(fh) else {
+            return reply.error(Errno::EBADF);
+        };
+        match f.write_all_at(data, offset) {
+            Ok(()) => reply.written(data.len() as u32),
+            Err(e) => reply.error(io_errno(&e)),
+        }
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        let mut files = self.files.lock().unwrap_or_else(PoisonError::into_inner);
+        files.remove(&fh.0);
+        reply.ok();
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        let _s = debug_span!("fsync", ino = ino.0).entered();
+        let Some(f) = self.file(fh) else {
+            // A read-only open of a layer file: nothing to write out.
+            return reply.ok();
+        };
+        let done = if datasync {
+            f.sync_data()
+        } else {
+            f.sync_all()
+        };
+        match done {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(io_errno(&e)),
+        }
+    }
+
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        let mut dirs = self.dirs.lock().unwrap_or_else(PoisonError::into_inner);
+        dirs.remove(&fh.0);
+        reply.ok();
+    }
+
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        // Directory changes are made by rename/unlink on the host, which orders them itself;
+        // a container's fsync of a directory has nothing more to flush here.
+        reply.ok();
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        let _s = debug_span!("setxattr", ino = ino.0, name = ?name).entered();
+        match self.merged.set_xattr(ino.0, name.as_bytes(), value, flags) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _s = debug_span!("removexattr", ino = ino.0, name = ?name).entered();
+        match self.merged.remove_xattr(ino.0, name.as_bytes()) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        let _s = debug_span!("fallocate", ino = ino.0, offset, length, mode).entered();
+        let Some(f) = self.file(fh) else {
+            return reply.error(Errno::EBADF);
+        };
+        let (Ok(off), Ok(len)) = (i64::try_from(offset), i64::try_from(length)) else {
+            return reply.error(Errno::EINVAL);
+        };
+        // SAFETY: plain syscall on an open fd.
+        if unsafe { libc::fallocate64(f.as_raw_fd(), mode, off, len) } == 0 {
+            reply.ok()
+        } else {
+            reply.error(io_errno(&io::Error::last_os_error()))
+        }
+    }
+}
+
+fn read_file(f: &File, offset: u64, size: u32, reply: ReplyData) {
+    let mut buf = vec![0u8; size as usize];
+    let mut done = 0;
+    while done < buf.len() {
+        match f.read_at(&mut buf[done..], offset + done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return reply.error(io_errno(&e)),
+        }
+    }
+    reply.data(&buf[..done]);
 }
 
 #[cfg(test)]

@@ -291,9 +291,8 @@ pub fn get_xattr(fd: BorrowedFd<'_>, name: &[u8]) -> io::Result<Option<Vec<u8>>>
     let mut buf = vec![0u8; 256];
     loop {
         // SAFETY: valid C strings; `buf` is writable for its length.
-        let rc = unsafe {
-            libc::getxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len())
-        };
+        let rc =
+            unsafe { libc::getxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
         if rc >= 0 {
             buf.truncate(rc as usize);
             return Ok(Some(buf));

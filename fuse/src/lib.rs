@@ -5,14 +5,38 @@
 //! - [`fs`]: [`MergedFs`], the `fuser::Filesystem` answering from a merged view;
 //! - [`mount()`]: mounting in the background, unmounting, stale-mount detection;
 //! - [`mem`] and [`reference`]: an in-memory layer and a naive `tar -x` model, for tests.
+//!
+//! ## The writable upper directory
+//!
+//! An active snapshot mounts with [`MountOptions::upper`]: a host directory that holds the
+//! changes as an OCI layer in directory form, so that committing is taring it as it is.
+//!
+//! - Deletions are empty regular files `.wh.NAME`; a directory whose lower content is hidden
+//!   holds an empty `.wh..wh..opq`. No `mknod` whiteouts, no `trusted.*` xattrs: it works
+//!   rootless. Users cannot create `.wh.*` names (`EINVAL`), and the upper's are never shown.
+//! - Ownership: as root, chown/chmod/mknod act on the upper file. Without root (or with
+//!   [`MountOptions::record_ownership_in_xattr`]) the container's uid:gid:mode(:major:minor) is
+//!   recorded in `user.lazysnap.override` ([`ownership`]); [`read_override`] reads it back.
+//! - Copy-up happens on the first change of a lower entry: parents first (with their mode,
+//!   owner, times and xattrs), data through `LayerTree::read_at` with holes kept, into a temp
+//!   name renamed into place. Inode numbers do not change.
+//! - Hardlinks: a lower file with several visible names is copied up once and its other names
+//!   are hard-linked to the copy, so the group stays a group (a write through one name shows
+//!   through the others, nlink stays right) and a commit carries it as tar hardlinks.
+//! - The upper is only touched through directory fds and single-name `*at()` calls that never
+//!   follow symlinks ([`host`]): a symlink in the upper cannot lead a write outside it.
 
 mod error;
 pub mod fs;
+pub mod host;
 pub mod layer;
 pub mod mem;
 pub mod merge;
 mod mount;
+pub mod ownership;
 pub mod reference;
+pub mod upper;
+pub mod write;
 
 pub use error::FuseError;
 pub use fs::MergedFs;
@@ -21,3 +45,4 @@ pub use merge::{Ino, Merged, ROOT_INO};
 pub use mount::{
     fuser_config, is_mountpoint, is_stale_mount, mount, unmount, MountHandle, MountOptions,
 };
+pub use ownership::{read_override, Override};

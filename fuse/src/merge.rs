@@ -15,17 +15,25 @@
 //! never reused or changed while the [`Merged`] lives; a node visible through several hardlinks
 //! of one layer gets one inode.
 //!
-//! A writable upper directory will sit above the layers; it will need the per-directory cache to
-//! be invalidated ([`Merged::invalidate_dir`]) and its own kind of source, but the rules above
-//! and the inode table stay as they are.
+//! A writable upper directory (an OCI layer in directory form, see [`crate::write`]) may sit above
+//! the layers: its entries win, its `.wh.NAME` files hide lower names and its `.wh..wh..opq`
+//! marker hides a directory's lower content. An upper entry is known by its host identity
+//! (`st_dev`, `st_ino`), which survives renames and is shared by hardlinks; a lower inode that is
+//! copied up keeps its inode number and switches to the upper entry.
 
 use std::collections::hash_map::Entry;
 use std::collections::HashMap;
+use std::collections::HashSet;
 use std::io;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 
+use tracing::warn;
+
+use crate::host::{self, HostId};
 use crate::layer::{DirEntry, LayerStack, LayerTree, NodeAttr, NodeId, NodeKind, Timestamp};
+use crate::upper::{self, Upper};
 
 #[cfg(test)]
 mod tests;
@@ -35,6 +43,9 @@ pub type Xattrs = Vec<(Vec<u8>, Vec<u8>)>;
 
 /// A child name resolved: its kind and sources, or `None` when whited out.
 type Resolved = Option<(NodeKind, Vec<Origin>)>;
+
+/// Attributes and, for upper entries, the host's block count.
+pub type FullAttr = (NodeAttr, Option<u64>);
 
 /// An inode number of the merged view.
 pub type Ino = u64;
@@ -59,7 +70,7 @@ pub struct Child {
 
 /// The visible content of one merged directory, sorted by name (so listing offsets are stable
 /// even if the cache is dropped and rebuilt).
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct MergedDir {
     children: Vec<Child>,
     subdirs: u32,
@@ -81,14 +92,59 @@ impl MergedDir {
     pub fn subdirs(&self) -> u32 {
         self.subdirs
     }
+
+    /// Removes `name`; returns what it was.
+    pub(crate) fn remove(&mut self, name: &[u8]) -> Option<Child> {
+        let i = self
+            .children
+            .binary_search_by(|c| (*c.name).cmp(name))
+            .ok()?;
+        let c = self.children.remove(i);
+        if c.kind == NodeKind::Dir {
+            self.subdirs -= 1;
+        }
+        Some(c)
+    }
+
+    /// Inserts `child`, replacing an entry of the same name.
+    pub(crate) fn insert(&mut self, child: Child) {
+        self.remove(&child.name);
+        if child.kind == NodeKind::Dir {
+            self.subdirs += 1;
+        }
+        let i = self
+            .children
+            .binary_search_by(|c| (*c.name).cmp(&child.name))
+            .unwrap_or_else(|i| i);
+        self.children.insert(i, child);
+    }
+}
+
+/// The upper entry behind an inode.
+#[derive(Debug)]
+pub(crate) struct UpperNode {
+    pub id: HostId,
+    /// An `O_PATH` fd of it, cached while the kernel references the inode (reopened from the
+    /// parent's fd and the name otherwise).
+    pub fd: Option<Arc<OwnedFd>>,
+}
+
+/// The mutable part of an inode: where it is and what is behind it in the upper.
+#[derive(Debug)]
+pub(crate) struct State {
+    /// The directory it was last seen in and its name there (for a directory, its only place).
+    pub parent: Ino,
+    pub name: Box<[u8]>,
+    pub upper: Option<UpperNode>,
+    /// The lower sources no longer show: the upper directory is opaque or the whole directory
+    /// was copied up and moved.
+    pub lower_gone: bool,
 }
 
 /// One inode of the merged view.
 #[derive(Debug)]
 pub struct Inode {
     pub ino: Ino,
-    /// The directory this inode was first found in (`..` for directories, which have one).
-    pub parent: Ino,
     pub kind: NodeKind,
     /// The layer nodes behind this inode, topmost first. A directory has the directory at its
     /// path in every layer down to a whiteout or a non-directory; anything else has exactly one.
@@ -100,13 +156,58 @@ pub struct Inode {
     merge_len: usize,
     /// The merged children, for directories; built on first use, droppable on forget.
     dir: Mutex<Option<Arc<MergedDir>>>,
-    /// Visible hardlink count, for nodes with nlink > 1 in their layer.
-    nlink: OnceLock<u32>,
+    /// Visible hardlink count, for nodes with nlink > 1 in their layer (cleared by changes).
+    nlink: Mutex<Option<u32>>,
     /// Kernel references (FUSE lookup count). Only used to free caches, never inode numbers.
     lookups: AtomicU64,
+    state: Mutex<State>,
 }
 
 impl Inode {
+    pub(crate) fn new(
+        ino: Ino,
+        parent: Ino,
+        name: &[u8],
+        kind: NodeKind,
+        sources: Vec<Origin>,
+        merge_len: usize,
+        upper: Option<UpperNode>,
+    ) -> Inode {
+        Inode {
+            ino,
+            kind,
+            sources: sources.into(),
+            merge_len,
+            dir: Mutex::new(None),
+            nlink: Mutex::new(None),
+            lookups: AtomicU64::new(0),
+            state: Mutex::new(State {
+                parent,
+                name: name.into(),
+                upper,
+                lower_gone: false,
+            }),
+        }
+    }
+
+    pub(crate) fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The directory this inode was last seen in (`..` for directories, which have one).
+    pub fn parent(&self) -> Ino {
+        self.state().parent
+    }
+
+    /// True when the inode has an entry in the upper directory.
+    pub fn is_upper(&self) -> bool {
+        self.state().upper.is_some()
+    }
+
+    pub(crate) fn clear_nlink(&self) {
+        *self.nlink.lock().unwrap_or_else(PoisonError::into_inner) = None;
+    }
+
     pub fn sources(&self) -> &[Origin] {
         &self.sources
     }
@@ -126,17 +227,32 @@ fn merge_len(layers: &LayerStack, sources: &[Origin]) -> usize {
 }
 
 #[derive(Default)]
-struct Table {
+pub(crate) struct Table {
     /// Indexed by `ino - 1`.
-    inodes: Vec<Arc<Inode>>,
+    pub inodes: Vec<Arc<Inode>>,
     /// Inode of a layer node: the topmost source of each inode.
-    by_origin: HashMap<Origin, Ino>,
+    pub by_origin: HashMap<Origin, Ino>,
+    /// Inode of an upper entry.
+    pub by_upper: HashMap<HostId, Ino>,
 }
 
-/// The merged view of a stack of layers.
+impl Table {
+    /// Hands out the next inode number.
+    pub fn push(&mut self, make: impl FnOnce(Ino) -> Inode) -> Ino {
+        let ino = self.inodes.len() as Ino + 1;
+        self.inodes.push(Arc::new(make(ino)));
+        ino
+    }
+}
+
+/// The merged view of a stack of layers, with an optional writable upper directory on top.
 pub struct Merged {
     layers: LayerStack,
-    table: RwLock<Table>,
+    pub(crate) table: RwLock<Table>,
+    pub(crate) upper: Option<Upper>,
+    /// Serializes changes to the upper directory (reads and data writes do not take it).
+    pub(crate) write_lock: Mutex<()>,
+    pub(crate) tmp_seq: AtomicU64,
 }
 
 impl std::fmt::Debug for Merged {
@@ -167,6 +283,15 @@ fn empty_root_attr() -> NodeAttr {
 impl Merged {
     /// A merged view of `layers` (bottom first). Cheap: nothing is read until asked.
     pub fn new(layers: LayerStack) -> Merged {
+        Self::build(layers, None)
+    }
+
+    /// A merged view of `layers` under the writable upper directory `upper`.
+    pub(crate) fn with_upper(layers: LayerStack, upper: Upper) -> io::Result<Merged> {
+        Ok(Self::build(layers, Some(upper)))
+    }
+
+    fn build(layers: LayerStack, upper: Option<Upper>) -> Merged {
         let sources: Vec<Origin> = (0..layers.len())
             .rev()
             .map(|i| Origin {
@@ -175,17 +300,23 @@ impl Merged {
             })
             .collect();
         let merge_len = merge_len(&layers, &sources);
-        let root = Arc::new(Inode {
-            ino: ROOT_INO,
-            parent: ROOT_INO,
-            kind: NodeKind::Dir,
-            sources: sources.into(),
-            merge_len,
-            dir: Mutex::new(None),
-            nlink: OnceLock::new(),
-            lookups: AtomicU64::new(0),
-        });
         let mut table = Table::default();
+        let root_upper = upper.as_ref().map(|u| {
+            table.by_upper.insert(u.root_id, ROOT_INO);
+            UpperNode {
+                id: u.root_id,
+                fd: Some(u.root.clone()),
+            }
+        });
+        let root = Arc::new(Inode::new(
+            ROOT_INO,
+            ROOT_INO,
+            b"",
+            NodeKind::Dir,
+            sources,
+            merge_len,
+            root_upper,
+        ));
         if let Some(top) = root.sources.first() {
             table.by_origin.insert(*top, ROOT_INO);
         }
@@ -193,7 +324,44 @@ impl Merged {
         Merged {
             layers,
             table: RwLock::new(table),
+            upper,
+            write_lock: Mutex::new(()),
+            tmp_seq: AtomicU64::new(0),
         }
+    }
+
+    /// True when the view has a writable upper directory.
+    pub fn is_writable(&self) -> bool {
+        self.upper.is_some()
+    }
+
+    /// The `O_PATH` fd of `inode`'s upper entry, if it has one; reopened from its parent's fd
+    /// and its name when not cached. `ESTALE` when that name now leads elsewhere.
+    pub(crate) fn upper_fd(&self, inode: &Inode) -> io::Result<Option<Arc<OwnedFd>>> {
+        let (parent, name, id) = {
+            let st = inode.state();
+            let Some(u) = &st.upper else { return Ok(None) };
+            if let Some(fd) = &u.fd {
+                return Ok(Some(fd.clone()));
+            }
+            (st.parent, st.name.clone(), u.id)
+        };
+        let stale = || io::Error::from_raw_os_error(libc::ESTALE);
+        if inode.ino == ROOT_INO || parent == inode.ino {
+            return Err(stale());
+        }
+        let pinode = self.inode(parent).ok_or_else(stale)?;
+        let pfd = self.upper_fd(&pinode)?.ok_or_else(stale)?;
+        let fd = host::open_path(pfd.as_fd(), &name)?;
+        if host::host_id(&host::stat_fd(fd.as_fd())?) != id {
+            return Err(stale());
+        }
+        let fd = Arc::new(fd);
+        let mut st = inode.state();
+        if let Some(u) = st.upper.as_mut().filter(|u| u.id == id) {
+            u.fd = Some(fd.clone());
+        }
+        Ok(Some(fd))
     }
 
     pub fn layers(&self) -> &LayerStack {
@@ -240,16 +408,23 @@ impl Merged {
         }
         let ino = match name {
             b"." => parent,
-            b".." => pinode.parent,
+            b".." => pinode.parent(),
             _ => {
                 let dir = self.merge_dir(&pinode);
                 dir.get(name).ok_or(Errno::NoEntry)?.ino
             }
         };
         let inode = self.inode(ino).ok_or(Errno::NoEntry)?;
-        let attr = self.attr_of(&inode);
+        let (attr, _) = self.attr_ext(&inode)?;
         inode.lookups.fetch_add(1, Ordering::Relaxed);
         Ok((ino, attr))
+    }
+
+    /// Like [`Merged::lookup`], with the host's block count for upper files.
+    pub fn lookup_ext(&self, parent: Ino, name: &[u8]) -> Result<(Ino, FullAttr), Errno> {
+        let (ino, _) = self.lookup(parent, name)?;
+        let inode = self.inode(ino).ok_or(Errno::NoEntry)?;
+        Ok((ino, self.attr_ext(&inode)?))
     }
 
     /// Counts a kernel reference handed out by other means (readdirplus).
@@ -270,8 +445,14 @@ impl Merged {
                 Some(v.saturating_sub(n))
             })
             .unwrap_or(0);
-        if prev <= n && ino != ROOT_INO && inode.kind == NodeKind::Dir {
-            self.invalidate_dir(ino);
+        if prev <= n && ino != ROOT_INO {
+            if inode.kind == NodeKind::Dir {
+                self.invalidate_dir(ino);
+            }
+            // Nobody refers to it any more: its fd is reopened by name when needed again.
+            if let Some(u) = inode.state().upper.as_mut() {
+                u.fd = None;
+            }
         }
     }
 
@@ -285,7 +466,25 @@ impl Merged {
     /// The attributes of `ino`, nlink included.
     pub fn attr(&self, ino: Ino) -> Option<NodeAttr> {
         let inode = self.inode(ino)?;
-        Some(self.attr_of(&inode))
+        self.attr_ext(&inode).ok().map(|a| a.0)
+    }
+
+    /// The attributes of `ino` and, for upper entries, the host's 512-byte block count.
+    pub fn attr_full(&self, ino: Ino) -> Result<FullAttr, Errno> {
+        let inode = self.inode(ino).ok_or(Errno::NoEntry)?;
+        self.attr_ext(&inode)
+    }
+
+    pub(crate) fn attr_ext(&self, inode: &Inode) -> Result<FullAttr, Errno> {
+        if let Some(fd) = self.upper_fd(inode).map_err(Errno::Io)? {
+            let (mut a, blocks) = upper::attr(fd.as_fd()).map_err(Errno::Io)?;
+            if inode.kind == NodeKind::Dir {
+                a.kind = NodeKind::Dir;
+                a.nlink = 2u32.saturating_add(self.merge_dir(inode).subdirs);
+            }
+            return Ok((a, Some(blocks)));
+        }
+        Ok((self.attr_of(inode), None))
     }
 
     /// Where an inode's metadata comes from: its topmost source, unless that is a directory only
@@ -305,7 +504,7 @@ impl Merged {
         )
     }
 
-    fn attr_of(&self, inode: &Inode) -> NodeAttr {
+    pub(crate) fn attr_of(&self, inode: &Inode) -> NodeAttr {
         let Some(src) = self.attr_source(inode) else {
             let mut a = empty_root_attr();
             a.nlink = 2 + self.merge_dir(inode).subdirs;
@@ -317,7 +516,15 @@ impl Merged {
             a.kind = NodeKind::Dir;
             a.nlink = 2u32.saturating_add(self.merge_dir(inode).subdirs);
         } else if a.nlink > 1 {
-            a.nlink = *inode.nlink.get_or_init(|| self.visible_links(inode));
+            let cached = *inode.nlink.lock().unwrap_or_else(PoisonError::into_inner);
+            a.nlink = match cached {
+                Some(n) => n,
+                None => {
+                    let n = self.visible_links(inode);
+                    *inode.nlink.lock().unwrap_or_else(PoisonError::into_inner) = Some(n);
+                    n
+                }
+            };
         } else {
             a.nlink = 1;
         }
@@ -326,11 +533,17 @@ impl Merged {
 
     /// How many of a hardlinked node's paths in its layer still lead to it in the merged view.
     fn visible_links(&self, inode: &Inode) -> u32 {
+        (self.visible_link_places(inode).len() as u32).max(1)
+    }
+
+    /// The (directory, name) places where a lower node's paths in its layer still lead to it
+    /// in the merged view.
+    pub(crate) fn visible_link_places(&self, inode: &Inode) -> Vec<(Ino, Box<[u8]>)> {
+        let mut places = Vec::new();
         let Some(&src) = inode.sources.first() else {
-            return 1;
+            return places;
         };
         let layer = self.layer(src);
-        let mut count = 0u32;
         for (dir, name) in layer.links(src.node) {
             let Some(path) = layer_path(&**layer, dir) else {
                 continue;
@@ -347,14 +560,14 @@ impl Merged {
                 }
             }
             if ok && self.child(cur, &name) == Some(inode.ino) {
-                count += 1;
+                places.push((cur, name.into()));
             }
         }
-        count.max(1)
+        places
     }
 
     /// The merged children of a directory inode, merged now if not cached.
-    fn merge_dir(&self, inode: &Inode) -> Arc<MergedDir> {
+    pub(crate) fn merge_dir(&self, inode: &Inode) -> Arc<MergedDir> {
         // Held while merging so that concurrent first uses of one directory merge it once.
         // Lock order: a directory's lock, then the table; never two directory locks.
         let mut slot = inode.dir.lock().unwrap_or_else(PoisonError::into_inner);
@@ -367,12 +580,41 @@ impl Merged {
     }
 
     fn build_dir(&self, inode: &Inode) -> MergedDir {
-        // Visible children with their sources, keyed by name; `None` = whited out.
+        let mut lower_gone = inode.state().lower_gone;
+        // The upper's entries win; its whiteouts hide lower names.
+        let mut scan = upper::Scan::default();
+        match self.upper_fd(inode) {
+            Ok(Some(fd)) => match upper::scan_dir(fd.as_fd()) {
+                Ok(s) => scan = s,
+                Err(e) => warn!(dir = inode.ino, error = %e, "cannot list upper directory"),
+            },
+            Ok(None) => {}
+            Err(e) => warn!(dir = inode.ino, error = %e, "upper directory is gone"),
+        }
+        if scan.opaque && !lower_gone {
+            inode.state().lower_gone = true;
+            lower_gone = true;
+        }
+        let hidden: HashSet<&[u8]> = scan
+            .whiteouts
+            .iter()
+            .map(|n| &**n)
+            .chain(scan.entries.iter().map(|e| &*e.name))
+            .collect();
+
+        // Visible lower children with their sources, keyed by name; `None` = whited out.
         let mut seen: HashMap<Box<[u8]>, Resolved> = HashMap::new();
-        let dirs = inode.merged_sources();
+        let dirs: &[Origin] = if lower_gone {
+            &[]
+        } else {
+            inode.merged_sources()
+        };
         for (i, dir) in dirs.iter().enumerate() {
             let layer = self.layer(*dir);
             layer.for_each_child(dir.node, &mut |name, entry| {
+                if hidden.contains(name) {
+                    return;
+                }
                 if let Entry::Vacant(v) = seen.entry(name.into()) {
                     let resolved = match entry {
                         DirEntry::Whiteout => None,
@@ -386,12 +628,24 @@ impl Merged {
             .into_iter()
             .filter_map(|(name, r)| r.map(|(kind, src)| (name, kind, src)))
             .collect();
-        visible.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        // An upper directory merges with the lower directories at its name.
+        let upper_entries: Vec<(upper::ScanEntry, Vec<Origin>)> = scan
+            .entries
+            .into_iter()
+            .map(|e| {
+                let sources = if e.kind == NodeKind::Dir && !lower_gone {
+                    self.lower_dirs_at(dirs, &e.name)
+                } else {
+                    Vec::new()
+                };
+                (e, sources)
+            })
+            .collect();
 
         let mut table = self.table.write().unwrap_or_else(PoisonError::into_inner);
-        let mut children = Vec::with_capacity(visible.len());
+        let mut children = Vec::with_capacity(visible.len() + upper_entries.len());
         let mut subdirs = 0u32;
-        for (name, kind, sources) in visible {
+        for (name, kind, sources) in visible.drain(..) {
             if kind == NodeKind::Dir {
                 subdirs += 1;
             }
@@ -399,29 +653,112 @@ impl Merged {
             let ino = match table.by_origin.get(&key) {
                 Some(ino) => *ino,
                 None => {
-                    let ino = table.inodes.len() as Ino + 1;
                     let merge_len = if kind == NodeKind::Dir {
                         merge_len(&self.layers, &sources)
                     } else {
                         sources.len()
                     };
-                    table.inodes.push(Arc::new(Inode {
-                        ino,
-                        parent: inode.ino,
-                        kind,
-                        sources: sources.into(),
-                        merge_len,
-                        dir: Mutex::new(None),
-                        nlink: OnceLock::new(),
-                        lookups: AtomicU64::new(0),
-                    }));
+                    let ino = table.push(|ino| {
+                        Inode::new(ino, inode.ino, &name, kind, sources, merge_len, None)
+                    });
                     table.by_origin.insert(key, ino);
                     ino
                 }
             };
             children.push(Child { name, ino, kind });
         }
+        for (e, sources) in upper_entries {
+            if e.kind == NodeKind::Dir {
+                subdirs += 1;
+            }
+            let known = table
+                .by_upper
+                .get(&e.id)
+                .and_then(|ino| table.inodes.get(*ino as usize - 1))
+                .filter(|i| i.kind == e.kind)
+                .cloned();
+            let ino = match known {
+                Some(child) => {
+                    let mut st = child.state();
+                    st.parent = inode.ino;
+                    st.name = e.name.clone();
+                    child.ino
+                }
+                None => {
+                    let merge_len = merge_len(&self.layers, &sources);
+                    let ino = table.push(|ino| {
+                        let up = UpperNode { id: e.id, fd: None };
+                        Inode::new(
+                            ino,
+                            inode.ino,
+                            &e.name,
+                            e.kind,
+                            sources,
+                            merge_len,
+                            Some(up),
+                        )
+                    });
+                    table.by_upper.insert(e.id, ino);
+                    ino
+                }
+            };
+            children.push(Child {
+                name: e.name,
+                ino,
+                kind: e.kind,
+            });
+        }
+        children.sort_unstable_by(|a, b| a.name.cmp(&b.name));
         MergedDir { children, subdirs }
+    }
+
+    /// The lower directories at `name` under the lower directories `dirs` (topmost first),
+    /// down to a whiteout or a non-directory.
+    pub(crate) fn lower_dirs_at(&self, dirs: &[Origin], name: &[u8]) -> Vec<Origin> {
+        let mut out = Vec::new();
+        for dir in dirs {
+            let layer = self.layer(*dir);
+            match layer.lookup(dir.node, name) {
+                None => continue,
+                Some(DirEntry::Whiteout) => break,
+                Some(DirEntry::Node(n)) => {
+                    if layer.attr(n).kind != NodeKind::Dir {
+                        break;
+                    }
+                    out.push(Origin {
+                        layer: dir.layer,
+                        node: n,
+                    });
+                }
+            }
+        }
+        out
+    }
+
+    /// True when a lower layer has an entry `name` in directory `dir` that shows unless the
+    /// upper hides it (so removing or replacing it needs a whiteout or an opaque marker).
+    pub(crate) fn lower_has(&self, dir: &Inode, name: &[u8]) -> bool {
+        if dir.state().lower_gone {
+            return false;
+        }
+        for src in dir.merged_sources() {
+            match self.layer(*src).lookup(src.node, name) {
+                None => continue,
+                Some(DirEntry::Whiteout) => return false,
+                Some(DirEntry::Node(_)) => return true,
+            }
+        }
+        false
+    }
+
+    /// Runs `f` on the cached merge of directory `ino`, if any (a change made through this view
+    /// is applied to the cache rather than merging the directory again).
+    pub(crate) fn patch_dir(&self, ino: Ino, f: impl FnOnce(&mut MergedDir)) {
+        let Some(inode) = self.inode(ino) else { return };
+        let mut slot = inode.dir.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(d) = slot.as_mut() {
+            f(Arc::make_mut(d));
+        }
     }
 
     /// The sources of child `name` whose topmost entry is `node` in `dirs[0]`'s layer; `dirs` are
@@ -462,6 +799,9 @@ impl Merged {
         if inode.kind != NodeKind::Symlink {
             return Err(Errno::Invalid);
         }
+        if let Some(fd) = self.upper_fd(&inode).map_err(Errno::Io)? {
+            return host::readlink_fd(fd.as_fd()).map_err(Errno::Io);
+        }
         let src = *inode.sources.first().ok_or(Errno::Invalid)?;
         self.layer(src).readlink(src.node).map_err(Errno::Io)
     }
@@ -469,6 +809,9 @@ impl Merged {
     /// The extended attributes of `ino` (from the layer its metadata comes from).
     pub fn xattrs(&self, ino: Ino) -> Result<Xattrs, Errno> {
         let inode = self.inode(ino).ok_or(Errno::NoEntry)?;
+        if let Some(fd) = self.upper_fd(&inode).map_err(Errno::Io)? {
+            return upper::xattrs(fd.as_fd()).map_err(Errno::Io);
+        }
         Ok(match self.attr_source(&inode) {
             Some(src) => self.layer(src).xattrs(src.node),
             None => Vec::new(),
@@ -476,13 +819,17 @@ impl Merged {
     }
 
     /// What a read of file `ino` reads from: the layer, the node and the file size. The caller
-    /// reads without any lock of the merged view held.
+    /// reads without any lock of the merged view held. `Errno::Upper` when the file is in the
+    /// upper directory (read it through an fd of the upper file).
     pub fn file_source(&self, ino: Ino) -> Result<(Arc<dyn LayerTree>, NodeId, u64), Errno> {
         let inode = self.inode(ino).ok_or(Errno::NoEntry)?;
         match inode.kind {
             NodeKind::File => {}
             NodeKind::Dir => return Err(Errno::IsDir),
             _ => return Err(Errno::Invalid),
+        }
+        if inode.is_upper() {
+            return Err(Errno::Upper);
         }
         let src = *inode.sources.first().ok_or(Errno::Invalid)?;
         let layer = self.layer(src).clone();
@@ -553,7 +900,17 @@ pub enum Errno {
     NotDir,
     IsDir,
     Invalid,
+    /// The file lives in the upper directory: not readable through a layer.
+    Upper,
+    /// Any other errno.
+    Raw(i32),
     Io(io::Error),
+}
+
+impl From<io::Error> for Errno {
+    fn from(e: io::Error) -> Errno {
+        Errno::Io(e)
+    }
 }
 
 impl Errno {
@@ -563,6 +920,8 @@ impl Errno {
             Errno::NotDir => libc::ENOTDIR,
             Errno::IsDir => libc::EISDIR,
             Errno::Invalid => libc::EINVAL,
+            Errno::Upper => libc::EIO,
+            Errno::Raw(e) => *e,
             Errno::Io(e) => e.raw_os_error().unwrap_or(libc::EIO),
         }
     }

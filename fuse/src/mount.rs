@@ -40,6 +40,12 @@ pub struct MountOptions {
     /// Readahead window to set on the mount's bdi after mounting, in KiB (best effort; the
     /// kernel caps the one negotiated at init to 128 KiB). `None` leaves the kernel's.
     pub read_ahead_kb: Option<u32>,
+    /// The writable upper directory of an active snapshot (an existing host directory, not
+    /// inside the mountpoint); `None` mounts read-only.
+    pub upper: Option<PathBuf>,
+    /// Record ownership and modes in the `user.lazysnap.override` xattr even as root (always
+    /// done without root).
+    pub record_ownership_in_xattr: bool,
 }
 
 impl Default for MountOptions {
@@ -53,6 +59,8 @@ impl Default for MountOptions {
             suid: root,
             dev: root,
             read_ahead_kb: Some(1024),
+            upper: None,
+            record_ownership_in_xattr: false,
         }
     }
 }
@@ -121,7 +129,11 @@ impl Drop for MountHandle {
 /// The fuser configuration for `opts`.
 pub fn fuser_config(opts: &MountOptions) -> Config {
     let mut mount_options = vec![
-        MountOption::RO,
+        if opts.upper.is_some() {
+            MountOption::RW
+        } else {
+            MountOption::RO
+        },
         MountOption::DefaultPermissions,
         MountOption::FSName(opts.fsname.clone()),
         // As a kernel option (not `Subtype`, which only fusermount understands) so that direct
@@ -151,8 +163,9 @@ pub fn fuser_config(opts: &MountOptions) -> Config {
     config
 }
 
-/// Mounts the merged view of `stack` at `mountpoint` and serves it from background threads.
-/// Returns once the kernel handshake is done: the mount is usable.
+/// Mounts the merged view of `stack` at `mountpoint` and serves it from background threads,
+/// writable when `opts.upper` is set. Returns once the kernel handshake is done: the mount is
+/// usable.
 pub fn mount(
     stack: LayerStack,
     mountpoint: &Path,
@@ -169,7 +182,15 @@ pub fn mount(
     if !fs::metadata(&canonical).map_err(bad)?.is_dir() {
         return Err(bad(io::Error::from_raw_os_error(libc::ENOTDIR)));
     }
-    let fs = MergedFs::new(stack);
+    let fs = match &opts.upper {
+        Some(upper) => MergedFs::with_upper(stack, upper, opts.record_ownership_in_xattr).map_err(
+            |source| FuseError::Upper {
+                path: upper.clone(),
+                source,
+            },
+        )?,
+        None => MergedFs::new(stack),
+    };
     let merged = fs.merged().clone();
     let config = fuser_config(opts);
     let mount_err = |source| FuseError::Mount {

@@ -4,6 +4,7 @@
 //! and concurrent readers of the same missing span wait for the one decompressing it.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use lru::LruCache;
@@ -13,6 +14,9 @@ use super::Result;
 /// (reader id, span index).
 pub(crate) type SpanKey = (u64, usize);
 
+/// A decompressed span, shared by the cache and its readers (decoded in place, never copied).
+pub(crate) type SpanData = Arc<Vec<u8>>;
+
 /// Shared LRU of decompressed spans, bounded in bytes; one per process/mount.
 pub struct SpanCache {
     max_bytes: u64,
@@ -20,7 +24,7 @@ pub struct SpanCache {
 }
 
 struct State {
-    lru: LruCache<SpanKey, Arc<[u8]>>,
+    lru: LruCache<SpanKey, SpanData>,
     bytes: u64,
     inflight: HashMap<SpanKey, Arc<Flight>>,
 }
@@ -29,7 +33,7 @@ struct State {
 #[derive(Default)]
 struct Flight {
     /// `Some(Some(data))` on success, `Some(None)` when the loader failed (waiters retry).
-    done: Mutex<Option<Option<Arc<[u8]>>>>,
+    done: Mutex<Option<Option<SpanData>>>,
     cv: Condvar,
 }
 
@@ -78,11 +82,17 @@ impl SpanCache {
         self.len() == 0
     }
 
-    /// Returns the cached span, or runs `load` (outside the lock) and caches its result.
+    /// Returns the cached span, or runs `load` (outside the lock) and caches its result unless
+    /// `closed` is set by then (the reader went away: [`SpanCache::forget_blob`] ran or will).
     /// Only one caller loads a given key at a time; the others wait for its result.
-    pub(crate) fn get_or_load<F>(&self, key: SpanKey, load: F) -> Result<Arc<[u8]>>
+    pub(crate) fn get_or_load<F>(
+        &self,
+        key: SpanKey,
+        closed: &AtomicBool,
+        load: F,
+    ) -> Result<SpanData>
     where
-        F: FnOnce() -> Result<Arc<[u8]>>,
+        F: FnOnce() -> Result<SpanData>,
     {
         let mut load = Some(load);
         loop {
@@ -101,7 +111,7 @@ impl SpanCache {
                             // Unreachable: we only load once, and return right after.
                             return Err(super::BlobError::Internal("span loader reused".into()));
                         };
-                        return self.run(key, f, load);
+                        return self.run(key, closed, f, load);
                     }
                 }
             };
@@ -116,23 +126,32 @@ impl SpanCache {
         }
     }
 
-    fn run<F>(&self, key: SpanKey, flight: Arc<Flight>, load: F) -> Result<Arc<[u8]>>
+    fn run<F>(
+        &self,
+        key: SpanKey,
+        closed: &AtomicBool,
+        flight: Arc<Flight>,
+        load: F,
+    ) -> Result<SpanData>
     where
-        F: FnOnce() -> Result<Arc<[u8]>>,
+        F: FnOnce() -> Result<SpanData>,
     {
         // Wakes the waiters even if `load` panics.
         struct Finish<'a> {
             cache: &'a SpanCache,
+            closed: &'a AtomicBool,
             key: SpanKey,
             flight: Arc<Flight>,
-            value: Option<Arc<[u8]>>,
+            value: Option<SpanData>,
         }
         impl Drop for Finish<'_> {
             fn drop(&mut self) {
                 {
                     let mut st = lock(&self.cache.state);
                     st.inflight.remove(&self.key);
-                    if let Some(v) = &self.value {
+                    // Checked under the lock that forget_blob takes after setting it.
+                    let closed = self.closed.load(Ordering::Acquire);
+                    if let (Some(v), false) = (&self.value, closed) {
                         self.cache.insert_locked(&mut st, self.key, v.clone());
                     }
                 }
@@ -142,6 +161,7 @@ impl SpanCache {
         }
         let mut fin = Finish {
             cache: self,
+            closed,
             key,
             flight,
             value: None,
@@ -151,7 +171,7 @@ impl SpanCache {
         Ok(v)
     }
 
-    fn insert_locked(&self, st: &mut State, key: SpanKey, v: Arc<[u8]>) {
+    fn insert_locked(&self, st: &mut State, key: SpanKey, v: SpanData) {
         let size = v.len() as u64;
         if size > self.max_bytes {
             return;
@@ -166,6 +186,12 @@ impl SpanCache {
                 None => break,
             }
         }
+    }
+
+    /// Whether `key` is cached or being loaded (does not count as a use).
+    pub(crate) fn has(&self, key: SpanKey) -> bool {
+        let st = lock(&self.state);
+        st.lru.contains(&key) || st.inflight.contains_key(&key)
     }
 
     /// Drops every span of one reader (called when the reader goes away).

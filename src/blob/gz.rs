@@ -9,14 +9,21 @@
 //! are verified during the pass (zlib does it in gzip mode); at read time a span that runs into
 //! the next member switches to gzip mode to parse its header.
 //!
-//! Limit: there is no restart point inside a deflate block, so a block longer than `span_size`
-//! is one long span. zlib's levels 2-9 (and Go's, pigz's) close a block every 16K-64K symbols
-//! (at most ~4 MiB of output, for runs of zeros); zlib-ng's and zlib-rs's level 1 ("quick")
-//! writes a single fixed-Huffman block per stream, which then reads from the start.
+//! There is no restart point inside a deflate block. zlib's levels 2-9 (and Go's, pigz's) close
+//! a block every 16K-64K symbols (at most ~4 MiB of output, for runs of zeros), but zlib-ng's and
+//! zlib-rs's level 1 ("quick") write a single fixed-Huffman block per stream, and some encoders
+//! write very long blocks. So when the output passes 2 × `span_size` since the last block
+//! boundary, the pass spills the region from that boundary on into the local seekable copy
+//! (see [`super::copy`]: `span_size` zstd frames, compressed on a second thread) until the next
+//! boundary, where checkpoints resume. The map then lists checkpoints and copy frames in one
+//! sorted list ([`GzSpan`]). Cost: up to 2 × `span_size` of output buffered since the last
+//! boundary (one memcpy of the output while a local copy is allowed). Without
+//! `SpanOptions::local_copy` a long block stays one long span, read from its start.
 
 use std::ffi::CStr;
 use std::fs::File;
 use std::io::Read;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use libz_rs_sys::{
@@ -26,6 +33,7 @@ use libz_rs_sys::{
 };
 use serde::{Deserialize, Serialize};
 
+use super::copy::LocalCopy;
 use super::{BlobError, Decode, PreadInput, Result, SpanIndex, SpanMap, SpanOptions};
 
 const WINDOW: usize = 32 << 10;
@@ -48,17 +56,66 @@ pub(super) struct Checkpoint {
     pub(super) window: Vec<u8>,
 }
 
+/// One span of a gzip map that has a local copy: a checkpoint in the blob, or one frame of the
+/// local copy (the uncompressed range of a deflate block too long to read from its start).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(super) enum GzSpan {
+    Point(Checkpoint),
+    Copy { u_off: u64, c_off: u64, c_len: u64 },
+}
+
+impl GzSpan {
+    pub(super) fn u_off(&self) -> u64 {
+        match self {
+            GzSpan::Point(p) => p.u_off,
+            GzSpan::Copy { u_off, .. } => *u_off,
+        }
+    }
+}
+
+/// Map of a gzip blob with regions served from the local copy.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(super) struct GzCopyIndex {
+    pub(super) spans: Vec<GzSpan>,
+    /// Size of the local copy file.
+    pub(super) local_copy_size: u64,
+}
+
+impl GzCopyIndex {
+    pub(super) fn validate(&self, compressed_size: u64) -> std::result::Result<(), String> {
+        for (i, s) in self.spans.iter().enumerate() {
+            match s {
+                GzSpan::Point(p) => check_point(i, p, compressed_size)?,
+                GzSpan::Copy { c_off, c_len, .. } => {
+                    if c_off
+                        .checked_add(*c_len)
+                        .is_none_or(|e| e > self.local_copy_size)
+                    {
+                        return Err(format!("span {i} points past the end of the local copy"));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn check_point(i: usize, p: &Checkpoint, compressed_size: u64) -> std::result::Result<(), String> {
+    if p.bits > 7 || p.window.len() > WINDOW {
+        return Err(format!("checkpoint {i} has bad bits or window"));
+    }
+    if p.c_off > compressed_size || (p.bits > 0 && p.c_off == 0) {
+        return Err(format!("checkpoint {i} points past the blob"));
+    }
+    Ok(())
+}
+
 pub(super) fn validate(
     points: &[Checkpoint],
     compressed_size: u64,
 ) -> std::result::Result<(), String> {
     for (i, p) in points.iter().enumerate() {
-        if p.bits > 7 || p.window.len() > WINDOW {
-            return Err(format!("checkpoint {i} has bad bits or window"));
-        }
-        if p.c_off > compressed_size || (p.bits > 0 && p.c_off == 0) {
-            return Err(format!("checkpoint {i} points past the blob"));
-        }
+        check_point(i, p, compressed_size)?;
     }
     Ok(())
 }
@@ -187,6 +244,15 @@ pub(super) struct GzIndexer<R> {
     last_boundary: Option<(u64, u64)>,
     done: bool,
     stalls: u32,
+    /// Where over-long blocks are spilled (None: they stay long spans).
+    copy_path: Option<PathBuf>,
+    copy: Option<LocalCopy>,
+    /// Uncompressed offset of the latest block boundary.
+    boundary_u: u64,
+    /// Output since `boundary_u`, kept while a local copy is allowed and not yet being written.
+    tail: Vec<u8>,
+    /// In a block that passed 2 × `span_size`: output goes to the local copy.
+    copying: bool,
 }
 
 impl<R: Read> GzIndexer<R> {
@@ -206,7 +272,63 @@ impl<R: Read> GzIndexer<R> {
             last_boundary: None,
             done: false,
             stalls: 0,
+            copy_path: opts.local_copy.clone(),
+            copy: None,
+            boundary_u: 0,
+            tail: Vec::new(),
+            copying: false,
         })
+    }
+
+    /// New output (already counted in `total_out`): spill it, or keep it while the current
+    /// block may still turn out too long.
+    fn track(&mut self, data: &[u8]) -> Result<()> {
+        if data.is_empty() || self.copy_path.is_none() {
+            return Ok(());
+        }
+        if self.copying {
+            if let Some(c) = &mut self.copy {
+                c.push(data)?;
+            }
+            return Ok(());
+        }
+        self.tail.extend_from_slice(data);
+        if self.total_out - self.boundary_u > 2 * self.span_size {
+            self.start_copy()?;
+        }
+        Ok(())
+    }
+
+    /// The block since `boundary_u` is too long: serve `[boundary_u, next boundary)` from the
+    /// local copy instead of a checkpoint at `boundary_u`.
+    fn start_copy(&mut self) -> Result<()> {
+        let b = self.boundary_u;
+        if let Some(c) = self.candidate.take() {
+            let last = self.points.last().map_or(0, |p| p.u_off);
+            if c.u_off < b && (c.u_off > last || self.points.is_empty()) {
+                self.points.push(c);
+            }
+        }
+        if self.points.last().is_some_and(|p| p.u_off >= b) {
+            self.points.pop();
+        }
+        if self.copy.is_none() {
+            let Some(path) = &self.copy_path else {
+                return Err(BlobError::Internal("local copy without a path".into()));
+            };
+            tracing::debug!(
+                at = b,
+                "deflate block longer than 2 spans: spilling it into the local copy"
+            );
+            self.copy = Some(LocalCopy::create(path.clone(), self.span_size)?);
+        }
+        if let Some(c) = &mut self.copy {
+            c.start_frame(b);
+            c.push(&self.tail)?;
+        }
+        self.tail = Vec::new();
+        self.copying = true;
+        Ok(())
     }
 
     fn refill(&mut self) -> Result<()> {
@@ -257,6 +379,18 @@ impl<R: Read> GzIndexer<R> {
             bits,
             window,
         };
+        self.boundary_u = self.total_out;
+        self.tail.clear();
+        if self.copying {
+            // The long block ended: the copy region stops here, checkpoints resume.
+            self.copying = false;
+            if let Some(c) = &mut self.copy {
+                c.end_frame()?;
+            }
+            self.candidate = None;
+            self.points.push(cp);
+            return Ok(());
+        }
         let Some(last) = self.points.last().map(|p| p.u_off) else {
             self.points.push(cp);
             return Ok(());
@@ -280,21 +414,41 @@ impl<R: Read> GzIndexer<R> {
         Ok(())
     }
 
-    pub(super) fn finish(self, total_out: u64) -> Result<SpanMap> {
+    pub(super) fn finish(mut self, total_out: u64) -> Result<SpanMap> {
         if !self.done {
             return Err(BlobError::NotFinished);
         }
         debug_assert_eq!(total_out, self.total_out);
-        let mut points = self.points;
+        let mut points = std::mem::take(&mut self.points);
         if self.total_out == 0 {
             points.clear();
         }
+        let index = match self.copy.take() {
+            None => SpanIndex::Gzip(points),
+            Some(mut c) => {
+                if self.copying {
+                    c.end_frame()?;
+                }
+                let (frames, local_copy_size) = c.finish()?;
+                let mut spans: Vec<GzSpan> = points.into_iter().map(GzSpan::Point).collect();
+                spans.extend(frames.into_iter().map(|f| GzSpan::Copy {
+                    u_off: f.u_off,
+                    c_off: f.c_off,
+                    c_len: f.c_len,
+                }));
+                spans.sort_by_key(GzSpan::u_off);
+                SpanIndex::GzipCopy(GzCopyIndex {
+                    spans,
+                    local_copy_size,
+                })
+            }
+        };
         Ok(SpanMap {
             compression: super::Compression::Gzip,
             compressed_size: self.consumed,
             uncompressed_size: self.total_out,
             span_size: self.span_size,
-            index: SpanIndex::Gzip(points),
+            index,
         })
     }
 }
@@ -316,6 +470,7 @@ impl<R: Read> Decode for GzIndexer<R> {
             self.in_pos += used;
             self.consumed += used as u64;
             self.total_out += produced as u64;
+            self.track(&out[..produced])?;
             match ret {
                 Z_OK | Z_BUF_ERROR => {
                     let dt = self.z.data_type();
@@ -362,19 +517,16 @@ impl<R: Read> Decode for GzIndexer<R> {
     }
 }
 
-/// Decompresses span `idx` (`len` bytes) starting from its checkpoint.
+/// Decompresses `out.len()` bytes starting from checkpoint `p`.
 pub(super) fn decode_span(
     file: &File,
     blob: &str,
-    points: &[Checkpoint],
-    idx: usize,
-    len: usize,
+    p: &Checkpoint,
+    out: &mut [u8],
     compressed_size: u64,
     counter: &AtomicU64,
-) -> Result<Vec<u8>> {
-    let p = points
-        .get(idx)
-        .ok_or_else(|| BlobError::Internal(format!("no checkpoint {idx} in {blob}")))?;
+) -> Result<()> {
+    let len = out.len();
     let internal = |m: String| BlobError::Internal(format!("{blob}: {m}"));
     let mut z = Inflater::new(RAW).map_err(internal)?;
     let start = p.c_off - u64::from(p.bits > 0);
@@ -392,7 +544,6 @@ pub(super) fn decode_span(
     if !p.window.is_empty() {
         z.set_dictionary(&p.window).map_err(internal)?;
     }
-    let mut out = vec![0u8; len];
     let mut filled = 0;
     let mut gzip_mode = false;
     let mut stalls = 0;
@@ -438,5 +589,5 @@ pub(super) fn decode_span(
             }
         }
     }
-    Ok(out)
+    Ok(())
 }

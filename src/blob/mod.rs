@@ -9,10 +9,12 @@
 //! - plain tar: `pread` on the blob; the kernel page cache is the cache.
 //! - gzip: zran-style checkpoints at deflate block boundaries (compressed offset, unused bits,
 //!   32 KiB window), see [`gz`].
+//!   Deflate blocks longer than two spans are spilled into a local seekable copy.
 //! - zstd: groups of frames read straight from the blob; frames too large to enter are
-//!   re-compressed into a local seekable copy during the pass, see [`zst`].
+//!   re-compressed into a local seekable copy during the pass, see [`zst`] and [`copy`].
 
 mod cache;
+mod copy;
 mod gz;
 mod zst;
 
@@ -23,12 +25,13 @@ use std::fs::File;
 use std::io::{self, Read};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use serde::{Deserialize, Serialize};
 
 pub use cache::SpanCache;
+use cache::SpanData;
 
 /// Default for [`SpanOptions::span_size`]: 4 MiB.
 pub const DEFAULT_SPAN_SIZE: u64 = 4 << 20;
@@ -131,8 +134,9 @@ pub type Result<T> = std::result::Result<T, BlobError>;
 pub struct SpanOptions {
     /// Max uncompressed bytes one `read_at` decompresses per span it touches (default 4 MiB).
     pub span_size: u64,
-    /// Where to write a seekable local copy for zstd frames too big to enter. Without it such
-    /// frames are served by decompressing from the frame start (correct, but unbounded).
+    /// Where to write a seekable local copy for zstd frames too big to enter and gzip deflate
+    /// blocks longer than 2 × `span_size`. Without it such regions are served by decompressing
+    /// from their start (correct, but unbounded).
     pub local_copy: Option<PathBuf>,
 }
 
@@ -160,6 +164,9 @@ enum SpanIndex {
     Plain,
     Gzip(Vec<gz::Checkpoint>),
     Zstd(zst::ZstdIndex),
+    /// gzip with over-long deflate blocks served from the local copy. Last, so maps written
+    /// before it existed still decode.
+    GzipCopy(gz::GzCopyIndex),
 }
 
 impl SpanMap {
@@ -167,6 +174,7 @@ impl SpanMap {
     pub fn has_local_copy(&self) -> bool {
         match &self.index {
             SpanIndex::Zstd(z) => z.has_local_copy(),
+            SpanIndex::GzipCopy(g) => g.local_copy_size > 0,
             _ => false,
         }
     }
@@ -182,6 +190,7 @@ impl SpanMap {
             SpanIndex::Plain => 0,
             SpanIndex::Gzip(p) => p.len(),
             SpanIndex::Zstd(z) => z.spans.len(),
+            SpanIndex::GzipCopy(g) => g.spans.len(),
         }
     }
 
@@ -190,6 +199,10 @@ impl SpanMap {
             SpanIndex::Plain => 0,
             SpanIndex::Gzip(p) => p.get(i).map_or(self.uncompressed_size, |c| c.u_off),
             SpanIndex::Zstd(z) => z.spans.get(i).map_or(self.uncompressed_size, |s| s.u_off),
+            SpanIndex::GzipCopy(g) => g
+                .spans
+                .get(i)
+                .map_or(self.uncompressed_size, gz::GzSpan::u_off),
         }
     }
 
@@ -204,6 +217,7 @@ impl SpanMap {
             SpanIndex::Plain => 0,
             SpanIndex::Gzip(p) => p.partition_point(|c| c.u_off <= off),
             SpanIndex::Zstd(z) => z.spans.partition_point(|s| s.u_off <= off),
+            SpanIndex::GzipCopy(g) => g.spans.partition_point(|s| s.u_off() <= off),
         };
         pp.saturating_sub(1)
     }
@@ -216,7 +230,7 @@ impl SpanMap {
         };
         let expected = match &self.index {
             SpanIndex::Plain => Compression::None,
-            SpanIndex::Gzip(_) => Compression::Gzip,
+            SpanIndex::Gzip(_) | SpanIndex::GzipCopy(_) => Compression::Gzip,
             SpanIndex::Zstd(_) => Compression::Zstd,
         };
         if expected != self.compression {
@@ -249,6 +263,7 @@ impl SpanMap {
         match &self.index {
             SpanIndex::Gzip(p) => gz::validate(p, self.compressed_size).map_err(bad),
             SpanIndex::Zstd(z) => z.validate(self.compressed_size).map_err(bad),
+            SpanIndex::GzipCopy(g) => g.validate(self.compressed_size).map_err(bad),
             SpanIndex::Plain => {
                 if self.compressed_size != self.uncompressed_size {
                     Err(bad("plain blob with different compressed size".into()))
@@ -524,8 +539,30 @@ impl<'a> PreadInput<'a> {
 
 static NEXT_READER_ID: AtomicU64 = AtomicU64::new(1);
 
+/// Spans decompressed ahead of a sequential reader.
+const PREFETCH_AHEAD: usize = 2;
+/// A read starting at most this far after the previous one's end counts as sequential.
+const SEQUENTIAL_GAP: u64 = 1 << 20;
+
+/// Prefetches queued or running, process-wide; bounded to the core count so read-ahead
+/// never starves the readers that wait for a span now.
+static PREFETCHING: AtomicUsize = AtomicUsize::new(0);
+
+fn prefetch_limit() -> usize {
+    static LIMIT: OnceLock<usize> = OnceLock::new();
+    *LIMIT.get_or_init(|| std::thread::available_parallelism().map_or(2, |n| n.get()))
+}
+
 /// Random access to one blob. Thread-safe: `read_at` takes `&self`.
+///
+/// When reads move forward through the spans, the next [`PREFETCH_AHEAD`] spans are
+/// decompressed in the background (on rayon's pool, at most one per core at a time), so
+/// decompression overlaps the caller's copy out of the span.
 pub struct BlobReader {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
     name: String,
     file: File,
     local: Option<File>,
@@ -534,14 +571,19 @@ pub struct BlobReader {
     /// Cache identity: unique per reader, so a reused inode can never alias stale spans.
     id: u64,
     decompressed: AtomicU64,
+    /// Where the last read ended (`u64::MAX`: none yet), to spot sequential reads.
+    last_end: AtomicU64,
+    /// Set when the `BlobReader` is dropped: read-ahead still running caches nothing more.
+    closed: AtomicBool,
+    prefetch: bool,
 }
 
 impl std::fmt::Debug for BlobReader {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("BlobReader")
-            .field("blob", &self.name)
-            .field("compression", &self.map.compression)
-            .field("spans", &self.map.span_count())
+            .field("blob", &self.inner.name)
+            .field("compression", &self.inner.map.compression)
+            .field("spans", &self.inner.map.span_count())
             .finish()
     }
 }
@@ -578,64 +620,88 @@ impl BlobReader {
             None
         };
         Ok(BlobReader {
-            name,
-            file,
-            local,
-            map,
-            cache,
-            id: NEXT_READER_ID.fetch_add(1, Ordering::Relaxed),
-            decompressed: AtomicU64::new(0),
+            inner: Arc::new(Inner {
+                name,
+                file,
+                local,
+                map,
+                cache,
+                id: NEXT_READER_ID.fetch_add(1, Ordering::Relaxed),
+                decompressed: AtomicU64::new(0),
+                last_end: AtomicU64::new(u64::MAX),
+                closed: AtomicBool::new(false),
+                prefetch: true,
+            }),
         })
     }
 
+    /// Turns background read-ahead of spans on or off (on by default). Off, a read
+    /// decompresses only the spans it touches.
+    pub fn set_prefetch(&mut self, on: bool) {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.prefetch = on;
+        }
+    }
+
     pub fn map(&self) -> &SpanMap {
-        &self.map
+        &self.inner.map
     }
 
     /// Uncompressed size of the blob.
     pub fn len(&self) -> u64 {
-        self.map.uncompressed_size
+        self.inner.map.uncompressed_size
     }
 
     pub fn is_empty(&self) -> bool {
-        self.map.uncompressed_size == 0
+        self.inner.map.uncompressed_size == 0
     }
 
     /// Reads uncompressed bytes `[offset, offset+buf.len())` (short only at end of stream).
     pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<usize> {
+        let inner = &self.inner;
         let _span =
-            tracing::trace_span!("blob_read_at", blob = %self.name, offset, len = buf.len())
+            tracing::trace_span!("blob_read_at", blob = %inner.name, offset, len = buf.len())
                 .entered();
-        let size = self.map.uncompressed_size;
+        let map = &inner.map;
+        let size = map.uncompressed_size;
         if offset >= size || buf.is_empty() {
             return Ok(0);
         }
         let want = (size - offset).min(buf.len() as u64) as usize;
         let buf = &mut buf[..want];
-        if self.map.compression == Compression::None {
-            return pread_full(&self.file, offset, buf).map_err(|e| {
-                BlobError::io(format!("reading {} at offset {offset}", self.name), e)
+        if map.compression == Compression::None {
+            return pread_full(&inner.file, offset, buf).map_err(|e| {
+                BlobError::io(format!("reading {} at offset {offset}", inner.name), e)
             });
         }
+        let first = map.span_of(offset);
+        if inner.prefetch {
+            let end = offset + want as u64;
+            let prev = inner.last_end.swap(end, Ordering::Relaxed);
+            // Forward from where the previous read ended (past tar headers and small files
+            // nobody read): read ahead.
+            if offset >= prev && offset - prev <= SEQUENTIAL_GAP {
+                let last = map.span_of(end - 1);
+                Inner::prefetch(inner, last + 1..last + 1 + PREFETCH_AHEAD);
+            }
+        }
         let mut done = 0;
-        let mut idx = self.map.span_of(offset);
+        let mut idx = first;
         while done < want {
             let pos = offset + done as u64;
-            let (start, end) = self.map.span_range(idx);
+            let (start, end) = map.span_range(idx);
             if !(start..end).contains(&pos) {
                 return Err(BlobError::BadMap {
-                    blob: self.name.clone(),
+                    blob: inner.name.clone(),
                     msg: format!("no span holds offset {pos}"),
                 });
             }
-            let data = self
-                .cache
-                .get_or_load((self.id, idx), || self.load_span(idx))?;
+            let data = inner.span(idx)?;
             let from = (pos - start) as usize;
             if data.len() < from {
                 return Err(BlobError::Internal(format!(
                     "span {idx} of {} decoded short",
-                    self.name
+                    inner.name
                 )));
             }
             let n = (data.len() - from).min(want - done);
@@ -646,45 +712,116 @@ impl BlobReader {
         Ok(done)
     }
 
-    /// Total uncompressed bytes this reader has decompressed so far.
+    /// Total uncompressed bytes this reader has decompressed so far (prefetches included).
     pub fn decompressed_bytes(&self) -> u64 {
-        self.decompressed.load(Ordering::Relaxed)
+        self.inner.decompressed.load(Ordering::Relaxed)
+    }
+}
+
+impl Inner {
+    fn span(&self, idx: usize) -> Result<SpanData> {
+        self.cache
+            .get_or_load((self.id, idx), &self.closed, || self.load_span(idx))
     }
 
-    fn load_span(&self, idx: usize) -> Result<Arc<[u8]>> {
+    /// Queues background decompression of the spans in `range` not cached or loading yet.
+    fn prefetch(this: &Arc<Inner>, range: std::ops::Range<usize>) {
+        let n = this.map.span_count();
+        for idx in range.start..range.end.min(n) {
+            if this.cache.has((this.id, idx)) {
+                continue;
+            }
+            if PREFETCHING.fetch_add(1, Ordering::AcqRel) >= prefetch_limit() {
+                PREFETCHING.fetch_sub(1, Ordering::AcqRel);
+                return;
+            }
+            let weak = Arc::downgrade(this);
+            rayon::spawn(move || {
+                if let Some(r) = weak.upgrade().filter(|r| !r.closed.load(Ordering::Acquire)) {
+                    if let Err(e) = r.span(idx) {
+                        tracing::debug!(blob = %r.name, idx, error = %e, "prefetch failed");
+                    }
+                }
+                PREFETCHING.fetch_sub(1, Ordering::AcqRel);
+            });
+        }
+    }
+
+    fn load_span(&self, idx: usize) -> Result<SpanData> {
         let (start, end) = self.map.span_range(idx);
         let _span =
             tracing::debug_span!("decompress_span", blob = %self.name, idx, start, end).entered();
-        let len = (end - start) as usize;
-        let data = match &self.map.index {
+        let len = usize::try_from(end - start)
+            .map_err(|_| BlobError::Internal(format!("span {idx} does not fit in memory")))?;
+        let mut out = vec![0u8; len];
+        let csize = self.map.compressed_size;
+        match &self.map.index {
             SpanIndex::Plain => {
                 return Err(BlobError::Internal("plain blobs have no spans".into()));
             }
-            SpanIndex::Gzip(points) => gz::decode_span(
-                &self.file,
-                &self.name,
-                points,
-                idx,
-                len,
-                self.map.compressed_size,
-                &self.decompressed,
-            )?,
+            SpanIndex::Gzip(points) => {
+                let p = points.get(idx).ok_or_else(|| {
+                    BlobError::Internal(format!("no checkpoint {idx} in {}", self.name))
+                })?;
+                gz::decode_span(
+                    &self.file,
+                    &self.name,
+                    p,
+                    &mut out,
+                    csize,
+                    &self.decompressed,
+                )?
+            }
+            SpanIndex::GzipCopy(g) => match g.spans.get(idx) {
+                Some(gz::GzSpan::Point(p)) => gz::decode_span(
+                    &self.file,
+                    &self.name,
+                    p,
+                    &mut out,
+                    csize,
+                    &self.decompressed,
+                )?,
+                Some(gz::GzSpan::Copy { c_off, c_len, .. }) => {
+                    let local = self
+                        .local
+                        .as_ref()
+                        .ok_or_else(|| BlobError::MissingLocalCopy {
+                            blob: self.name.clone(),
+                        })?;
+                    zst::decode_range(
+                        local,
+                        &format!("local copy of {}", self.name),
+                        *c_off,
+                        c_off.saturating_add(*c_len),
+                        0,
+                        &mut out,
+                        &self.decompressed,
+                    )?
+                }
+                None => {
+                    return Err(BlobError::Internal(format!(
+                        "no span {idx} in {}",
+                        self.name
+                    )))
+                }
+            },
             SpanIndex::Zstd(z) => z.decode_span(
                 &self.file,
                 self.local.as_ref(),
                 &self.name,
                 idx,
-                len,
+                &mut out,
                 &self.decompressed,
             )?,
-        };
-        Ok(data.into())
+        }
+        Ok(Arc::new(out))
     }
 }
 
 impl Drop for BlobReader {
     fn drop(&mut self) {
-        self.cache.forget_blob(self.id);
+        self.inner.closed.store(true, Ordering::Release);
+        self.inner.cache.forget_blob(self.inner.id);
     }
 }
 

@@ -709,3 +709,123 @@ fn shared_types_are_send_and_sync() {
     fn send<T: Send + 'static>() {}
     send::<IndexingReader<std::fs::File>>();
 }
+
+/// zlib-rs level 1 ("quick") writes one fixed-Huffman deflate block per gzip stream.
+fn gzip_one_block(data: &[u8]) -> Vec<u8> {
+    let blob = gzip(data, 1);
+    let opts = SpanOptions {
+        span_size: MIN_SPAN_SIZE,
+        local_copy: None,
+    };
+    let (_, map) = index(Compression::Gzip, &blob, opts).expect("pass");
+    assert_eq!(
+        map.span_count(),
+        1,
+        "level 1 wrote more than one deflate block"
+    );
+    blob
+}
+
+#[test]
+fn bound_gzip_one_giant_block_200mib() {
+    let data = big_data();
+    let blob = gzip_one_block(data);
+    check_bound(Compression::Gzip, data, &blob, true);
+}
+
+#[test]
+fn gzip_long_blocks_spill_into_local_copy() {
+    // Members: normal blocks, one long block, normal blocks, and a long block at the very end.
+    let data = make_data(12 << 20, 19);
+    let cuts = [3 << 20, 6 << 20, 8 << 20, data.len()];
+    let mut blob = gzip(&data[..cuts[0]], 6);
+    blob.extend(gzip_one_block(&data[cuts[0]..cuts[1]]));
+    blob.extend(gzip(&data[cuts[1]..cuts[2]], 6));
+    blob.extend(gzip_one_block(&data[cuts[2]..cuts[3]]));
+    let opts = SpanOptions {
+        span_size: SMALL_SPAN,
+        local_copy: Some(PathBuf::new()),
+    };
+    let map = round_trip(Compression::Gzip, &data, &blob, opts);
+    assert!(map.has_local_copy());
+    let SpanIndex::GzipCopy(g) = &map.index else {
+        panic!("no local copy spans in the map");
+    };
+    let copies: Vec<(u64, u64)> = (0..map.span_count())
+        .filter(|&i| matches!(g.spans[i], gz::GzSpan::Copy { .. }))
+        .map(|i| map.span_range(i))
+        .collect();
+    assert!(copies.iter().all(|(a, b)| b - a <= SMALL_SPAN));
+    let covered: u64 = copies.iter().map(|(a, b)| b - a).sum();
+    let long = (cuts[1] - cuts[0] + cuts[3] - cuts[2]) as u64;
+    assert_eq!(covered, long, "exactly the long blocks come from the copy");
+    assert!(copies.iter().any(|&(a, _)| a == cuts[0] as u64));
+    assert!(copies.last().is_some_and(|&(_, b)| b == data.len() as u64));
+    // Checkpoints resume right after the long block.
+    assert!((0..map.span_count()).any(|i| map.span_range(i).0 == cuts[1] as u64));
+}
+
+#[test]
+fn gzip_long_block_without_local_copy_still_reads() {
+    let data = make_data(3 << 20, 20);
+    let blob = gzip_one_block(&data);
+    let opts = SpanOptions {
+        span_size: SMALL_SPAN,
+        local_copy: None,
+    };
+    let map = round_trip(Compression::Gzip, &data, &blob, opts);
+    assert!(!map.has_local_copy());
+}
+
+#[test]
+fn gzip_long_block_copy_needs_the_copy_file() {
+    let data = make_data(2 << 20, 21);
+    let blob = gzip_one_block(&data);
+    let fx = write_blob(&blob);
+    let opts = SpanOptions {
+        span_size: SMALL_SPAN,
+        local_copy: Some(fx.copy.clone()),
+    };
+    let (_, map) = index(Compression::Gzip, &blob, opts).expect("pass");
+    assert!(map.has_local_copy() && fx.copy.exists());
+    let e = BlobReader::open(&fx.blob, Arc::new(map), None, SpanCache::new(1 << 20))
+        .expect_err("no copy");
+    assert!(matches!(e, BlobError::MissingLocalCopy { .. }), "{e}");
+}
+
+#[test]
+fn sequential_reads_prefetch_the_next_spans() {
+    let data = make_data(4 << 20, 22);
+    let blob = zstd_frames(&data, &[SMALL_SPAN as usize]);
+    let fx = write_blob(&blob);
+    let opts = SpanOptions {
+        span_size: SMALL_SPAN,
+        local_copy: None,
+    };
+    let (_, map) = index(Compression::Zstd, &blob, opts).expect("pass");
+    let cache = SpanCache::new(64 << 20);
+    let r = BlobReader::open(&fx.blob, Arc::new(map.clone()), None, cache.clone()).expect("open");
+    check_read(&r, &data, 0, 1000);
+    check_read(&r, &data, 1500, 1000);
+    let ahead = map.span_of(2500) + PREFETCH_AHEAD;
+    let key = (r.inner.id, ahead);
+    let t0 = std::time::Instant::now();
+    while !cache.has(key) && t0.elapsed().as_secs() < 10 {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    assert!(cache.has(key), "span {ahead} was not read ahead");
+    // Random reads do not read ahead.
+    let mut off = r.inner.map.span_range(8).0 + 10;
+    let mut r = BlobReader::open(&fx.blob, Arc::new(map), None, cache.clone()).expect("open");
+    r.set_prefetch(true);
+    for _ in 0..3 {
+        check_read(&r, &data, off, 100);
+        off -= 5000;
+    }
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    assert!(!cache.has((r.inner.id, 9)));
+    // And round trips hold with read-ahead racing the readers.
+    for off in (0..data.len() as u64).step_by(70_000) {
+        check_read(&r, &data, off, 70_000);
+    }
+}

@@ -19,21 +19,19 @@
 //! from the frame start and skip ahead: correct but with unbounded work per read.
 
 use std::fs::File;
-use std::io::{self, BufWriter, Read, Write};
+use std::io::{self, Read};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
-use std::thread::JoinHandle;
 
 use serde::{Deserialize, Serialize};
 use zstd::zstd_safe::{self, DCtx, InBuffer, OutBuffer};
 
+use super::copy::LocalCopy;
 use super::{BlobError, Decode, PreadInput, Result, SpanIndex, SpanMap, SpanOptions};
 
 const ZSTD_MAGIC: u32 = 0xFD2F_B528;
 const SKIPPABLE_MASK: u32 = 0xFFFF_FFF0;
 const SKIPPABLE_MAGIC: u32 = 0x184D_2A50;
-const COPY_LEVEL: i32 = 1;
 const PASS_NAME: &str = "<indexing stream>";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -85,9 +83,9 @@ impl ZstdIndex {
         local: Option<&File>,
         blob: &str,
         idx: usize,
-        len: usize,
+        out: &mut [u8],
         counter: &AtomicU64,
-    ) -> Result<Vec<u8>> {
+    ) -> Result<()> {
         let s = self
             .spans
             .get(idx)
@@ -103,17 +101,7 @@ impl ZstdIndex {
                 0,
             ),
         };
-        let mut out = vec![0u8; len];
-        decode_range(
-            file,
-            &name,
-            s.c_off,
-            s.c_off + s.c_len,
-            skip,
-            &mut out,
-            counter,
-        )?;
-        Ok(out)
+        decode_range(file, &name, s.c_off, s.c_off + s.c_len, skip, out, counter)
     }
 }
 
@@ -126,7 +114,7 @@ fn zerr(blob: &str, offset: u64, code: usize) -> BlobError {
 }
 
 /// Decodes the frames in `[start, end)` of `file`, drops `skip` bytes, fills `out` exactly.
-fn decode_range(
+pub(super) fn decode_range(
     file: &File,
     name: &str,
     start: u64,
@@ -403,7 +391,12 @@ impl<R: Read> ZstdIndexer<R> {
         if let Some(c) = self.copy.take() {
             let (table, size) = c.finish()?;
             local_copy_size = size;
-            spans.extend(table);
+            spans.extend(table.into_iter().map(|f| ZSpan {
+                u_off: f.u_off,
+                c_off: f.c_off,
+                c_len: f.c_len,
+                src: Source::LocalCopy,
+            }));
             spans.sort_by_key(|s| s.u_off);
         }
         Ok(SpanMap {
@@ -498,166 +491,4 @@ impl<R: Read> Decode for ZstdIndexer<R> {
             }
         }
     }
-}
-
-/// (compressed offset, compressed length) of each frame in the local copy.
-type FrameTable = Vec<(u64, u64)>;
-
-/// The local seekable copy: chunks of `span_size` go to a compressor thread, which appends
-/// each as an independent frame to a temp file beside the destination.
-struct LocalCopy {
-    dest: PathBuf,
-    tmp: tempfile::NamedTempFile,
-    span_size: u64,
-    tx: Option<SyncSender<Vec<u8>>>,
-    worker: Option<JoinHandle<io::Result<FrameTable>>>,
-    chunk: Vec<u8>,
-    /// Uncompressed offset of `chunk[0]`, and of every chunk sent so far, in order.
-    chunk_u_off: u64,
-    sent_u_offs: Vec<u64>,
-}
-
-impl LocalCopy {
-    fn create(dest: PathBuf, span_size: u64) -> Result<Self> {
-        let dir = match dest.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
-        std::fs::create_dir_all(&dir)
-            .map_err(|e| BlobError::io(format!("creating {}", dir.display()), e))?;
-        let tmp = tempfile::Builder::new()
-            .prefix(".lazysnap-copy-")
-            .tempfile_in(&dir)
-            .map_err(|e| BlobError::io(format!("creating local copy in {}", dir.display()), e))?;
-        let file = tmp
-            .as_file()
-            .try_clone()
-            .map_err(|e| BlobError::io("cloning local copy handle", e))?;
-        let (tx, rx) = sync_channel::<Vec<u8>>(2);
-        let worker = std::thread::Builder::new()
-            .name("lazysnap-zstd-copy".into())
-            .spawn(move || compress_worker(rx, file))
-            .map_err(|e| BlobError::io("starting local copy compressor", e))?;
-        tracing::debug!(dest = %dest.display(), "zstd frame too big to enter: writing a local seekable copy");
-        Ok(LocalCopy {
-            dest,
-            tmp,
-            span_size,
-            tx: Some(tx),
-            worker: Some(worker),
-            chunk: Vec::new(),
-            chunk_u_off: 0,
-            sent_u_offs: Vec::new(),
-        })
-    }
-
-    fn start_frame(&mut self, u_off: u64) {
-        self.chunk_u_off = u_off;
-    }
-
-    fn push(&mut self, mut data: &[u8]) -> Result<()> {
-        let span = self.span_size as usize;
-        while !data.is_empty() {
-            if self.chunk.capacity() == 0 {
-                self.chunk.reserve_exact(span);
-            }
-            let take = (span - self.chunk.len()).min(data.len());
-            self.chunk.extend_from_slice(&data[..take]);
-            data = &data[take..];
-            if self.chunk.len() == span {
-                self.send()?;
-            }
-        }
-        Ok(())
-    }
-
-    fn end_frame(&mut self) -> Result<()> {
-        if !self.chunk.is_empty() {
-            self.send()?;
-        }
-        Ok(())
-    }
-
-    fn send(&mut self) -> Result<()> {
-        let chunk = std::mem::take(&mut self.chunk);
-        let len = chunk.len() as u64;
-        self.sent_u_offs.push(self.chunk_u_off);
-        self.chunk_u_off += len;
-        let ok = self.tx.as_ref().is_some_and(|tx| tx.send(chunk).is_ok());
-        if !ok {
-            // The worker stopped: its error says why.
-            return Err(self
-                .join()
-                .err()
-                .unwrap_or_else(|| BlobError::Internal("local copy compressor stopped".into())));
-        }
-        Ok(())
-    }
-
-    fn join(&mut self) -> Result<FrameTable> {
-        self.tx = None;
-        let Some(w) = self.worker.take() else {
-            return Err(BlobError::Internal(
-                "local copy compressor already joined".into(),
-            ));
-        };
-        match w.join() {
-            Ok(r) => r.map_err(|e| {
-                BlobError::io(format!("writing local copy for {}", self.dest.display()), e)
-            }),
-            Err(_) => Err(BlobError::Internal("local copy compressor panicked".into())),
-        }
-    }
-
-    /// Waits for the compressor, fsyncs and renames the copy into place.
-    fn finish(mut self) -> Result<(Vec<ZSpan>, u64)> {
-        let table = self.join()?;
-        if table.len() != self.sent_u_offs.len() {
-            return Err(BlobError::Internal(
-                "local copy frame table is incomplete".into(),
-            ));
-        }
-        let size = table.last().map_or(0, |(o, l)| o + l);
-        let ctx = |what: &str| format!("{what} local copy {}", self.dest.display());
-        self.tmp
-            .as_file()
-            .sync_all()
-            .map_err(|e| BlobError::io(ctx("syncing"), e))?;
-        self.tmp
-            .persist(&self.dest)
-            .map_err(|e| BlobError::io(ctx("renaming"), e.error))?;
-        if let Some(dir) = self.dest.parent().filter(|d| !d.as_os_str().is_empty()) {
-            File::open(dir)
-                .and_then(|d| d.sync_all())
-                .map_err(|e| BlobError::io(ctx("syncing directory of"), e))?;
-        }
-        let spans = self
-            .sent_u_offs
-            .iter()
-            .zip(table)
-            .map(|(&u_off, (c_off, c_len))| ZSpan {
-                u_off,
-                c_off,
-                c_len,
-                src: Source::LocalCopy,
-            })
-            .collect();
-        Ok((spans, size))
-    }
-}
-
-fn compress_worker(rx: Receiver<Vec<u8>>, file: File) -> io::Result<FrameTable> {
-    let mut comp = zstd::bulk::Compressor::new(COPY_LEVEL)?;
-    comp.set_parameter(zstd::zstd_safe::CParameter::ChecksumFlag(true))?;
-    let mut w = BufWriter::with_capacity(1 << 20, file);
-    let mut table = Vec::new();
-    let mut off = 0u64;
-    for chunk in rx {
-        let frame = comp.compress(&chunk)?;
-        w.write_all(&frame)?;
-        table.push((off, frame.len() as u64));
-        off += frame.len() as u64;
-    }
-    w.flush()?;
-    Ok(table)
 }

@@ -1,0 +1,175 @@
+//! The upper directory as the merged view reads it: an OCI layer in directory form.
+//! `.wh.NAME` (an empty regular file) deletes NAME below, `.wh..wh..opq` inside a directory
+//! hides everything below it, and any other `.wh.*` name (temp files of copy-up) is never shown.
+
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::Arc;
+
+use crate::host::{self, HostId};
+use crate::layer::{NodeAttr, NodeKind, Timestamp};
+use crate::merge::Xattrs;
+use crate::ownership::{self, Override, PRIVATE_PREFIX};
+
+/// Prefix of whiteout files.
+pub const WH_PREFIX: &[u8] = b".wh.";
+/// The opaque marker.
+pub const OPAQUE: &[u8] = b".wh..wh..opq";
+
+/// The writable upper directory of a mount.
+#[derive(Debug)]
+pub struct Upper {
+    pub root: Arc<OwnedFd>,
+    pub root_id: HostId,
+    /// Record ownership and modes in [`ownership::OVERRIDE_XATTR`] instead of applying them.
+    pub xattr_owner: bool,
+}
+
+impl Upper {
+    pub fn open(path: &std::path::Path, record_in_xattr: bool) -> io::Result<Upper> {
+        let root = host::open_root(path)?;
+        let root_id = host::host_id(&host::stat_fd(root.as_fd())?);
+        Ok(Upper {
+            root: Arc::new(root),
+            root_id,
+            xattr_owner: record_in_xattr || !host::is_root(),
+        })
+    }
+}
+
+/// One visible entry of an upper directory.
+#[derive(Debug)]
+pub struct ScanEntry {
+    pub name: Box<[u8]>,
+    pub kind: NodeKind,
+    pub id: HostId,
+}
+
+/// An upper directory read for merging.
+#[derive(Debug, Default)]
+pub struct Scan {
+    pub entries: Vec<ScanEntry>,
+    /// Names whited out (the part after `.wh.`).
+    pub whiteouts: Vec<Box<[u8]>>,
+    pub opaque: bool,
+}
+
+pub fn kind_of(mode: u32) -> NodeKind {
+    match mode & libc::S_IFMT {
+        libc::S_IFDIR => NodeKind::Dir,
+        libc::S_IFLNK => NodeKind::Symlink,
+        libc::S_IFCHR => NodeKind::CharDev,
+        libc::S_IFBLK => NodeKind::BlockDev,
+        libc::S_IFIFO => NodeKind::Fifo,
+        libc::S_IFSOCK => NodeKind::Socket,
+        _ => NodeKind::File,
+    }
+}
+
+pub fn mode_bits(kind: NodeKind) -> u32 {
+    match kind {
+        NodeKind::File => libc::S_IFREG,
+        NodeKind::Dir => libc::S_IFDIR,
+        NodeKind::Symlink => libc::S_IFLNK,
+        NodeKind::CharDev => libc::S_IFCHR,
+        NodeKind::BlockDev => libc::S_IFBLK,
+        NodeKind::Fifo => libc::S_IFIFO,
+        NodeKind::Socket => libc::S_IFSOCK,
+    }
+}
+
+/// True for names a user may not create: OCI layers cannot carry them.
+pub fn is_reserved(name: &[u8]) -> bool {
+    name.starts_with(WH_PREFIX)
+}
+
+pub fn scan_dir(dir: BorrowedFd<'_>) -> io::Result<Scan> {
+    let mut scan = Scan::default();
+    for name in host::list_dir(dir)? {
+        if name == OPAQUE {
+            scan.opaque = true;
+            continue;
+        }
+        if let Some(hidden) = name.strip_prefix(WH_PREFIX) {
+            if !hidden.is_empty() && !hidden.starts_with(WH_PREFIX) {
+                scan.whiteouts.push(hidden.into());
+            }
+            continue;
+        }
+        // Gone since the listing: skip.
+        let Some(st) = host::stat_at(dir, &name)? else {
+            continue;
+        };
+        let mut kind = kind_of(st.st_mode);
+        // Special files made without root are empty regular files carrying their real type.
+        if kind == NodeKind::File && st.st_size == 0 {
+            if let Ok(fd) = host::open_path(dir, &name) {
+                if let Some(o) = ownership::read_override_fd(fd.as_fd()) {
+                    kind = kind_of(o.mode);
+                }
+            }
+        }
+        scan.entries.push(ScanEntry {
+            name: name.into(),
+            kind,
+            id: host::host_id(&st),
+        });
+    }
+    Ok(scan)
+}
+
+fn ts(sec: i64, nsec: i64) -> Timestamp {
+    Timestamp {
+        sec,
+        nsec: nsec.clamp(0, 999_999_999) as u32,
+    }
+}
+
+/// The attributes of an upper entry (override applied) and its 512-byte block count. nlink is
+/// the host's; the caller fixes it for directories.
+pub fn attr(fd: BorrowedFd<'_>) -> io::Result<(NodeAttr, u64)> {
+    let st = host::stat_fd(fd)?;
+    let mut a = NodeAttr {
+        kind: kind_of(st.st_mode),
+        perm: st.st_mode & 0o7777,
+        uid: st.st_uid,
+        gid: st.st_gid,
+        size: st.st_size as u64,
+        mtime: ts(st.st_mtime, st.st_mtime_nsec),
+        atime: ts(st.st_atime, st.st_atime_nsec),
+        ctime: ts(st.st_ctime, st.st_ctime_nsec),
+        rdev: st.st_rdev,
+        nlink: st.st_nlink as u32,
+    };
+    if matches!(a.kind, NodeKind::File | NodeKind::Dir) {
+        if let Some(o) = ownership::read_override_fd(fd) {
+            apply_override(&mut a, &o);
+        }
+    }
+    Ok((a, st.st_blocks as u64))
+}
+
+pub fn apply_override(a: &mut NodeAttr, o: &Override) {
+    a.uid = o.uid;
+    a.gid = o.gid;
+    a.perm = o.mode & 0o7777;
+    let kind = kind_of(o.mode);
+    if kind != a.kind && a.kind == NodeKind::File && a.size == 0 {
+        a.kind = kind;
+        a.rdev = o.rdev;
+    }
+}
+
+/// The visible xattrs of an upper entry (the filesystem's own hidden).
+pub fn xattrs(fd: BorrowedFd<'_>) -> io::Result<Xattrs> {
+    let mut out = Vec::new();
+    for name in host::list_xattrs(fd)? {
+        if name.starts_with(PRIVATE_PREFIX) {
+            continue;
+        }
+        if let Some(v) = host::get_xattr(fd, &name)? {
+            out.push((name, v));
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,183 @@
+//! The local seekable copy: uncompressed data of regions that cannot be entered in the blob
+//! (zstd frames too big to enter, gzip deflate blocks longer than a span), re-compressed in
+//! `span_size` chunks, each an independent zstd frame (level 1, with checksum), on a second
+//! thread. Written to a temp file beside the destination, fsynced and renamed at the end.
+
+use std::fs::File;
+use std::io::{self, BufWriter, Write};
+use std::path::PathBuf;
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::thread::JoinHandle;
+
+use super::{BlobError, Result};
+
+const COPY_LEVEL: i32 = 1;
+
+/// One frame of the local copy: where its data sits in the uncompressed blob and in the copy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct CopyFrame {
+    pub(super) u_off: u64,
+    pub(super) c_off: u64,
+    pub(super) c_len: u64,
+}
+
+/// (compressed offset, compressed length) of each frame in the local copy.
+type FrameTable = Vec<(u64, u64)>;
+
+/// The local seekable copy: chunks of `span_size` go to a compressor thread, which appends
+/// each as an independent frame to a temp file beside the destination.
+pub(super) struct LocalCopy {
+    dest: PathBuf,
+    tmp: tempfile::NamedTempFile,
+    span_size: u64,
+    tx: Option<SyncSender<Vec<u8>>>,
+    worker: Option<JoinHandle<io::Result<FrameTable>>>,
+    chunk: Vec<u8>,
+    /// Uncompressed offset of `chunk[0]`, and of every chunk sent so far, in order.
+    chunk_u_off: u64,
+    sent_u_offs: Vec<u64>,
+}
+
+impl LocalCopy {
+    pub(super) fn create(dest: PathBuf, span_size: u64) -> Result<Self> {
+        let dir = match dest.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| BlobError::io(format!("creating {}", dir.display()), e))?;
+        let tmp = tempfile::Builder::new()
+            .prefix(".lazysnap-copy-")
+            .tempfile_in(&dir)
+            .map_err(|e| BlobError::io(format!("creating local copy in {}", dir.display()), e))?;
+        let file = tmp
+            .as_file()
+            .try_clone()
+            .map_err(|e| BlobError::io("cloning local copy handle", e))?;
+        let (tx, rx) = sync_channel::<Vec<u8>>(2);
+        let worker = std::thread::Builder::new()
+            .name("lazysnap-copy".into())
+            .spawn(move || compress_worker(rx, file))
+            .map_err(|e| BlobError::io("starting local copy compressor", e))?;
+        tracing::debug!(dest = %dest.display(), "writing a local seekable copy");
+        Ok(LocalCopy {
+            dest,
+            tmp,
+            span_size,
+            tx: Some(tx),
+            worker: Some(worker),
+            chunk: Vec::new(),
+            chunk_u_off: 0,
+            sent_u_offs: Vec::new(),
+        })
+    }
+
+    pub(super) fn start_frame(&mut self, u_off: u64) {
+        self.chunk_u_off = u_off;
+    }
+
+    pub(super) fn push(&mut self, mut data: &[u8]) -> Result<()> {
+        let span = self.span_size as usize;
+        while !data.is_empty() {
+            if self.chunk.capacity() == 0 {
+                self.chunk.reserve_exact(span);
+            }
+            let take = (span - self.chunk.len()).min(data.len());
+            self.chunk.extend_from_slice(&data[..take]);
+            data = &data[take..];
+            if self.chunk.len() == span {
+                self.send()?;
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) fn end_frame(&mut self) -> Result<()> {
+        if !self.chunk.is_empty() {
+            self.send()?;
+        }
+        Ok(())
+    }
+
+    fn send(&mut self) -> Result<()> {
+        let chunk = std::mem::take(&mut self.chunk);
+        let len = chunk.len() as u64;
+        self.sent_u_offs.push(self.chunk_u_off);
+        self.chunk_u_off += len;
+        let ok = self.tx.as_ref().is_some_and(|tx| tx.send(chunk).is_ok());
+        if !ok {
+            // The worker stopped: its error says why.
+            return Err(self
+                .join()
+                .err()
+                .unwrap_or_else(|| BlobError::Internal("local copy compressor stopped".into())));
+        }
+        Ok(())
+    }
+
+    fn join(&mut self) -> Result<FrameTable> {
+        self.tx = None;
+        let Some(w) = self.worker.take() else {
+            return Err(BlobError::Internal(
+                "local copy compressor already joined".into(),
+            ));
+        };
+        match w.join() {
+            Ok(r) => r.map_err(|e| {
+                BlobError::io(format!("writing local copy for {}", self.dest.display()), e)
+            }),
+            Err(_) => Err(BlobError::Internal("local copy compressor panicked".into())),
+        }
+    }
+
+    /// Waits for the compressor, fsyncs and renames the copy into place.
+    pub(super) fn finish(mut self) -> Result<(Vec<CopyFrame>, u64)> {
+        let table = self.join()?;
+        if table.len() != self.sent_u_offs.len() {
+            return Err(BlobError::Internal(
+                "local copy frame table is incomplete".into(),
+            ));
+        }
+        let size = table.last().map_or(0, |(o, l)| o + l);
+        let ctx = |what: &str| format!("{what} local copy {}", self.dest.display());
+        self.tmp
+            .as_file()
+            .sync_all()
+            .map_err(|e| BlobError::io(ctx("syncing"), e))?;
+        self.tmp
+            .persist(&self.dest)
+            .map_err(|e| BlobError::io(ctx("renaming"), e.error))?;
+        if let Some(dir) = self.dest.parent().filter(|d| !d.as_os_str().is_empty()) {
+            File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(|e| BlobError::io(ctx("syncing directory of"), e))?;
+        }
+        let spans = self
+            .sent_u_offs
+            .iter()
+            .zip(table)
+            .map(|(&u_off, (c_off, c_len))| CopyFrame {
+                u_off,
+                c_off,
+                c_len,
+            })
+            .collect();
+        Ok((spans, size))
+    }
+}
+
+fn compress_worker(rx: Receiver<Vec<u8>>, file: File) -> io::Result<FrameTable> {
+    let mut comp = zstd::bulk::Compressor::new(COPY_LEVEL)?;
+    comp.set_parameter(zstd::zstd_safe::CParameter::ChecksumFlag(true))?;
+    let mut w = BufWriter::with_capacity(1 << 20, file);
+    let mut table = Vec::new();
+    let mut off = 0u64;
+    for chunk in rx {
+        let frame = comp.compress(&chunk)?;
+        w.write_all(&frame)?;
+        table.push((off, frame.len() as u64));
+        off += frame.len() as u64;
+    }
+    w.flush()?;
+    Ok(table)
+}

@@ -1,0 +1,392 @@
+//! Commit: the upper directory of an active snapshot becomes a layer. The upper already is an
+//! OCI layer in directory form (`.wh.NAME` whiteouts, `.wh..wh..opq` opaque markers), so this
+//! tars it (PAX: xattrs, nanosecond times; hardlinks kept), compresses it, stores the blob and
+//! indexes it like any imported layer. The upper is walked only through directory fds and
+//! `*at()` calls with `O_NOFOLLOW`: a symlink in the snapshot never leads outside it.
+
+use std::collections::HashMap;
+use std::ffi::{CStr, CString, OsStr};
+use std::fs::File;
+use std::io::{self, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{bail, Context as _};
+use sha2::{Digest as _, Sha256};
+
+use crate::blob::Compression;
+use crate::digest::Digest;
+use crate::image::resolve::Desc;
+use crate::image::LayerDesc;
+use crate::meta::{BlobRow, ChainRow, LayerRow};
+use crate::root::Root;
+use crate::unpack::{index_blob, UnpackProgress};
+
+/// The owner/mode a rootless mount recorded for a file it could not really chown/chmod.
+pub const OVERRIDE_XATTR: &str = "user.lazysnap.override";
+
+pub struct Made {
+    pub layer: LayerRow,
+    pub blob: BlobRow,
+    pub chain: ChainRow,
+}
+
+/// Hashes (diffID) and counts the uncompressed tar stream on its way to the compressor.
+struct DiffWriter<W: Write> {
+    inner: W,
+    hasher: Sha256,
+    size: u64,
+}
+
+impl<W: Write> Write for DiffWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.size += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+pub fn media_type(c: Compression) -> &'static str {
+    match c {
+        Compression::None => "application/vnd.oci.image.layer.v1.tar",
+        Compression::Gzip => "application/vnd.oci.image.layer.v1.tar+gzip",
+        Compression::Zstd => "application/vnd.oci.image.layer.v1.tar+zstd",
+    }
+}
+
+/// Tars `upper` into a new layer blob on top of `parent_chain`, indexes it, and returns the
+/// rows to record (the caller records them in one transaction with the snapshot).
+pub fn commit_upper(
+    root: &mut Root,
+    upper: &Path,
+    parent_chain: Option<&str>,
+    compression: Compression,
+) -> anyhow::Result<Made> {
+    let blob_writer = root.store.writer()?;
+    let (blob_digest, blob_size, diff_id) = match compression {
+        Compression::Zstd => {
+            let enc = zstd::Encoder::new(blob_writer, 3)?;
+            let (enc, diff) = write_tar(upper, enc)?;
+            let (d, s) = enc.finish()?.commit()?;
+            (d, s, diff)
+        }
+        Compression::Gzip => {
+            let enc = flate2::write::GzEncoder::new(blob_writer, flate2::Compression::new(6));
+            let (enc, diff) = write_tar(upper, enc)?;
+            let (d, s) = enc.finish()?.commit()?;
+            (d, s, diff)
+        }
+        Compression::None => {
+            let (w, diff) = write_tar(upper, blob_writer)?;
+            let (d, s) = w.commit()?;
+            (d, s, diff)
+        }
+    };
+    let layer = LayerDesc {
+        desc: Desc {
+            media_type: media_type(compression).to_string(),
+            digest: blob_digest.clone(),
+            size: blob_size,
+        },
+        compression,
+        diff_id: diff_id.clone(),
+    };
+    let indexed = index_blob(
+        &root.path,
+        &root.store.blob_path(&blob_digest),
+        &layer,
+        Arc::new(UnpackProgress::default()),
+    )?;
+    let (chain_id, depth) = match parent_chain {
+        None => (diff_id.clone(), 1),
+        Some(p) => {
+            let parent = root
+                .meta
+                .chain(p)?
+                .with_context(|| format!("parent chain {p} is not recorded"))?;
+            let mut ids = vec![Digest::parse(p)?, diff_id.clone()];
+            // chain(n) = sha256(chain(n-1) + " " + diff(n)); chain_ids does exactly that
+            // when the first element is already a chain ID.
+            ids = Digest::chain_ids(&ids);
+            (ids[1].clone(), parent.depth + 1)
+        }
+    };
+    Ok(Made {
+        layer: indexed.layer,
+        blob: indexed.blob,
+        chain: ChainRow {
+            chain_id: chain_id.to_string(),
+            parent: parent_chain.map(str::to_string),
+            diff_id: diff_id.to_string(),
+            blob_digest: blob_digest.to_string(),
+            depth,
+        },
+    })
+}
+
+fn write_tar<W: Write>(upper: &Path, out: W) -> anyhow::Result<(W, Digest)> {
+    let dir = open_dir_nofollow(libc::AT_FDCWD, &path_cstring(upper.as_os_str())?)
+        .with_context(|| format!("opening upper {}", upper.display()))?;
+    let diff = DiffWriter {
+        inner: out,
+        hasher: Sha256::new(),
+        size: 0,
+    };
+    let mut builder = tar::Builder::new(diff);
+    builder.mode(tar::HeaderMode::Complete);
+    let mut links: HashMap<(u64, u64), Vec<u8>> = HashMap::new();
+    walk(&dir, b"", &mut builder, &mut links)?;
+    let diff = builder.into_inner()?;
+    let digest = Digest::sha256_from_bytes(diff.hasher.finalize().into());
+    Ok((diff.inner, digest))
+}
+
+fn path_cstring(p: &OsStr) -> anyhow::Result<CString> {
+    CString::new(p.as_bytes()).context("path contains a NUL byte")
+}
+
+fn open_dir_nofollow(dirfd: i32, name: &CStr) -> io::Result<OwnedFd> {
+    // SAFETY: plain syscall; the fd is owned on success.
+    let fd = unsafe {
+        libc::openat(
+            dirfd,
+            name.as_ptr(),
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh descriptor we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn fstatat(dirfd: i32, name: &CStr) -> io::Result<libc::stat> {
+    // SAFETY: stat is plain data written by the kernel.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    let r = unsafe { libc::fstatat(dirfd, name.as_ptr(), &mut st, libc::AT_SYMLINK_NOFOLLOW) };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(st)
+}
+
+/// Lists a directory's entries (sorted, without . and ..) through its fd.
+fn list_dir(dir: &OwnedFd) -> io::Result<Vec<Vec<u8>>> {
+    // Read through /proc/self/fd so no path of the host is involved.
+    let mut names: Vec<Vec<u8>> = std::fs::read_dir(format!("/proc/self/fd/{}", dir.as_raw_fd()))?
+        .map(|e| e.map(|e| e.file_name().as_bytes().to_vec()))
+        .collect::<io::Result<_>>()?;
+    names.sort();
+    Ok(names)
+}
+
+/// xattrs of `name` in `dirfd` (not following a symlink), as (name, value).
+fn xattrs_at(dirfd: i32, name: &[u8]) -> io::Result<Vec<(String, Vec<u8>)>> {
+    let mut path = format!("/proc/self/fd/{dirfd}/").into_bytes();
+    path.extend_from_slice(name);
+    let cpath = CString::new(path).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: size probe then read into a buffer of that size.
+    let len = unsafe { libc::llistxattr(cpath.as_ptr(), std::ptr::null_mut(), 0) };
+    if len < 0 {
+        let e = io::Error::last_os_error();
+        return match e.raw_os_error() {
+            Some(libc::ENOTSUP) => Ok(Vec::new()),
+            _ => Err(e),
+        };
+    }
+    let mut list = vec![0u8; len as usize];
+    let len = unsafe { libc::llistxattr(cpath.as_ptr(), list.as_mut_ptr().cast(), list.len()) };
+    if len < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    list.truncate(len as usize);
+    let mut out = Vec::new();
+    for key in list.split(|&b| b == 0).filter(|k| !k.is_empty()) {
+        let ckey = CString::new(key).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        let vlen =
+            unsafe { libc::lgetxattr(cpath.as_ptr(), ckey.as_ptr(), std::ptr::null_mut(), 0) };
+        if vlen < 0 {
+            continue;
+        }
+        let mut value = vec![0u8; vlen as usize];
+        let vlen = unsafe {
+            libc::lgetxattr(
+                cpath.as_ptr(),
+                ckey.as_ptr(),
+                value.as_mut_ptr().cast(),
+                value.len(),
+            )
+        };
+        if vlen < 0 {
+            continue;
+        }
+        value.truncate(vlen as usize);
+        out.push((String::from_utf8_lossy(key).into_owned(), value));
+    }
+    Ok(out)
+}
+
+/// uid, gid, mode (permission bits) and rdev a rootless mount recorded, if any.
+fn parse_override(v: &[u8]) -> Option<(u32, u32, u32, Option<(u32, u32)>)> {
+    let s = std::str::from_utf8(v).ok()?;
+    let parts: Vec<&str> = s.trim().split(':').collect();
+    let uid = parts.first()?.parse().ok()?;
+    let gid = parts.get(1)?.parse().ok()?;
+    let mode = u32::from_str_radix(parts.get(2)?, 8).ok()?;
+    let dev = match (parts.get(3), parts.get(4)) {
+        (Some(a), Some(b)) => Some((a.parse().ok()?, b.parse().ok()?)),
+        _ => None,
+    };
+    Some((uid, gid, mode, dev))
+}
+
+fn walk<W: Write>(
+    dir: &OwnedFd,
+    prefix: &[u8],
+    builder: &mut tar::Builder<W>,
+    links: &mut HashMap<(u64, u64), Vec<u8>>,
+) -> anyhow::Result<()> {
+    for name in list_dir(dir)? {
+        let cname = CString::new(name.clone()).context("file name with NUL")?;
+        let st = fstatat(dir.as_raw_fd(), &cname)?;
+        let mut path = prefix.to_vec();
+        path.extend_from_slice(&name);
+        let fmt = st.st_mode & libc::S_IFMT;
+        let mut xattrs = xattrs_at(dir.as_raw_fd(), &name)?;
+        let mut uid = st.st_uid;
+        let mut gid = st.st_gid;
+        let mut perm = st.st_mode & 0o7777;
+        let mut rdev = (libc::major(st.st_rdev), libc::minor(st.st_rdev));
+        if let Some(pos) = xattrs.iter().position(|(k, _)| k == OVERRIDE_XATTR) {
+            let (_, v) = xattrs.remove(pos);
+            if let Some((u, g, m, d)) = parse_override(&v) {
+                uid = u;
+                gid = g;
+                perm = m & 0o7777;
+                if let Some(d) = d {
+                    rdev = d;
+                }
+            }
+        }
+        xattrs.retain(|(k, _)| !k.starts_with("user.lazysnap."));
+
+        let mut header = tar::Header::new_gnu();
+        header.set_uid(u64::from(uid));
+        header.set_gid(u64::from(gid));
+        header.set_mode(perm);
+        header.set_mtime(st.st_mtime.max(0) as u64);
+        header.set_size(0);
+        let mut pax: Vec<(String, Vec<u8>)> = Vec::new();
+        pax.push((
+            "mtime".into(),
+            format!("{}.{:09}", st.st_mtime, st.st_mtime_nsec).into_bytes(),
+        ));
+        for (k, v) in &xattrs {
+            pax.push((format!("SCHILY.xattr.{k}"), v.clone()));
+        }
+        if uid > 0o7777777 {
+            pax.push(("uid".into(), uid.to_string().into_bytes()));
+        }
+        if gid > 0o7777777 {
+            pax.push(("gid".into(), gid.to_string().into_bytes()));
+        }
+        let key = (st.st_dev, st.st_ino);
+        if fmt != libc::S_IFDIR && st.st_nlink > 1 {
+            if let Some(first) = links.get(&key) {
+                builder
+                    .append_pax_extensions(pax.iter().map(|(k, v)| (k.as_str(), v.as_slice())))?;
+                header.set_entry_type(tar::EntryType::Link);
+                builder.append_link(
+                    &mut header,
+                    OsStr::from_bytes(&path),
+                    OsStr::from_bytes(first),
+                )?;
+                continue;
+            }
+            links.insert(key, path.clone());
+        }
+        builder.append_pax_extensions(pax.iter().map(|(k, v)| (k.as_str(), v.as_slice())))?;
+        match fmt {
+            libc::S_IFDIR => {
+                header.set_entry_type(tar::EntryType::Directory);
+                let mut p = path.clone();
+                p.push(b'/');
+                builder.append_data(&mut header, OsStr::from_bytes(&p), io::empty())?;
+                let sub = open_dir_nofollow(dir.as_raw_fd(), &cname)?;
+                walk(&sub, &[path.as_slice(), b"/"].concat(), builder, links)?;
+            }
+            libc::S_IFREG => {
+                // SAFETY: plain syscall; the fd is owned on success.
+                let fd = unsafe {
+                    libc::openat(
+                        dir.as_raw_fd(),
+                        cname.as_ptr(),
+                        libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+                    )
+                };
+                if fd < 0 {
+                    return Err(io::Error::last_os_error())
+                        .with_context(|| format!("opening {}", String::from_utf8_lossy(&path)));
+                }
+                // SAFETY: fresh fd we own.
+                let file = unsafe { File::from_raw_fd(fd) };
+                let size = file.metadata()?.len();
+                header.set_entry_type(tar::EntryType::Regular);
+                header.set_size(size);
+                builder.append_data(
+                    &mut header,
+                    OsStr::from_bytes(&path),
+                    io::Read::take(file, size),
+                )?;
+            }
+            libc::S_IFLNK => {
+                let mut buf = vec![0u8; libc::PATH_MAX as usize + 1];
+                // SAFETY: readlinkat writes at most buf.len() bytes.
+                let n = unsafe {
+                    libc::readlinkat(
+                        dir.as_raw_fd(),
+                        cname.as_ptr(),
+                        buf.as_mut_ptr().cast(),
+                        buf.len(),
+                    )
+                };
+                if n < 0 {
+                    return Err(io::Error::last_os_error().into());
+                }
+                buf.truncate(n as usize);
+                header.set_entry_type(tar::EntryType::Symlink);
+                builder.append_link(
+                    &mut header,
+                    OsStr::from_bytes(&path),
+                    OsStr::from_bytes(&buf),
+                )?;
+            }
+            libc::S_IFCHR | libc::S_IFBLK | libc::S_IFIFO => {
+                header.set_entry_type(match fmt {
+                    libc::S_IFCHR => tar::EntryType::Char,
+                    libc::S_IFBLK => tar::EntryType::Block,
+                    _ => tar::EntryType::Fifo,
+                });
+                header.set_device_major(rdev.0)?;
+                header.set_device_minor(rdev.1)?;
+                builder.append_data(&mut header, OsStr::from_bytes(&path), io::empty())?;
+            }
+            libc::S_IFSOCK => {
+                // Sockets cannot be carried by tar; containerd skips them too.
+                continue;
+            }
+            _ => bail!(
+                "unsupported file type in upper: {}",
+                String::from_utf8_lossy(&path)
+            ),
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,503 @@
+//! containerd's `Snapshotter` contract over the metadata store: key space, kinds, parent rules,
+//! commit, remove, walk with filters, usage, labels, cleanup. It only orchestrates: metadata
+//! lives in [`crate::meta`], layers are made by [`commit`], filesystems are mounted by a
+//! [`Mounter`] (daemons for the CLI, in-process for `serve`).
+
+pub mod commit;
+pub mod filter;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+use tracing::{info_span, warn};
+
+use crate::blob::Compression;
+use crate::meta::{MetaError, SnapshotRow};
+use crate::root::Root;
+
+pub use filter::Filter;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    View,
+    Active,
+    Committed,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::View => "view",
+            Kind::Active => "active",
+            Kind::Committed => "committed",
+        }
+    }
+
+    fn from_meta(s: &str) -> Kind {
+        match s {
+            "view" => Kind::View,
+            "active" => Kind::Active,
+            _ => Kind::Committed,
+        }
+    }
+}
+
+/// containerd's `snapshots.Info`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Info {
+    pub name: String,
+    /// "" when the snapshot has no parent.
+    pub parent: String,
+    pub kind: Kind,
+    pub labels: BTreeMap<String, String>,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+impl From<&SnapshotRow> for Info {
+    fn from(r: &SnapshotRow) -> Self {
+        Info {
+            name: r.key.clone(),
+            parent: r.parent.clone().unwrap_or_default(),
+            kind: Kind::from_meta(&r.kind),
+            labels: r.labels.clone(),
+            created_at: r.created_at,
+            updated_at: r.updated_at,
+        }
+    }
+}
+
+/// containerd's `mount.Mount`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Mount {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub source: String,
+    pub options: Vec<String>,
+}
+
+/// containerd's `snapshots.Usage`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
+pub struct Usage {
+    pub size: i64,
+    pub inodes: i64,
+}
+
+/// Errors that map onto containerd's errdefs.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("not found: {0}")]
+    NotFound(String),
+    #[error("already exists: {0}")]
+    AlreadyExists(String),
+    #[error("failed precondition: {0}")]
+    FailedPrecondition(String),
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    #[error("{0:#}")]
+    Internal(#[from] anyhow::Error),
+}
+
+impl From<MetaError> for SnapshotError {
+    fn from(e: MetaError) -> Self {
+        match e {
+            MetaError::NotFound(s) => SnapshotError::NotFound(s),
+            MetaError::AlreadyExists(s) => SnapshotError::AlreadyExists(s),
+            MetaError::FailedPrecondition(s) => SnapshotError::FailedPrecondition(s),
+            MetaError::InvalidArgument(s) => SnapshotError::InvalidArgument(s),
+            other => SnapshotError::Internal(other.into()),
+        }
+    }
+}
+
+impl From<filter::FilterError> for SnapshotError {
+    fn from(e: filter::FilterError) -> Self {
+        SnapshotError::InvalidArgument(e.to_string())
+    }
+}
+
+pub type Result<T> = std::result::Result<T, SnapshotError>;
+
+/// What a mounter needs to serve one snapshot's filesystem.
+#[derive(Debug, Clone)]
+pub struct MountSpec {
+    pub key: String,
+    /// The chain of read-only layers (None = no layers).
+    pub chain_id: Option<String>,
+    /// The writable upper directory (None = read-only view).
+    pub upper: Option<PathBuf>,
+    pub mountpoint: PathBuf,
+}
+
+/// Serves snapshot filesystems. The CLI starts a daemon per mount; `serve` mounts in-process.
+pub trait Mounter: Send + Sync {
+    fn mount(&self, root: &Root, spec: &MountSpec) -> anyhow::Result<()>;
+    fn unmount(&self, mountpoint: &Path) -> anyhow::Result<()>;
+    /// A live mount (not a stale one of a dead daemon) is at `mountpoint`.
+    fn is_mounted(&self, mountpoint: &Path) -> bool;
+}
+
+fn snapshot_dir(root: &Root, row: &SnapshotRow) -> PathBuf {
+    root.path.join("snapshots").join(row.id.to_string())
+}
+
+fn mountpoint_of(root: &Root, row: &SnapshotRow) -> PathBuf {
+    match &row.mountpoint {
+        Some(m) => PathBuf::from(m),
+        None => snapshot_dir(root, row).join("mnt"),
+    }
+}
+
+/// What serving snapshot `key` takes: its layer chain, its upper (active only), its mountpoint.
+pub fn spec_for(root: &Root, key: &str) -> Result<MountSpec> {
+    let row = root
+        .meta
+        .snapshot(key)?
+        .ok_or_else(|| SnapshotError::NotFound(format!("snapshot {key}")))?;
+    if row.kind == "committed" {
+        return Err(SnapshotError::FailedPrecondition(format!(
+            "snapshot {key} is committed: only active snapshots have mounts"
+        )));
+    }
+    Ok(MountSpec {
+        key: key.to_string(),
+        chain_id: row.chain_id.clone(),
+        upper: (row.kind == "active").then(|| snapshot_dir(root, &row).join("upper")),
+        mountpoint: mountpoint_of(root, &row),
+    })
+}
+
+pub struct Snapshotter {
+    root: Root,
+    mounter: Box<dyn Mounter>,
+    pub compression: Compression,
+}
+
+impl Snapshotter {
+    pub fn new(root: Root, mounter: Box<dyn Mounter>) -> Self {
+        Self {
+            root,
+            mounter,
+            compression: Compression::Zstd,
+        }
+    }
+
+    pub fn root(&self) -> &Root {
+        &self.root
+    }
+
+    pub fn root_mut(&mut self) -> &mut Root {
+        &mut self.root
+    }
+
+    fn dir(&self, row: &SnapshotRow) -> PathBuf {
+        snapshot_dir(&self.root, row)
+    }
+
+    pub fn upper_dir(&self, row: &SnapshotRow) -> PathBuf {
+        self.dir(row).join("upper")
+    }
+
+    pub fn mountpoint(&self, row: &SnapshotRow) -> PathBuf {
+        mountpoint_of(&self.root, row)
+    }
+
+    /// The active snapshot mounted at `dir` (for `mount --rw` / `commit DIR`).
+    pub fn active_at(&self, dir: &Path) -> Result<Option<SnapshotRow>> {
+        Ok(self
+            .root
+            .meta
+            .snapshots()?
+            .into_iter()
+            .find(|r| r.kind == "active" && self.mountpoint(r) == dir))
+    }
+
+    fn row(&self, key: &str) -> Result<SnapshotRow> {
+        self.root
+            .meta
+            .snapshot(key)?
+            .ok_or_else(|| SnapshotError::NotFound(format!("snapshot {key}")))
+    }
+
+    pub fn stat(&self, key: &str) -> Result<Info> {
+        Ok(Info::from(&self.row(key)?))
+    }
+
+    /// The spec to serve an active snapshot or view.
+    pub fn mount_spec(&self, key: &str) -> Result<MountSpec> {
+        spec_for(&self.root, key)
+    }
+
+    fn mounts_of(&self, row: &SnapshotRow) -> Vec<Mount> {
+        let ro = row.kind == "view";
+        vec![Mount {
+            kind: "bind".into(),
+            source: self.mountpoint(row).display().to_string(),
+            options: vec!["rbind".into(), if ro { "ro" } else { "rw" }.into()],
+        }]
+    }
+
+    /// Mounts of an active snapshot; re-attaches its filesystem if its daemon is gone.
+    pub fn mounts(&self, key: &str) -> Result<Vec<Mount>> {
+        let _span = info_span!("mounts", key).entered();
+        let spec = self.mount_spec(key)?;
+        if !self.mounter.is_mounted(&spec.mountpoint) {
+            warn!(
+                key,
+                "filesystem of the snapshot was not mounted; mounting it again"
+            );
+            self.mounter.mount(&self.root, &spec)?;
+        }
+        Ok(self.mounts_of(&self.row(key)?))
+    }
+
+    pub fn prepare(
+        &mut self,
+        key: &str,
+        parent: &str,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<Vec<Mount>> {
+        self.create(key, parent, labels, false, None)
+    }
+
+    pub fn view(
+        &mut self,
+        key: &str,
+        parent: &str,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<Vec<Mount>> {
+        self.create(key, parent, labels, true, None)
+    }
+
+    /// Prepare/View with the filesystem mounted at `mountpoint` instead of the root's place.
+    pub fn create(
+        &mut self,
+        key: &str,
+        parent: &str,
+        labels: &BTreeMap<String, String>,
+        view: bool,
+        mountpoint: Option<&Path>,
+    ) -> Result<Vec<Mount>> {
+        let _span = info_span!("prepare", key, parent, view).entered();
+        let mp = mountpoint.map(|m| m.display().to_string());
+        let row = self
+            .root
+            .meta
+            .create_active(key, parent, view, labels, mp.as_deref())?;
+        let result = (|| -> anyhow::Result<()> {
+            let dir = self.dir(&row);
+            std::fs::create_dir_all(dir.join("upper"))?;
+            if row.mountpoint.is_none() {
+                std::fs::create_dir_all(dir.join("mnt"))?;
+            }
+            let spec = MountSpec {
+                key: key.to_string(),
+                chain_id: row.chain_id.clone(),
+                upper: (!view).then(|| dir.join("upper")),
+                mountpoint: self.mountpoint(&row),
+            };
+            self.mounter.mount(&self.root, &spec)
+        })();
+        if let Err(e) = result {
+            let _ = self.root.meta.remove_snapshot(key);
+            let _ = std::fs::remove_dir_all(self.dir(&row));
+            return Err(SnapshotError::Internal(
+                e.context(format!("preparing {key}")),
+            ));
+        }
+        Ok(self.mounts_of(&row))
+    }
+
+    /// Captures the changes of active `key` as a new layer and the committed snapshot `name`.
+    pub fn commit(
+        &mut self,
+        name: &str,
+        key: &str,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<Info> {
+        let _span = info_span!("commit", name, key).entered();
+        if name.is_empty() {
+            return Err(SnapshotError::InvalidArgument(
+                "commit name is empty".into(),
+            ));
+        }
+        let row = self.row(key)?;
+        match row.kind.as_str() {
+            "active" => {}
+            "view" => {
+                return Err(SnapshotError::FailedPrecondition(format!(
+                    "snapshot {key} is a view and cannot be committed"
+                )))
+            }
+            _ => {
+                return Err(SnapshotError::FailedPrecondition(format!(
+                    "snapshot {key} is committed, not active"
+                )))
+            }
+        }
+        if self.root.meta.snapshot(name)?.is_some() {
+            return Err(SnapshotError::AlreadyExists(format!("snapshot {name}")));
+        }
+        let upper = self.upper_dir(&row);
+        let made = commit::commit_upper(
+            &mut self.root,
+            &upper,
+            row.chain_id.as_deref(),
+            self.compression,
+        )?;
+        let record = crate::meta::CommitRecord {
+            layer: &made.layer,
+            blob: &made.blob,
+            chain: &made.chain,
+        };
+        let committed = self.root.meta.commit_snapshot(name, key, labels, &record)?;
+        Ok(Info::from(&committed))
+    }
+
+    pub fn remove(&mut self, key: &str) -> Result<()> {
+        let _span = info_span!("remove", key).entered();
+        let row = self.row(key)?;
+        let children = self
+            .root
+            .meta
+            .snapshots()?
+            .iter()
+            .filter(|s| s.parent.as_deref() == Some(key))
+            .count();
+        if children > 0 {
+            return Err(SnapshotError::FailedPrecondition(format!(
+                "cannot remove snapshot {key}: {children} snapshot(s) depend on it"
+            )));
+        }
+        if row.kind != "committed" {
+            let mp = self.mountpoint(&row);
+            if self.mounter.is_mounted(&mp) || lazysnap_fuse::is_stale_mount(&mp) {
+                self.mounter.unmount(&mp)?;
+            }
+        }
+        self.root.meta.remove_snapshot(key)?;
+        let dir = self.dir(&row);
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).map_err(|e| {
+                SnapshotError::Internal(anyhow::anyhow!("removing {}: {e}", dir.display()))
+            })?;
+        }
+        Ok(())
+    }
+
+    pub fn update(
+        &mut self,
+        key: &str,
+        labels: &BTreeMap<String, String>,
+        fieldpaths: &[String],
+    ) -> Result<Info> {
+        Ok(Info::from(
+            &self.root.meta.update_labels(key, labels, fieldpaths)?,
+        ))
+    }
+
+    /// Disk use of the snapshot's own changes: the upper directory of an active snapshot, the
+    /// layer of a committed one.
+    pub fn usage(&self, key: &str) -> Result<Usage> {
+        let row = self.row(key)?;
+        if row.kind == "committed" {
+            let Some(chain) = row.chain_id.as_deref() else {
+                return Ok(Usage::default());
+            };
+            let c = self
+                .root
+                .meta
+                .chain(chain)?
+                .ok_or_else(|| SnapshotError::NotFound(format!("chain {chain}")))?;
+            let layer = self
+                .root
+                .meta
+                .layer(&c.diff_id)?
+                .ok_or_else(|| SnapshotError::NotFound(format!("layer {}", c.diff_id)))?;
+            return Ok(Usage {
+                size: layer.uncompressed_size as i64,
+                inodes: layer.entries as i64,
+            });
+        }
+        let mut usage = Usage::default();
+        let upper = self.upper_dir(&row);
+        if upper.exists() {
+            let mut seen = std::collections::HashSet::new();
+            let mut stack = vec![upper];
+            while let Some(d) = stack.pop() {
+                let entries = std::fs::read_dir(&d).map_err(|e| {
+                    SnapshotError::Internal(anyhow::anyhow!("{}: {e}", d.display()))
+                })?;
+                for e in entries.flatten() {
+                    let Ok(md) = e.path().symlink_metadata() else {
+                        continue;
+                    };
+                    use std::os::unix::fs::MetadataExt;
+                    if seen.insert((md.dev(), md.ino())) {
+                        usage.inodes += 1;
+                        usage.size += (md.blocks() * 512) as i64;
+                    }
+                    if md.is_dir() {
+                        stack.push(e.path());
+                    }
+                }
+            }
+        }
+        Ok(usage)
+    }
+
+    pub fn walk(&self, filters: &[String], f: &mut dyn FnMut(&Info)) -> Result<()> {
+        let filter = Filter::parse(filters)?;
+        for row in self.root.meta.snapshots()? {
+            let info = Info::from(&row);
+            if filter.matches(&info) {
+                f(&info);
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes snapshot directories no snapshot owns (left by a crash) and stale mounts.
+    pub fn cleanup(&mut self) -> Result<()> {
+        let known: std::collections::HashSet<String> = self
+            .root
+            .meta
+            .snapshots()?
+            .iter()
+            .map(|r| r.id.to_string())
+            .collect();
+        let dir = self.root.path.join("snapshots");
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            return Ok(());
+        };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if known.contains(&name) {
+                continue;
+            }
+            let mnt = e.path().join("mnt");
+            if lazysnap_fuse::is_stale_mount(&mnt) || self.mounter.is_mounted(&mnt) {
+                let _ = self.mounter.unmount(&mnt);
+            }
+            if let Err(err) = std::fs::remove_dir_all(e.path()) {
+                warn!(path = %e.path().display(), error = %err, "cleanup could not remove");
+            }
+        }
+        Ok(())
+    }
+
+    /// Unmounts every mount of active snapshots (for a clean shutdown of `serve`).
+    pub fn close(&mut self) -> Result<()> {
+        for row in self.root.meta.snapshots()? {
+            if row.kind != "committed" {
+                let mp = self.mountpoint(&row);
+                if self.mounter.is_mounted(&mp) {
+                    self.mounter.unmount(&mp)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
