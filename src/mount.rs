@@ -82,7 +82,7 @@ pub fn run_foreground(root: Root, req: &MountRequest) -> anyhow::Result<()> {
     let ready_fd = take_ready_fd();
     let result = (|| {
         prepare_mountpoint(&req.dir)?;
-        let (chain, _upper) = if req.snapshot {
+        let (chain, upper) = if req.snapshot {
             let spec = crate::snapshot::spec_for(&root, &req.target)?;
             (spec.chain_id, spec.upper)
         } else {
@@ -96,7 +96,7 @@ pub fn run_foreground(root: Root, req: &MountRequest) -> anyhow::Result<()> {
         drop(root);
         let mut opts = MountOptions {
             fsname: format!("lazysnap:{}", short(&req.target)),
-            // upper, (waits for the fuse crate)
+            upper,
             ..MountOptions::default()
         };
         if let Some(t) = req.threads {

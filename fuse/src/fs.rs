@@ -33,7 +33,6 @@ use tracing::{debug, debug_span, warn};
 
 use crate::layer::{LayerStack, NodeAttr, NodeKind, Timestamp};
 use crate::merge::{self, FullAttr, Ino, Merged, MergedDir};
-use crate::ownership::PRIVATE_PREFIX;
 use crate::upper::Upper;
 use crate::write::{Caller, NewNode, SetAttr, SetTime};
 
@@ -529,7 +528,7 @@ impl Filesystem for MergedFs {
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
         let _s = debug_span!("getxattr", ino = ino.0, name = ?name).entered();
-        if name.as_bytes().starts_with(PRIVATE_PREFIX) {
+        if crate::ownership::is_private(name.as_bytes()) {
             return reply.error(Errno::NO_XATTR);
         }
         match self.merged.xattrs(ino.0) {
@@ -546,7 +545,7 @@ impl Filesystem for MergedFs {
         match self.merged.xattrs(ino.0) {
             Ok(xs) => {
                 let mut names = Vec::new();
-                for (n, _) in xs.iter().filter(|(n, _)| !n.starts_with(PRIVATE_PREFIX)) {
+                for (n, _) in xs.iter().filter(|(n, _)| !crate::ownership::is_private(n)) {
                     names.extend_from_slice(n);
                     names.push(0);
                 }

@@ -18,6 +18,12 @@ pub const OVERRIDE_XATTR: &[u8] = b"user.lazysnap.override";
 /// xattrs under this prefix are the filesystem's own: never shown, never settable.
 pub const PRIVATE_PREFIX: &[u8] = b"user.lazysnap.";
 
+/// xattrs the mount keeps for itself: hidden from the container and refused to it. Only the
+/// exact names lazysnap writes, so images may carry other `user.lazysnap.*` xattrs.
+pub fn is_private(name: &[u8]) -> bool {
+    name == OVERRIDE_XATTR
+}
+
 /// Recorded ownership: what getattr reports instead of the host file's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Override {

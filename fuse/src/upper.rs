@@ -9,7 +9,7 @@ use std::sync::Arc;
 use crate::host::{self, HostId};
 use crate::layer::{NodeAttr, NodeKind, Timestamp};
 use crate::merge::Xattrs;
-use crate::ownership::{self, Override, PRIVATE_PREFIX};
+use crate::ownership::{self, Override};
 
 /// Prefix of whiteout files.
 pub const WH_PREFIX: &[u8] = b".wh.";
@@ -164,7 +164,7 @@ pub fn apply_override(a: &mut NodeAttr, o: &Override) {
 pub fn xattrs(fd: BorrowedFd<'_>) -> io::Result<Xattrs> {
     let mut out = Vec::new();
     for name in host::list_xattrs(fd)? {
-        if name.starts_with(PRIVATE_PREFIX) {
+        if crate::ownership::is_private(&name) {
             continue;
         }
         if let Some(v) = host::get_xattr(fd, &name)? {

@@ -19,7 +19,7 @@ use tracing::{debug, debug_span};
 use crate::host;
 use crate::layer::{NodeAttr, NodeKind, Timestamp};
 use crate::merge::{Child, Errno, Ino, Inode, Merged, UpperNode, Xattrs};
-use crate::ownership::{self, Override, PRIVATE_PREFIX};
+use crate::ownership::{self, Override};
 use crate::upper::{self, OPAQUE, WH_PREFIX};
 
 /// Chunk size of copy-up reads; all-zero chunks are skipped to keep holes.
@@ -132,8 +132,24 @@ fn drop_whiteout(dir: BorrowedFd<'_>, name: &[u8]) -> Result<(), Errno> {
     }
 }
 
+/// Adds the opaque marker, keeping the directory's times: the marker is bookkeeping, not a
+/// change the container made.
 fn make_opaque(dir: BorrowedFd<'_>) -> Result<(), Errno> {
+    let before = host::stat_fd(dir).ok();
     host::open_at(dir, OPAQUE, libc::O_WRONLY | libc::O_CREAT, 0o644)?;
+    if let Some(st) = before {
+        let times = [
+            libc::timespec {
+                tv_sec: st.st_atime,
+                tv_nsec: st.st_atime_nsec,
+            },
+            libc::timespec {
+                tv_sec: st.st_mtime,
+                tv_nsec: st.st_mtime_nsec,
+            },
+        ];
+        host::utimens_fd(dir, &times)?;
+    }
     Ok(())
 }
 
@@ -213,7 +229,7 @@ impl Merged {
             host::chown_fd(fd, Some(a.uid), Some(a.gid))?;
         }
         for (name, value) in xattrs {
-            if name.starts_with(PRIVATE_PREFIX) {
+            if crate::ownership::is_private(name) {
                 continue;
             }
             if let Err(e) = host::set_xattr(fd, name, value, 0) {
@@ -393,10 +409,7 @@ impl Merged {
                     if got == 0 {
                         break;
                     }
-                    // Holes stay holes: the final ftruncate extends over skipped zeros.
-                    if buf[..got].iter().any(|b| *b != 0) {
-                        host::pwrite_all(f.as_fd(), &buf[..got], off)?;
-                    }
+                    write_non_zero(f.as_fd(), &buf[..got], off)?;
                     off += got as u64;
                 }
                 host::ftruncate(f.as_fd(), size)?;
@@ -816,7 +829,7 @@ impl Merged {
 
     /// Sets an xattr (copying the file up first). The filesystem's own are refused.
     pub fn set_xattr(&self, ino: Ino, name: &[u8], value: &[u8], flags: i32) -> Result<(), Errno> {
-        if name.starts_with(PRIVATE_PREFIX) {
+        if crate::ownership::is_private(name) {
             return Err(raw(libc::EPERM));
         }
         let fd = self.copy_up(ino)?;
@@ -825,7 +838,7 @@ impl Merged {
     }
 
     pub fn remove_xattr(&self, ino: Ino, name: &[u8]) -> Result<(), Errno> {
-        if name.starts_with(PRIVATE_PREFIX) {
+        if crate::ownership::is_private(name) {
             return Err(raw(libc::ENODATA));
         }
         let fd = self.copy_up(ino)?;
@@ -860,4 +873,29 @@ fn restore_times(dir: BorrowedFd<'_>, a: &NodeAttr) {
     if let Err(e) = host::utimens_fd(dir, &[timespec(a.atime), timespec(a.mtime)]) {
         debug!(error = %e, "directory times not restored after copy-up");
     }
+}
+
+/// Writes the runs of `buf` that are not all-zero 4 KiB blocks: holes stay holes (the final
+/// ftruncate of a copy-up extends the file over skipped zeros).
+fn write_non_zero(fd: BorrowedFd<'_>, buf: &[u8], off: u64) -> Result<(), Errno> {
+    const BLOCK: usize = 4096;
+    let mut run: Option<usize> = None;
+    let mut at = 0;
+    while at < buf.len() {
+        let end = (at + BLOCK).min(buf.len());
+        let zero = buf[at..end].iter().all(|b| *b == 0);
+        match (zero, run) {
+            (false, None) => run = Some(at),
+            (true, Some(start)) => {
+                host::pwrite_all(fd, &buf[start..at], off + start as u64)?;
+                run = None;
+            }
+            _ => {}
+        }
+        at = end;
+    }
+    if let Some(start) = run {
+        host::pwrite_all(fd, &buf[start..], off + start as u64)?;
+    }
+    Ok(())
 }

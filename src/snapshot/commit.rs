@@ -26,6 +26,8 @@ use crate::unpack::{index_blob, UnpackProgress};
 
 /// The owner/mode a rootless mount recorded for a file it could not really chown/chmod.
 pub const OVERRIDE_XATTR: &str = "user.lazysnap.override";
+/// Temp names the fuse crate uses inside the upper while copying up; never part of a layer.
+const UPPER_TEMP_PREFIX: &[u8] = b".wh..lazysnap-tmp.";
 
 pub struct Made {
     pub layer: LayerRow,
@@ -141,6 +143,7 @@ fn write_tar<W: Write>(upper: &Path, out: W) -> anyhow::Result<(W, Digest)> {
     let mut builder = tar::Builder::new(diff);
     builder.mode(tar::HeaderMode::Complete);
     let mut links: HashMap<(u64, u64), Vec<u8>> = HashMap::new();
+    append_root(&dir, &mut builder)?;
     walk(&dir, b"", &mut builder, &mut links)?;
     let diff = builder.into_inner()?;
     let digest = Digest::sha256_from_bytes(diff.hasher.finalize().into());
@@ -233,18 +236,30 @@ fn xattrs_at(dirfd: i32, name: &[u8]) -> io::Result<Vec<(String, Vec<u8>)>> {
     Ok(out)
 }
 
-/// uid, gid, mode (permission bits) and rdev a rootless mount recorded, if any.
-fn parse_override(v: &[u8]) -> Option<(u32, u32, u32, Option<(u32, u32)>)> {
-    let s = std::str::from_utf8(v).ok()?;
-    let parts: Vec<&str> = s.trim().split(':').collect();
-    let uid = parts.first()?.parse().ok()?;
-    let gid = parts.get(1)?.parse().ok()?;
-    let mode = u32::from_str_radix(parts.get(2)?, 8).ok()?;
-    let dev = match (parts.get(3), parts.get(4)) {
-        (Some(a), Some(b)) => Some((a.parse().ok()?, b.parse().ok()?)),
-        _ => None,
-    };
-    Some((uid, gid, mode, dev))
+/// The upper root stands for the merged root (initialised from the parent's root at
+/// prepare): written as `./` so mode, owner, times and xattrs of `/` carry over.
+fn append_root<W: Write>(dir: &OwnedFd, builder: &mut tar::Builder<W>) -> anyhow::Result<()> {
+    let dot = CString::new(".")?;
+    let st = fstatat(dir.as_raw_fd(), &dot)?;
+    let mut xattrs = xattrs_at(dir.as_raw_fd(), b".")?;
+    xattrs.retain(|(k, _)| !lazysnap_fuse::ownership::is_private(k.as_bytes()));
+    let mut header = tar::Header::new_gnu();
+    header.set_entry_type(tar::EntryType::Directory);
+    header.set_uid(u64::from(st.st_uid));
+    header.set_gid(u64::from(st.st_gid));
+    header.set_mode(st.st_mode & 0o7777);
+    header.set_mtime(st.st_mtime.max(0) as u64);
+    header.set_size(0);
+    let mut pax: Vec<(String, Vec<u8>)> = vec![(
+        "mtime".into(),
+        format!("{}.{:09}", st.st_mtime, st.st_mtime_nsec).into_bytes(),
+    )];
+    for (k, v) in &xattrs {
+        pax.push((format!("SCHILY.xattr.{k}"), v.clone()));
+    }
+    builder.append_pax_extensions(pax.iter().map(|(k, v)| (k.as_str(), v.as_slice())))?;
+    builder.append_data(&mut header, "./", io::empty())?;
+    Ok(())
 }
 
 fn walk<W: Write>(
@@ -254,11 +269,14 @@ fn walk<W: Write>(
     links: &mut HashMap<(u64, u64), Vec<u8>>,
 ) -> anyhow::Result<()> {
     for name in list_dir(dir)? {
+        if name.starts_with(UPPER_TEMP_PREFIX) {
+            continue;
+        }
         let cname = CString::new(name.clone()).context("file name with NUL")?;
         let st = fstatat(dir.as_raw_fd(), &cname)?;
         let mut path = prefix.to_vec();
         path.extend_from_slice(&name);
-        let fmt = st.st_mode & libc::S_IFMT;
+        let mut fmt = st.st_mode & libc::S_IFMT;
         let mut xattrs = xattrs_at(dir.as_raw_fd(), &name)?;
         let mut uid = st.st_uid;
         let mut gid = st.st_gid;
@@ -266,16 +284,21 @@ fn walk<W: Write>(
         let mut rdev = (libc::major(st.st_rdev), libc::minor(st.st_rdev));
         if let Some(pos) = xattrs.iter().position(|(k, _)| k == OVERRIDE_XATTR) {
             let (_, v) = xattrs.remove(pos);
-            if let Some((u, g, m, d)) = parse_override(&v) {
-                uid = u;
-                gid = g;
-                perm = m & 0o7777;
-                if let Some(d) = d {
-                    rdev = d;
+            if let Some(o) = lazysnap_fuse::Override::parse(&v) {
+                uid = o.uid;
+                gid = o.gid;
+                perm = o.mode & 0o7777;
+                // Without privilege a device or fifo is a regular file carrying its type here.
+                let t = o.mode & libc::S_IFMT;
+                if t != 0 && fmt == libc::S_IFREG {
+                    fmt = t;
+                }
+                if matches!(t, libc::S_IFCHR | libc::S_IFBLK) {
+                    rdev = (libc::major(o.rdev), libc::minor(o.rdev));
                 }
             }
         }
-        xattrs.retain(|(k, _)| !k.starts_with("user.lazysnap."));
+        xattrs.retain(|(k, _)| !lazysnap_fuse::ownership::is_private(k.as_bytes()));
 
         let mut header = tar::Header::new_gnu();
         header.set_uid(u64::from(uid));

@@ -169,6 +169,65 @@ pub fn spec_for(root: &Root, key: &str) -> Result<MountSpec> {
     })
 }
 
+/// Gives a new upper directory the attributes of the parent's root (mode, owner, times,
+/// xattrs): the upper root stands for the merged root, and a commit writes it as `./`.
+fn init_upper_root(root: &Root, chain: &str, upper: &Path) -> anyhow::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let stack = crate::layer::open_stack(root, chain, crate::blob::SpanCache::new(1 << 20))?;
+    let Some(top) = stack.last().cloned() else {
+        return Ok(());
+    };
+    // The topmost layer whose root is declared (not only implied) gives the root's attributes.
+    let source = stack
+        .iter()
+        .rev()
+        .find(|l| !l.is_implicit(l.root()))
+        .cloned()
+        .unwrap_or(top);
+    let attr = source.attr(source.root());
+    let c = std::ffi::CString::new(upper.as_os_str().as_bytes())?;
+    // SAFETY: plain syscalls on a path we just created.
+    unsafe {
+        if libc::chown(c.as_ptr(), attr.uid, attr.gid) != 0 && libc::geteuid() == 0 {
+            return Err(std::io::Error::last_os_error().into());
+        }
+        if libc::chmod(c.as_ptr(), attr.perm & 0o7777) != 0 {
+            return Err(std::io::Error::last_os_error().into());
+        }
+    }
+    for (name, value) in source.xattrs(source.root()) {
+        let n = std::ffi::CString::new(name)?;
+        // SAFETY: name and value outlive the call.
+        unsafe {
+            libc::lsetxattr(
+                c.as_ptr(),
+                n.as_ptr(),
+                value.as_ptr().cast(),
+                value.len(),
+                0,
+            );
+        }
+    }
+    let ts = |t: lazysnap_fuse::Timestamp| libc::timespec {
+        tv_sec: t.sec,
+        tv_nsec: i64::from(t.nsec),
+    };
+    let times = [ts(attr.atime), ts(attr.mtime)];
+    // SAFETY: times is a valid two-element array.
+    if unsafe {
+        libc::utimensat(
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            times.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    } != 0
+    {
+        return Err(std::io::Error::last_os_error().into());
+    }
+    Ok(())
+}
+
 pub struct Snapshotter {
     root: Root,
     mounter: Box<dyn Mounter>,
@@ -289,6 +348,9 @@ impl Snapshotter {
         let result = (|| -> anyhow::Result<()> {
             let dir = self.dir(&row);
             std::fs::create_dir_all(dir.join("upper"))?;
+            if let Some(chain) = &row.chain_id {
+                init_upper_root(&self.root, chain, &dir.join("upper"))?;
+            }
             if row.mountpoint.is_none() {
                 std::fs::create_dir_all(dir.join("mnt"))?;
             }
