@@ -16,6 +16,7 @@ pub mod layer;
 pub mod meta;
 pub mod mount;
 pub mod root;
+pub mod service;
 pub mod snapshot;
 pub mod store;
 pub mod unpack;

@@ -77,6 +77,13 @@ enum SnapshotCmd {
     Usage { key: String },
     /// Set labels KEY=VALUE (KEY= removes one)
     Label { key: String, labels: Vec<String> },
+    /// Apply a layer blob to active KEY by indexing it (what the diff service does for containerd)
+    Apply {
+        key: String,
+        blob: PathBuf,
+        #[arg(long, default_value = "application/vnd.oci.image.layer.v1.tar+gzip")]
+        media_type: String,
+    },
     /// Remove leftovers of interrupted operations
     Cleanup,
 }
@@ -143,6 +150,19 @@ enum Command {
     Snapshot(SnapshotCmd),
     /// Unmount a lazysnap mount (also cleans a stale one left by a killed daemon)
     Umount { dir: PathBuf },
+    /// Serve containerd's snapshots gRPC API on a unix socket (a proxy snapshotter plugin);
+    /// snapshots are mounted in this process. SIGTERM/SIGINT unmount them and exit.
+    Serve {
+        /// The unix socket to listen on (containerd's `proxy_plugins.<name>.address`)
+        #[arg(long)]
+        address: PathBuf,
+        /// Memory for decompressed spans, shared by all mounts (e.g. 256M, 1G)
+        #[arg(long, default_value = "256M", value_parser = lazysnap::mount::parse_size)]
+        cache_size: u64,
+        /// FUSE worker threads per mount [default: 2 x cores, 4..16]
+        #[arg(long)]
+        threads: Option<usize>,
+    },
 }
 
 fn main() {
@@ -394,6 +414,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let root = Root::open(&root_path)?;
             snapshot_cmd(snapshotter(root, &root_path, 256 << 20), cmd)?;
         }
+        Command::Serve {
+            address,
+            cache_size,
+            threads,
+        } => {
+            lazysnap::service::serve::run(lazysnap::service::serve::ServeOptions {
+                root: root_path,
+                address,
+                cache_bytes: cache_size,
+                threads,
+            })?;
+        }
         Command::Umount { dir } => {
             if lazysnap_fuse::unmount(&dir)
                 .with_context(|| format!("unmounting {}", dir.display()))?
@@ -495,12 +527,35 @@ fn snapshot_cmd(mut sn: Snapshotter, cmd: SnapshotCmd) -> anyhow::Result<()> {
             let info = sn.update(&key, &set, &paths)?;
             println!("{}", serde_json::to_string_pretty(&info)?);
         }
+        SnapshotCmd::Apply {
+            key,
+            blob,
+            media_type,
+        } => {
+            let data = std::fs::File::open(&blob)
+                .with_context(|| format!("opening {}", blob.display()))?;
+            let digest = sha256_file(data)?;
+            let (diff, size) = sn.apply_layer(&key, &blob, &digest, &media_type)?;
+            println!(
+                "{}",
+                serde_json::json!({"digest": digest, "diff_id": diff, "size": size})
+            );
+        }
         SnapshotCmd::Cleanup => {
             sn.cleanup()?;
             println!("cleaned up");
         }
     }
     Ok(())
+}
+
+fn sha256_file(mut f: std::fs::File) -> anyhow::Result<lazysnap::digest::Digest> {
+    use sha2::Digest as _;
+    let mut h = sha2::Sha256::new();
+    std::io::copy(&mut f, &mut h)?;
+    Ok(lazysnap::digest::Digest::sha256_from_bytes(
+        h.finalize().into(),
+    ))
 }
 
 fn human(n: u64) -> String {

@@ -81,6 +81,7 @@ CREATE TABLE IF NOT EXISTS snapshots (
     parent     TEXT REFERENCES snapshots(key),
     chain_id   TEXT REFERENCES chains(chain_id),
     mountpoint TEXT,
+    applied_blob TEXT REFERENCES blobs(digest),
     created_at INTEGER NOT NULL,
     updated_at INTEGER NOT NULL
 );
@@ -597,12 +598,16 @@ pub struct SnapshotRow {
     pub chain_id: Option<String>,
     /// Where an active snapshot's filesystem is mounted when not the default place.
     pub mountpoint: Option<String>,
+    /// A layer blob applied to an active snapshot by the diff service (indexed, not
+    /// extracted): its commit records this layer instead of tarring the upper.
+    pub applied_blob: Option<String>,
     pub created_at: i64,
     pub updated_at: i64,
     pub labels: std::collections::BTreeMap<String, String>,
 }
 
-const SNAPSHOT_COLS: &str = "id, key, kind, parent, chain_id, mountpoint, created_at, updated_at";
+const SNAPSHOT_COLS: &str =
+    "id, key, kind, parent, chain_id, mountpoint, created_at, updated_at, applied_blob";
 
 fn snapshot_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SnapshotRow> {
     Ok(SnapshotRow {
@@ -614,6 +619,7 @@ fn snapshot_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SnapshotRow> {
         mountpoint: r.get(5)?,
         created_at: r.get(6)?,
         updated_at: r.get(7)?,
+        applied_blob: r.get(8)?,
         labels: Default::default(),
     })
 }
@@ -755,29 +761,7 @@ impl Meta {
             if get_snapshot(tx, name)?.is_some() {
                 return Err(MetaError::AlreadyExists(format!("snapshot {name}")));
             }
-            tx.execute(
-                "INSERT OR IGNORE INTO layers (diff_id, uncompressed_size, entries, index_path)
-                 VALUES (?1, ?2, ?3, ?4)",
-                params![
-                    record.layer.diff_id,
-                    record.layer.uncompressed_size,
-                    record.layer.entries,
-                    record.layer.index_path
-                ],
-            )?;
-            tx.execute(
-                "INSERT OR IGNORE INTO blobs (digest, diff_id, media_type, compression, size, spans_path, local_copy)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                params![
-                    record.blob.digest,
-                    record.blob.diff_id,
-                    record.blob.media_type,
-                    record.blob.compression,
-                    record.blob.size,
-                    record.blob.spans_path,
-                    record.blob.local_copy
-                ],
-            )?;
+            insert_layer_blob(tx, record.layer, record.blob)?;
             insert_chain(tx, record.chain)?;
             let now = now_unix();
             tx.execute(
@@ -857,6 +841,77 @@ impl Meta {
             get_snapshot(tx, key)?.ok_or_else(|| MetaError::NotFound(format!("snapshot {key}")))
         })
     }
+}
+
+impl Meta {
+    /// Records an indexed layer blob as applied to active snapshot `key`, in one transaction.
+    pub fn set_applied(&mut self, key: &str, layer: &LayerRow, blob: &BlobRow) -> Result<()> {
+        self.write(|tx| {
+            let row = get_snapshot(tx, key)?
+                .ok_or_else(|| MetaError::NotFound(format!("snapshot {key}")))?;
+            check_committable(&row, key)?;
+            insert_layer_blob(tx, layer, blob)?;
+            tx.execute(
+                "UPDATE snapshots SET applied_blob = ?2, updated_at = ?3 WHERE id = ?1",
+                params![row.id, blob.digest, now_unix()],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// Records a layer and the committed snapshot `name` on `parent` made of it (the
+    /// remote-snapshot path: no active snapshot involved), in one transaction.
+    pub fn commit_layer(
+        &mut self,
+        name: &str,
+        parent: Option<&str>,
+        labels: &std::collections::BTreeMap<String, String>,
+        record: &CommitRecord<'_>,
+    ) -> Result<SnapshotRow> {
+        self.write(|tx| {
+            if get_snapshot(tx, name)?.is_some() {
+                return Err(MetaError::AlreadyExists(format!("snapshot {name}")));
+            }
+            insert_layer_blob(tx, record.layer, record.blob)?;
+            insert_chain(tx, record.chain)?;
+            let now = now_unix();
+            tx.execute(
+                "INSERT INTO snapshots (key, kind, parent, chain_id, created_at, updated_at)
+                 VALUES (?1, 'committed', ?2, ?3, ?4, ?4)",
+                params![name, parent, record.chain.chain_id, now],
+            )?;
+            let id = tx.last_insert_rowid();
+            put_labels(tx, id, labels)?;
+            get_snapshot(tx, name)?.ok_or_else(|| MetaError::NotFound(format!("snapshot {name}")))
+        })
+    }
+}
+
+fn insert_layer_blob(tx: &Transaction<'_>, layer: &LayerRow, blob: &BlobRow) -> Result<()> {
+    tx.execute(
+        "INSERT OR IGNORE INTO layers (diff_id, uncompressed_size, entries, index_path)
+         VALUES (?1, ?2, ?3, ?4)",
+        params![
+            layer.diff_id,
+            layer.uncompressed_size,
+            layer.entries,
+            layer.index_path
+        ],
+    )?;
+    tx.execute(
+        "INSERT OR IGNORE INTO blobs (digest, diff_id, media_type, compression, size, spans_path, local_copy)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        params![
+            blob.digest,
+            blob.diff_id,
+            blob.media_type,
+            blob.compression,
+            blob.size,
+            blob.spans_path,
+            blob.local_copy
+        ],
+    )?;
+    Ok(())
 }
 
 fn check_committable(active: &SnapshotRow, key: &str) -> Result<()> {

@@ -153,12 +153,34 @@ impl<R: Read + Send + 'static> Read for &mut ThreadedReader<R> {
     }
 }
 
-/// Indexes one blob: one streaming pass, nothing extracted.
+/// Indexes one blob: one streaming pass, nothing extracted. The diffID must be
+/// `layer.diff_id`.
 pub fn index_blob(
     root_path: &Path,
     blob_path: &Path,
     layer: &LayerDesc,
     progress: Arc<UnpackProgress>,
+) -> anyhow::Result<Indexed> {
+    index_blob_inner(root_path, blob_path, layer, progress, true)
+}
+
+/// As [`index_blob`], for blobs whose diffID is not known in advance (the diff service's
+/// Apply: containerd checks the returned diffID itself).
+pub fn index_blob_unchecked(
+    root_path: &Path,
+    blob_path: &Path,
+    layer: &LayerDesc,
+    progress: Arc<UnpackProgress>,
+) -> anyhow::Result<Indexed> {
+    index_blob_inner(root_path, blob_path, layer, progress, false)
+}
+
+fn index_blob_inner(
+    root_path: &Path,
+    blob_path: &Path,
+    layer: &LayerDesc,
+    progress: Arc<UnpackProgress>,
+    check_diff_id: bool,
 ) -> anyhow::Result<Indexed> {
     let _span = info_span!("index_layer", blob = %layer.desc.digest).entered();
     let mut file =
@@ -195,7 +217,7 @@ pub fn index_blob(
         .finish()
         .with_context(|| format!("finishing layer {}", layer.desc.digest))?;
     let index: LayerIndex = built.index;
-    if index.stats.diff_id != layer.diff_id.as_str() {
+    if check_diff_id && index.stats.diff_id != layer.diff_id.as_str() {
         bail!(
             "layer {}: diffID mismatch: the image config says {}, the uncompressed data hashes to {}",
             layer.desc.digest,
@@ -203,7 +225,8 @@ pub fn index_blob(
             index.stats.diff_id
         );
     }
-    let index_rel = index_rel_path(&layer.diff_id);
+    let diff_id = Digest::parse(&index.stats.diff_id)?;
+    let index_rel = index_rel_path(&diff_id);
     let index_abs = root_path.join(&index_rel);
     if !index_abs.is_file() {
         write_atomic(&index_abs, &index.to_bytes())?;
@@ -218,14 +241,14 @@ pub fn index_blob(
     );
     Ok(Indexed {
         layer: LayerRow {
-            diff_id: layer.diff_id.to_string(),
+            diff_id: diff_id.to_string(),
             uncompressed_size: index.stats.uncompressed_size,
             entries: index.stats.entries,
             index_path: index_rel,
         },
         blob: BlobRow {
             digest: layer.desc.digest.to_string(),
-            diff_id: layer.diff_id.to_string(),
+            diff_id: diff_id.to_string(),
             media_type: layer.desc.media_type.clone(),
             compression: compression_name(layer.compression).to_string(),
             size: layer.desc.size,

@@ -105,6 +105,17 @@ pub fn commit_upper(
         &layer,
         Arc::new(UnpackProgress::default()),
     )?;
+    chain_from_indexed(root, indexed, parent_chain)
+}
+
+/// The chain level a freshly indexed layer makes on top of `parent_chain`.
+pub fn chain_from_indexed(
+    root: &Root,
+    indexed: crate::unpack::Indexed,
+    parent_chain: Option<&str>,
+) -> anyhow::Result<Made> {
+    let diff_id = Digest::parse(&indexed.layer.diff_id)?;
+    let blob_digest = Digest::parse(&indexed.blob.digest)?;
     let (chain_id, depth) = match parent_chain {
         None => (diff_id.clone(), 1),
         Some(p) => {
@@ -130,6 +141,79 @@ pub fn commit_upper(
             depth,
         },
     })
+}
+
+/// The chain level of a blob that was already indexed (applied by the diff service).
+pub fn chain_for_blob(root: &Root, blob: &str, parent_chain: Option<&str>) -> anyhow::Result<Made> {
+    let blob_row = root
+        .meta
+        .blob(blob)?
+        .with_context(|| format!("applied blob {blob} is not recorded"))?;
+    let layer = root
+        .meta
+        .layer(&blob_row.diff_id)?
+        .with_context(|| format!("layer {} is not recorded", blob_row.diff_id))?;
+    chain_from_indexed(
+        root,
+        crate::unpack::Indexed {
+            layer,
+            blob: blob_row,
+        },
+        parent_chain,
+    )
+}
+
+/// True when the upper holds nothing (the container or diff service changed nothing there).
+pub fn upper_is_empty(upper: &Path) -> anyhow::Result<bool> {
+    match std::fs::read_dir(upper) {
+        Ok(mut d) => Ok(d.next().is_none()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(true),
+        Err(e) => Err(e).with_context(|| format!("reading {}", upper.display())),
+    }
+}
+
+/// Brings a layer blob from outside (containerd's content store) into ours — a hardlink when
+/// on the same filesystem, else a verified copy — and indexes it.
+pub fn index_external_blob(
+    root: &mut Root,
+    blob: &Path,
+    digest: &Digest,
+    media_type: &str,
+) -> anyhow::Result<crate::unpack::Indexed> {
+    if let Some(b) = root.meta.blob(digest.as_str())? {
+        if let Some(l) = root.meta.layer(&b.diff_id)? {
+            if root.abs(&l.index_path).is_file() && root.abs(&b.spans_path).is_file() {
+                return Ok(crate::unpack::Indexed { layer: l, blob: b });
+            }
+        }
+    }
+    let target = root.store.blob_path(digest);
+    if !target.is_file() && std::fs::hard_link(blob, &target).is_err() {
+        let mut f = File::open(blob).with_context(|| format!("opening {}", blob.display()))?;
+        root.store.ingest(digest, None, &mut f, &mut |_| {})?;
+    }
+    let size = std::fs::metadata(&target)?.len();
+    let mut magic = [0u8; 4];
+    let n = io::Read::read(&mut File::open(&target)?, &mut magic)?;
+    let compression = crate::image::layer_compression(media_type)
+        .unwrap_or_else(|| Compression::sniff(&magic[..n]));
+    // The diffID is what indexing computes; the expected one is unknown here, so index with a
+    // placeholder check disabled.
+    let layer = LayerDesc {
+        desc: Desc {
+            media_type: media_type.to_string(),
+            digest: digest.clone(),
+            size,
+        },
+        compression,
+        diff_id: Digest::sha256_of(b""),
+    };
+    crate::unpack::index_blob_unchecked(
+        &root.path,
+        &target,
+        &layer,
+        Arc::new(UnpackProgress::default()),
+    )
 }
 
 fn write_tar<W: Write>(upper: &Path, out: W) -> anyhow::Result<(W, Digest)> {

@@ -228,10 +228,19 @@ fn init_upper_root(root: &Root, chain: &str, upper: &Path) -> anyhow::Result<()>
     Ok(())
 }
 
+/// containerd's remote-snapshot labels: the committed name the unpacker aims at, and the
+/// layer blob (set by CRI / nerdctl pulls).
+pub const LABEL_SNAPSHOT_REF: &str = "containerd.io/snapshot.ref";
+pub const LABEL_LAYER_DIGEST: &str = "containerd.io/snapshot/cri.layer-digest";
+pub const LABEL_LAYER_MEDIA_TYPE: &str = "containerd.io/snapshot/cri.layer-media-type";
+
 pub struct Snapshotter {
     root: Root,
     mounter: Box<dyn Mounter>,
     pub compression: Compression,
+    /// containerd's content store (`.../io.containerd.content.v1.content`), where layer blobs
+    /// named by remote-snapshot labels are found.
+    pub containerd_content: Option<PathBuf>,
 }
 
 impl Snapshotter {
@@ -240,6 +249,7 @@ impl Snapshotter {
             root,
             mounter,
             compression: Compression::Zstd,
+            containerd_content: None,
         }
     }
 
@@ -403,12 +413,18 @@ impl Snapshotter {
             return Err(SnapshotError::AlreadyExists(format!("snapshot {name}")));
         }
         let upper = self.upper_dir(&row);
-        let made = commit::commit_upper(
-            &mut self.root,
-            &upper,
-            row.chain_id.as_deref(),
-            self.compression,
-        )?;
+        let made = match &row.applied_blob {
+            // The diff service applied a layer by indexing it: that layer is the change.
+            Some(blob) if commit::upper_is_empty(&upper)? => {
+                commit::chain_for_blob(&self.root, blob, row.chain_id.as_deref())?
+            }
+            _ => commit::commit_upper(
+                &mut self.root,
+                &upper,
+                row.chain_id.as_deref(),
+                self.compression,
+            )?,
+        };
         let record = crate::meta::CommitRecord {
             layer: &made.layer,
             blob: &made.blob,
@@ -416,6 +432,76 @@ impl Snapshotter {
         };
         let committed = self.root.meta.commit_snapshot(name, key, labels, &record)?;
         Ok(Info::from(&committed))
+    }
+
+    /// containerd's diff Apply onto active `key`, without extraction: the layer blob (from
+    /// containerd's content store; hardlinked when on the same filesystem) is indexed and
+    /// becomes the snapshot's change; Commit then records it. Returns (diffID, uncompressed
+    /// size) for the Apply response.
+    pub fn apply_layer(
+        &mut self,
+        key: &str,
+        blob: &Path,
+        blob_digest: &crate::digest::Digest,
+        media_type: &str,
+    ) -> Result<(crate::digest::Digest, u64)> {
+        let _span = info_span!("apply", key, blob = %blob_digest).entered();
+        let row = self.row(key)?;
+        if row.kind != "active" {
+            return Err(SnapshotError::FailedPrecondition(format!(
+                "cannot apply a layer to {} snapshot {key}",
+                row.kind
+            )));
+        }
+        let indexed = commit::index_external_blob(&mut self.root, blob, blob_digest, media_type)?;
+        self.root
+            .meta
+            .set_applied(key, &indexed.layer, &indexed.blob)?;
+        let diff = crate::digest::Digest::parse(&indexed.layer.diff_id)
+            .map_err(|e| SnapshotError::Internal(e.into()))?;
+        Ok((diff, indexed.layer.uncompressed_size))
+    }
+
+    /// The remote-snapshot path: makes committed `name` on `parent` straight from a layer blob
+    /// (indexed, not extracted). AlreadyExists if `name` exists.
+    pub fn commit_blob(
+        &mut self,
+        name: &str,
+        parent: &str,
+        blob: &Path,
+        blob_digest: &crate::digest::Digest,
+        media_type: &str,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<Info> {
+        let _span = info_span!("commit_blob", name, parent, blob = %blob_digest).entered();
+        if self.root.meta.snapshot(name)?.is_some() {
+            return Err(SnapshotError::AlreadyExists(format!("snapshot {name}")));
+        }
+        let parent_chain = if parent.is_empty() {
+            None
+        } else {
+            let p = self.row(parent)?;
+            if p.kind != "committed" {
+                return Err(SnapshotError::FailedPrecondition(format!(
+                    "parent {parent} is not a committed snapshot"
+                )));
+            }
+            p.chain_id
+        };
+        let indexed = commit::index_external_blob(&mut self.root, blob, blob_digest, media_type)?;
+        let made = commit::chain_from_indexed(&self.root, indexed, parent_chain.as_deref())?;
+        let record = crate::meta::CommitRecord {
+            layer: &made.layer,
+            blob: &made.blob,
+            chain: &made.chain,
+        };
+        let row = self.root.meta.commit_layer(
+            name,
+            (!parent.is_empty()).then_some(parent),
+            labels,
+            &record,
+        )?;
+        Ok(Info::from(&row))
     }
 
     pub fn remove(&mut self, key: &str) -> Result<()> {
