@@ -173,6 +173,7 @@ impl Meta {
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.execute_batch(SCHEMA)?;
+        migrate(&conn)?;
         Ok(Self { conn })
     }
 
@@ -534,6 +535,28 @@ pub struct GcResult {
     pub removed_paths: Vec<String>,
     /// Content blobs something still references.
     pub live_blobs: Vec<String>,
+}
+
+/// Columns added after a table was first created: added to older databases in place.
+fn migrate(conn: &Connection) -> Result<()> {
+    const ADDED: &[(&str, &str, &str)] = &[
+        ("images", "manifest_media_type", "TEXT NOT NULL DEFAULT ''"),
+        ("images", "manifest_size", "INTEGER NOT NULL DEFAULT 0"),
+        ("snapshots", "mountpoint", "TEXT"),
+        ("snapshots", "applied_blob", "TEXT REFERENCES blobs(digest)"),
+    ];
+    for (table, column, decl) in ADDED {
+        let mut stmt = conn.prepare(&format!("PRAGMA table_info({table})"))?;
+        let present = stmt
+            .query_map([], |r| r.get::<_, String>(1))?
+            .collect::<rusqlite::Result<Vec<_>>>()?
+            .iter()
+            .any(|c| c == column);
+        if !present {
+            conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {decl}"))?;
+        }
+    }
+    Ok(())
 }
 
 fn insert_chain(tx: &Transaction<'_>, chain: &ChainRow) -> Result<()> {
