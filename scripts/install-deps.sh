@@ -12,6 +12,9 @@ PACKAGES=(
   attr             # getfattr/setfattr for xattr checks
   python3          # scripts/mkimage.py, make-edge-images.py, ocitool.py (test images, references)
   protobuf-compiler  # protoc, for containerd's gRPC protos
+  containerd runc  # scripts/containerd-env.sh: a private containerd on lazysnap (tests/containerd.rs)
+  golang-go        # containerd's conformance suite (tests/conformance, Go 1.19, GOPATH mode)
+  golang-github-containerd-containerd-dev  # containerd 1.6 source: snapshots/testsuite, proxy client (pulls grpc & co.)
   ca-certificates
 )
 

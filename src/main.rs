@@ -162,6 +162,10 @@ enum Command {
         /// FUSE worker threads per mount [default: 2 x cores, 4..16]
         #[arg(long)]
         threads: Option<usize>,
+        /// containerd's content store directory, where the diff plugin (Apply) and the
+        /// remote-snapshot labels find layer blobs
+        #[arg(long, default_value = lazysnap::service::diff::DEFAULT_CONTAINERD_CONTENT)]
+        containerd_content: PathBuf,
     },
 }
 
@@ -418,12 +422,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             address,
             cache_size,
             threads,
+            containerd_content,
         } => {
             lazysnap::service::serve::run(lazysnap::service::serve::ServeOptions {
                 root: root_path,
                 address,
                 cache_bytes: cache_size,
                 threads,
+                containerd_content: Some(containerd_content),
             })?;
         }
         Command::Umount { dir } => {

@@ -158,6 +158,14 @@ pub struct Meta {
     conn: Connection,
 }
 
+/// Now in Unix nanoseconds: snapshot times (containerd compares them with the wall clock).
+pub fn now_unix_nanos() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0)
+}
+
 pub fn now_unix() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -595,7 +603,7 @@ fn ensure_unpacked_snapshot(
         }
         None => {}
     }
-    let now = now_unix();
+    let now = now_unix_nanos();
     tx.execute(
         "INSERT INTO snapshots (key, kind, parent, chain_id, created_at, updated_at)
          VALUES (?1, 'committed', ?2, ?3, ?4, ?4)",
@@ -624,6 +632,8 @@ pub struct SnapshotRow {
     /// A layer blob applied to an active snapshot by the diff service (indexed, not
     /// extracted): its commit records this layer instead of tarring the upper.
     pub applied_blob: Option<String>,
+    /// Unix nanoseconds (rows written before sub-second times: seconds; see
+    /// `service::snapshots::timestamp`).
     pub created_at: i64,
     pub updated_at: i64,
     pub labels: std::collections::BTreeMap<String, String>,
@@ -750,7 +760,7 @@ impl Meta {
                 }
                 p.chain_id
             };
-            let now = now_unix();
+            let now = now_unix_nanos();
             tx.execute(
                 "INSERT INTO snapshots (key, kind, parent, chain_id, mountpoint, created_at, updated_at)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)",
@@ -786,7 +796,7 @@ impl Meta {
             }
             insert_layer_blob(tx, record.layer, record.blob)?;
             insert_chain(tx, record.chain)?;
-            let now = now_unix();
+            let now = now_unix_nanos();
             tx.execute(
                 "INSERT INTO snapshots (key, kind, parent, chain_id, created_at, updated_at)
                  VALUES (?1, 'committed', ?2, ?3, ?4, ?4)",
@@ -859,7 +869,7 @@ impl Meta {
             put_labels(tx, row.id, &new)?;
             tx.execute(
                 "UPDATE snapshots SET updated_at = ?2 WHERE id = ?1",
-                params![row.id, now_unix()],
+                params![row.id, now_unix_nanos()],
             )?;
             get_snapshot(tx, key)?.ok_or_else(|| MetaError::NotFound(format!("snapshot {key}")))
         })
@@ -876,7 +886,7 @@ impl Meta {
             insert_layer_blob(tx, layer, blob)?;
             tx.execute(
                 "UPDATE snapshots SET applied_blob = ?2, updated_at = ?3 WHERE id = ?1",
-                params![row.id, blob.digest, now_unix()],
+                params![row.id, blob.digest, now_unix_nanos()],
             )?;
             Ok(())
         })
@@ -897,7 +907,7 @@ impl Meta {
             }
             insert_layer_blob(tx, record.layer, record.blob)?;
             insert_chain(tx, record.chain)?;
-            let now = now_unix();
+            let now = now_unix_nanos();
             tx.execute(
                 "INSERT INTO snapshots (key, kind, parent, chain_id, created_at, updated_at)
                  VALUES (?1, 'committed', ?2, ?3, ?4, ?4)",

@@ -3,6 +3,7 @@
 //! ([`serve`]) and a unix-socket client channel ([`connect`], for tests and for talking to
 //! containerd).
 
+pub mod diff;
 pub mod mounter;
 pub mod serve;
 pub mod snapshots;

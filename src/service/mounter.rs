@@ -4,12 +4,14 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use lazysnap_fuse::{MountHandle, MountOptions};
+use lazysnap_fuse::{LayerStack, MountHandle, MountOptions};
 use tracing::{info, warn};
 
 use crate::blob::SpanCache;
+use crate::layer::IndexedLayer;
 use crate::root::Root;
 use crate::snapshot::{MountSpec, Mounter};
 
@@ -18,7 +20,14 @@ pub struct InProcessMounter {
     cache: Arc<SpanCache>,
     threads: Option<usize>,
     mounts: Mutex<HashMap<PathBuf, MountHandle>>,
+    /// Opened layers by blob digest, shared by the mounts that stack them (layers are
+    /// immutable), and kept [`LAYER_LINGER`] after their last use: containerd's unpack of a
+    /// deep chain (prepare, apply, commit, next prepare) opens each layer once.
+    layers: Mutex<HashMap<String, (Arc<IndexedLayer>, Instant)>>,
 }
+
+/// How long an opened layer no mount uses stays open.
+const LAYER_LINGER: Duration = Duration::from_secs(60);
 
 impl InProcessMounter {
     /// `cache_bytes` of decompressed spans are shared by all mounts; `threads` FUSE workers
@@ -28,7 +37,34 @@ impl InProcessMounter {
             cache: SpanCache::new(cache_bytes),
             threads,
             mounts: Mutex::new(HashMap::new()),
+            layers: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The layer stack of `chain` (bottom first), reusing layers other mounts opened.
+    fn open_stack(&self, root: &Root, chain: &str) -> anyhow::Result<LayerStack> {
+        let rows = root.meta.chain_stack(chain)?;
+        let now = Instant::now();
+        let mut layers = self.layers.lock().unwrap_or_else(|e| e.into_inner());
+        layers.retain(|_, (l, used)| {
+            Arc::strong_count(l) > 1 || now.duration_since(*used) < LAYER_LINGER
+        });
+        let mut stack: LayerStack = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let layer = match layers.get_mut(&row.blob_digest) {
+                Some((l, used)) => {
+                    *used = now;
+                    l.clone()
+                }
+                None => {
+                    let l = Arc::new(IndexedLayer::open(root, row, self.cache.clone())?);
+                    layers.insert(row.blob_digest.clone(), (l.clone(), now));
+                    l
+                }
+            };
+            stack.push(layer);
+        }
+        Ok(stack)
     }
 
     fn map(&self) -> std::sync::MutexGuard<'_, HashMap<PathBuf, MountHandle>> {
@@ -61,12 +97,13 @@ impl InProcessMounter {
 impl Mounter for InProcessMounter {
     fn mount(&self, root: &Root, spec: &MountSpec) -> anyhow::Result<()> {
         let mp = &spec.mountpoint;
-        std::fs::create_dir_all(mp).with_context(|| format!("creating {}", mp.display()))?;
+        // A stale mount first: the directory cannot even be stat'ed through it.
         if lazysnap_fuse::is_stale_mount(mp) {
             warn!(mountpoint = %mp.display(), "unmounting a stale mount (its server is gone)");
             lazysnap_fuse::unmount(mp)
                 .with_context(|| format!("cleaning the stale mount at {}", mp.display()))?;
         }
+        std::fs::create_dir_all(mp).with_context(|| format!("creating {}", mp.display()))?;
         if let Some(old) = self.map().remove(mp) {
             // Not expected (the snapshotter asks is_mounted first); replace it cleanly.
             lazysnap_fuse::unmount(mp)
@@ -74,7 +111,8 @@ impl Mounter for InProcessMounter {
             Self::reap(mp.clone(), old);
         }
         let stack = match &spec.chain_id {
-            Some(chain) => crate::layer::open_stack(root, chain, self.cache.clone())
+            Some(chain) => self
+                .open_stack(root, chain)
                 .with_context(|| format!("opening the layers of {}", spec.key))?,
             None => Vec::new(),
         };

@@ -10,7 +10,9 @@ use std::sync::{Arc, Mutex};
 use anyhow::{bail, Context as _};
 use tracing::{info, info_span, warn};
 
+use super::diff::DiffService;
 use super::mounter::InProcessMounter;
+use super::proto::diff::diff_server::DiffServer;
 use super::proto::snapshots::snapshots_server::SnapshotsServer;
 use super::snapshots::SnapshotsService;
 use crate::root::Root;
@@ -24,7 +26,13 @@ pub struct ServeOptions {
     pub cache_bytes: u64,
     /// FUSE worker threads per mount (None: the fuse crate's default).
     pub threads: Option<usize>,
+    /// containerd's content store directory (`.../io.containerd.content.v1.content`): where
+    /// the diff plugin and the remote-snapshot labels find layer blobs.
+    pub containerd_content: Option<PathBuf>,
 }
+
+/// How long a stop waits for clients to close their connections.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Runs the server until SIGTERM/SIGINT. Builds its own tokio runtime.
 pub fn run(opts: ServeOptions) -> anyhow::Result<()> {
@@ -69,9 +77,11 @@ pub async fn serve(
         .canonicalize()
         .with_context(|| format!("root {}", opts.root.display()))?;
     let mounter = InProcessMounter::new(opts.cache_bytes, opts.threads);
+    let containerd_content = opts.containerd_content.clone();
     let sn = tokio::task::spawn_blocking(move || -> anyhow::Result<Snapshotter> {
         let root = Root::open(&root_path)?;
         let mut sn = Snapshotter::new(root, Box::new(mounter));
+        sn.containerd_content = containerd_content;
         reattach(&mut sn);
         Ok(sn)
     })
@@ -82,14 +92,36 @@ pub async fn serve(
     let listener = bind(&opts.address)?;
     info!(address = %opts.address.display(), root = %opts.root.display(), "serving containerd's snapshots API");
     let service = SnapshotsService::new(sn.clone());
-    let served = tonic::transport::Server::builder()
+    let diff = DiffService::new(sn.clone());
+    let (signalled_tx, signalled_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tonic::transport::Server::builder()
         .trace_fn(|req| info_span!("grpc", path = %req.uri().path()))
         .add_service(SnapshotsServer::new(service))
+        .add_service(DiffServer::new(diff))
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::UnixListenerStream::new(listener),
-            shutdown,
-        )
-        .await;
+            async move {
+                shutdown.await;
+                let _ = signalled_tx.send(());
+            },
+        );
+    // A graceful stop waits for clients to close their connections, and containerd keeps its
+    // connection open: after SHUTDOWN_GRACE the remaining connections are dropped. Requests
+    // already on the blocking pool still finish (close() below waits for the snapshotter).
+    tokio::pin!(server);
+    let served = tokio::select! {
+        r = &mut server => r,
+        _ = async {
+            if signalled_rx.await.is_ok() {
+                tokio::time::sleep(SHUTDOWN_GRACE).await;
+            } else {
+                std::future::pending::<()>().await;
+            }
+        } => {
+            warn!(grace_s = SHUTDOWN_GRACE.as_secs(), "clients still connected after the grace period; closing their connections");
+            Ok(())
+        }
+    };
     if let Err(e) = &served {
         warn!(error = %e, "the server stopped with an error");
     }

@@ -36,8 +36,17 @@ impl SnapshotsService {
         let inner = span.clone();
         let joined = tokio::task::spawn_blocking(move || {
             let _entered = inner.enter();
+            let start = std::time::Instant::now();
             let mut guard = sn.lock().unwrap_or_else(|e| e.into_inner());
-            f(&mut guard)
+            let waited = start.elapsed();
+            let r = f(&mut guard);
+            tracing::debug!(
+                wait_ms = waited.as_secs_f64() * 1e3,
+                ms = (start.elapsed() - waited).as_secs_f64() * 1e3,
+                ok = r.is_ok(),
+                "done"
+            );
+            r
         })
         .instrument(span.clone())
         .await;
@@ -96,11 +105,24 @@ fn kind_out(k: Kind) -> pb::Kind {
     }
 }
 
-/// The snapshotter's times are Unix seconds.
-fn timestamp(secs: i64) -> prost_types::Timestamp {
-    prost_types::Timestamp {
-        seconds: secs,
-        nanos: 0,
+/// Values at or above this are Unix nanoseconds, below it Unix seconds (1e14 s is beyond the
+/// year 3 million; 1e14 ns is in 1970): rows written before times were recorded in nanoseconds
+/// keep seconds.
+const NANOS_THRESHOLD: i64 = 100_000_000_000_000;
+
+/// A snapshot time of the metadata (Unix seconds or nanoseconds, see [`NANOS_THRESHOLD`]) as
+/// a protobuf Timestamp.
+pub fn timestamp(t: i64) -> prost_types::Timestamp {
+    if t.abs() >= NANOS_THRESHOLD {
+        prost_types::Timestamp {
+            seconds: t.div_euclid(1_000_000_000),
+            nanos: t.rem_euclid(1_000_000_000) as i32,
+        }
+    } else {
+        prost_types::Timestamp {
+            seconds: t,
+            nanos: 0,
+        }
     }
 }
 
@@ -184,8 +206,16 @@ impl pb::snapshots_server::Snapshots for SnapshotsService {
         let r = request.into_inner();
         let span = info_span!("Commit", name = %r.name, key = %r.key);
         let labels = labels_in(r.labels);
-        self.blocking(span, move |sn| sn.commit(&r.name, &r.key, &labels))
-            .await?;
+        self.blocking(span, move |sn| {
+            sn.commit(&r.name, &r.key, &labels)?;
+            // containerd (since 1.0) removes the active snapshot on commit: its key is free
+            // again and its parent can be removed. The commit stands even if this fails.
+            if let Err(e) = sn.remove(&r.key) {
+                tracing::warn!(key = %r.key, error = %e, "committed, but removing the active snapshot failed");
+            }
+            Ok(())
+        })
+        .await?;
         Ok(Response::new(()))
     }
 

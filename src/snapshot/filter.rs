@@ -71,7 +71,7 @@ fn cond_matches(c: &Cond, info: &Info) -> bool {
         (Op::Present, v) => v.is_some(),
         (Op::Eq(want), Some(v)) => &v == want,
         (Op::Ne(want), Some(v)) => &v != want,
-        (Op::Ne(_), None) => true,
+        (Op::Ne(want), None) => !want.is_empty(), // containerd: an absent field is ""
         (Op::Match(re), Some(v)) => re.is_match(&v),
         _ => false,
     }

@@ -4,6 +4,7 @@
 //! [`Mounter`] (daemons for the CLI, in-process for `serve`).
 
 pub mod commit;
+pub mod content_scan;
 pub mod filter;
 
 use std::collections::BTreeMap;
@@ -241,6 +242,7 @@ pub struct Snapshotter {
     /// containerd's content store (`.../io.containerd.content.v1.content`), where layer blobs
     /// named by remote-snapshot labels are found.
     pub containerd_content: Option<PathBuf>,
+    scan: content_scan::ContentScan,
 }
 
 impl Snapshotter {
@@ -250,6 +252,7 @@ impl Snapshotter {
             mounter,
             compression: Compression::Zstd,
             containerd_content: None,
+            scan: content_scan::ContentScan::default(),
         }
     }
 
@@ -328,7 +331,106 @@ impl Snapshotter {
         parent: &str,
         labels: &BTreeMap<String, String>,
     ) -> Result<Vec<Mount>> {
+        if let Some(target) = self.remote_layer(parent, labels)? {
+            // The remote-snapshot protocol: the layer is prepared from the content store and
+            // committed under the name the unpacker wants; AlreadyExists tells containerd to
+            // skip fetching and applying it.
+            return Err(SnapshotError::AlreadyExists(format!(
+                "snapshot {target} (prepared from its layer blob)"
+            )));
+        }
+        if let Some(mounts) = self.prepare_extraction(key, parent, labels)? {
+            return Ok(mounts);
+        }
         self.create(key, parent, labels, false, None)
+    }
+
+    /// containerd 1.6 unpacks by Prepare("extract-… <chainID>"), the walking differ untarring
+    /// into the mounts, then Commit. When the layer blob behind that chain is in containerd's
+    /// content store, index it now (nothing is extracted into the snapshot) and hand the differ
+    /// a throwaway tmpfs: its copy is discarded and Commit records the indexed layer.
+    fn prepare_extraction(
+        &mut self,
+        key: &str,
+        parent: &str,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<Option<Vec<Mount>>> {
+        let (Some(content), Some(chain)) = (
+            self.containerd_content.clone(),
+            content_scan::chain_of_extract_key(key),
+        ) else {
+            return Ok(None);
+        };
+        let Some(blob) = self.scan.find(&content, chain) else {
+            return Ok(None);
+        };
+        // The parent must be the chain below, or the layer would land on the wrong stack.
+        let parent_chain = if parent.is_empty() {
+            None
+        } else {
+            self.root.meta.snapshot(parent)?.and_then(|p| p.chain_id)
+        };
+        let expected = match &parent_chain {
+            None => blob.diff_id.clone(),
+            Some(p) => {
+                let p = crate::digest::Digest::parse(p)
+                    .map_err(|e| SnapshotError::Internal(e.into()))?;
+                crate::digest::Digest::chain_ids(&[p, blob.diff_id.clone()])[1].clone()
+            }
+        };
+        if expected.as_str() != chain {
+            return Ok(None);
+        }
+        self.create(key, parent, labels, false, None)?;
+        if let Err(e) = self.apply_layer(key, &blob.path, &blob.digest, &blob.media_type) {
+            let _ = self.remove(key);
+            return Err(e);
+        }
+        Ok(Some(vec![Mount {
+            kind: "tmpfs".into(),
+            source: "tmpfs".into(),
+            options: vec!["mode=755".into()],
+        }]))
+    }
+
+    /// When `labels` name a target snapshot and a layer blob present in containerd's content
+    /// store, makes that committed snapshot from the blob and returns its name.
+    fn remote_layer(
+        &mut self,
+        parent: &str,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<Option<String>> {
+        let (Some(target), Some(layer), Some(content)) = (
+            labels.get(LABEL_SNAPSHOT_REF),
+            labels.get(LABEL_LAYER_DIGEST),
+            self.containerd_content.clone(),
+        ) else {
+            return Ok(None);
+        };
+        if self.root.meta.snapshot(target)?.is_some() {
+            return Ok(Some(target.clone()));
+        }
+        let Ok(digest) = crate::digest::Digest::parse(layer) else {
+            return Ok(None);
+        };
+        let blob = content.join("blobs/sha256").join(digest.hex());
+        if !blob.is_file() {
+            // Not fetched yet: let containerd fetch and apply it the ordinary way.
+            return Ok(None);
+        }
+        let media_type = labels
+            .get(LABEL_LAYER_MEDIA_TYPE)
+            .cloned()
+            .unwrap_or_default();
+        let mut inherited: BTreeMap<String, String> = labels
+            .iter()
+            .filter(|(k, _)| crate::meta::inheritable_label(k))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        // containerd finds the snapshot by Walk with labels."containerd.io/snapshot.ref".
+        inherited.insert(LABEL_SNAPSHOT_REF.to_string(), target.clone());
+        self.commit_blob(target, parent, &blob, &digest, &media_type, &inherited)?;
+        Ok(Some(target.clone()))
     }
 
     pub fn view(

@@ -1,0 +1,227 @@
+#!/usr/bin/env bash
+# A private containerd on lazysnap, for tests and for trying it out: its own root, state and
+# socket under one directory, `lazysnap serve` as its proxy snapshotter (and proxy diff plugin
+# when containerd is 1.7 or newer), both as background processes with pid files and logs.
+#
+#   scripts/containerd-env.sh start [DIR]   # default DIR: target/containerd-env ($CONTAINERD_ENV_DIR)
+#   scripts/containerd-env.sh env   [DIR]   # prints the exports (eval "$(... env)")
+#   scripts/containerd-env.sh stop  [DIR]   # SIGTERM both, waits, unmounts leftovers
+#   scripts/containerd-env.sh status [DIR]
+#   scripts/containerd-env.sh restart-snapshotter [DIR]   # SIGTERM + start `lazysnap serve` again
+#
+# Then: ctr -a DIR/containerd.sock -n test images import --snapshotter lazysnap IMAGE.tar
+# The lazysnap binary: $LAZYSNAP_BIN, else target/{release,debug}/lazysnap, else PATH.
+# Needs root (containerd, FUSE mounts), Debian's containerd and runc.
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cmd=${1:-}
+dir=${2:-${CONTAINERD_ENV_DIR:-$here/target/containerd-env}}
+START_TIMEOUT=${START_TIMEOUT:-30}
+STOP_TIMEOUT=${STOP_TIMEOUT:-30}
+
+die() { echo "containerd-env: $*" >&2; exit 1; }
+
+lazysnap_bin() {
+    if [[ -n ${LAZYSNAP_BIN:-} ]]; then echo "$LAZYSNAP_BIN"; return; fi
+    # The newer of the release and debug builds.
+    local b best=
+    for b in "$here/target/release/lazysnap" "$here/target/debug/lazysnap"; do
+        if [[ -x $b && ( -z $best || $b -nt $best ) ]]; then best=$b; fi
+    done
+    if [[ -n $best ]]; then echo "$best"; return; fi
+    command -v lazysnap || die "no lazysnap binary: build it (cargo build) or set LAZYSNAP_BIN"
+}
+
+# Paths (the FUSE mountpoints are compared as canonical paths: resolve DIR once).
+setup_paths() {
+    mkdir -p "$dir"
+    dir=$(realpath "$dir")
+    croot=$dir/root
+    cstate=$dir/state
+    csock=$dir/containerd.sock
+    lsock=$dir/lazysnap.sock
+    lroot=$dir/lazysnap
+    content=$croot/io.containerd.content.v1.content
+}
+
+alive() { [[ -f $1 ]] && kill -0 "$(cat "$1")" 2>/dev/null; }
+
+# containerd >= 1.7 loads proxy diff plugins; 1.6 panics on an unknown proxy plugin type.
+supports_proxy_diff() {
+    local v
+    v=$(containerd --version | awk '{print $3}' | sed 's/^v//')
+    local major=${v%%.*} rest=${v#*.}
+    local minor=${rest%%.*}
+    (( major > 1 || (major == 1 && minor >= 7) ))
+}
+
+write_config() {
+    {
+        cat <<EOF
+version = 2
+root = "$croot"
+state = "$cstate"
+disabled_plugins = ["io.containerd.grpc.v1.cri"]
+
+[grpc]
+  address = "$csock"
+
+[ttrpc]
+  address = "$csock.ttrpc"
+
+[proxy_plugins]
+  [proxy_plugins.lazysnap]
+    type = "snapshot"
+    address = "$lsock"
+EOF
+        if supports_proxy_diff; then
+            cat <<EOF
+  [proxy_plugins.lazysnap-diff]
+    type = "diff"
+    address = "$lsock"
+
+[plugins."io.containerd.service.v1.diff-service"]
+  default = ["lazysnap-diff", "walking"]
+EOF
+        fi
+    } >"$dir/config.toml"
+}
+
+wait_for() { # SECONDS PIDFILE COMMAND...: until COMMAND succeeds, the process lives, time is left
+    local t=$1 pf=$2; shift 2
+    local end=$((SECONDS + t))
+    until "$@" >/dev/null 2>&1; do
+        if ((SECONDS >= end)) || ! alive "$pf"; then
+            return 1
+        fi
+        sleep 0.2
+    done
+}
+
+sock_ready() { python3 -c 'import socket,sys; s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])' "$1"; }
+
+start_lazysnap() {
+    local bin
+    bin=$(lazysnap_bin)
+    LAZYSNAP_LOG=${LAZYSNAP_LOG:-info} setsid "$bin" --root "$lroot" serve --address "$lsock" \
+        --containerd-content "$content" >>"$dir/lazysnap.log" 2>&1 </dev/null &
+    echo $! >"$dir/lazysnap.pid"
+    if ! wait_for "$START_TIMEOUT" "$dir/lazysnap.pid" sock_ready "$lsock"; then
+        tail -20 "$dir/lazysnap.log" >&2 || true
+        stop_all
+        die "lazysnap serve did not listen on $lsock (log: $dir/lazysnap.log)"
+    fi
+}
+
+# Restarts only `lazysnap serve` (containerd's proxy client reconnects).
+restart_snapshotter() {
+    setup_paths
+    alive "$dir/containerd.pid" || die "not running in $dir"
+    stop_pid "$dir/lazysnap.pid" "lazysnap serve"
+    start_lazysnap
+    echo "containerd-env: lazysnap serve restarted (pid $(cat "$dir/lazysnap.pid"))"
+}
+
+start() {
+    setup_paths
+    command -v containerd >/dev/null || die "containerd is not installed (apt-get install containerd runc)"
+    command -v runc >/dev/null || die "runc is not installed (apt-get install runc)"
+    [[ $(id -u) == 0 ]] || die "must run as root"
+    if alive "$dir/lazysnap.pid" || alive "$dir/containerd.pid"; then
+        die "already running in $dir (stop it first)"
+    fi
+    mkdir -p "$croot" "$cstate" "$lroot"
+    write_config
+    start_lazysnap
+    setsid containerd --config "$dir/config.toml" --log-level "${CONTAINERD_LOG_LEVEL:-info}" \
+        >>"$dir/containerd.log" 2>&1 </dev/null &
+    echo $! >"$dir/containerd.pid"
+    if ! wait_for "$START_TIMEOUT" "$dir/containerd.pid" ctr -a "$csock" version; then
+        tail -20 "$dir/containerd.log" >&2 || true
+        stop_all
+        die "containerd did not answer on $csock (log: $dir/containerd.log)"
+    fi
+    if ! ctr -a "$csock" plugins ls 2>/dev/null | grep -Eq 'snapshotter\.v1 +lazysnap +.* ok'; then
+        ctr -a "$csock" plugins ls >&2 || true
+        stop_all
+        die "containerd did not load the lazysnap snapshotter"
+    fi
+    echo "containerd-env: running in $dir (containerd pid $(cat "$dir/containerd.pid"), lazysnap pid $(cat "$dir/lazysnap.pid"))"
+    print_env
+}
+
+# SIGTERM, wait up to STOP_TIMEOUT, then SIGKILL.
+stop_pid() { # PIDFILE NAME
+    local pf=$1 name=$2
+    [[ -f $pf ]] || return 0
+    local pid
+    pid=$(cat "$pf")
+    if kill -0 "$pid" 2>/dev/null; then
+        kill -TERM "$pid" 2>/dev/null || true
+        local end=$((SECONDS + STOP_TIMEOUT))
+        while kill -0 "$pid" 2>/dev/null; do
+            if ((SECONDS >= end)); then
+                echo "containerd-env: $name (pid $pid) ignored SIGTERM for ${STOP_TIMEOUT}s; killing it" >&2
+                kill -KILL "$pid" 2>/dev/null || true
+                break
+            fi
+            sleep 0.2
+        done
+    fi
+    rm -f "$pf"
+}
+
+# Mounts under DIR, deepest first (container rootfs, containerd's temp mounts, FUSE mounts).
+unmount_leftovers() {
+    local m
+    awk -v d="$dir/" 'index($5, d) == 1 {print $5}' /proc/self/mountinfo | sort -r | while read -r m; do
+        m=$(printf '%b' "$m")  # mountinfo escapes spaces as \040
+        umount "$m" 2>/dev/null || umount -l "$m" 2>/dev/null || echo "containerd-env: could not unmount $m" >&2
+    done
+}
+
+stop_shims() {
+    # runc shims of this containerd (their -address names our socket) outlive it by design.
+    local pid
+    for pid in $(pgrep -f "containerd-shim-runc-v2 .*-address $csock( |$)" || true); do
+        kill -TERM "$pid" 2>/dev/null || true
+    done
+}
+
+stop_all() {
+    stop_pid "$dir/containerd.pid" containerd
+    stop_shims
+    stop_pid "$dir/lazysnap.pid" "lazysnap serve"
+    unmount_leftovers
+}
+
+stop() {
+    setup_paths
+    stop_all
+    rm -f "$csock" "$csock.ttrpc" "$lsock"
+    echo "containerd-env: stopped ($dir)"
+}
+
+print_env() {
+    echo "export CONTAINERD_ADDRESS=$csock"
+    echo "export CONTAINERD_SNAPSHOTTER=lazysnap"
+    echo "export LAZYSNAP_SOCK=$lsock"
+    echo "export LAZYSNAP_ROOT=$lroot"
+    echo "export CONTAINERD_CONTENT=$content"
+}
+
+status() {
+    setup_paths
+    alive "$dir/containerd.pid" && echo "containerd: running (pid $(cat "$dir/containerd.pid"))" || echo "containerd: stopped"
+    alive "$dir/lazysnap.pid" && echo "lazysnap: running (pid $(cat "$dir/lazysnap.pid"))" || echo "lazysnap: stopped"
+}
+
+case $cmd in
+    start) start ;;
+    stop) stop ;;
+    env) setup_paths; print_env ;;
+    status) status ;;
+    restart-snapshotter) restart_snapshotter ;;
+    *) die "usage: $0 start|stop|env|status|restart-snapshotter [DIR]" ;;
+esac
