@@ -207,6 +207,49 @@ impl Drop for CtrEnv {
     }
 }
 
+/// Every committed snapshot of the import is made of a layer blob of containerd's own content
+/// store — indexed, not extracted and tarred again (a commit of an extracted upper would make a
+/// new blob that only lazysnap's store has) — and no snapshot upper holds files.
+fn assert_imported_without_extraction(env_dir: &Path, archive: &str) {
+    let root = lazysnap::root::Root::open(&env_dir.join("lazysnap")).unwrap();
+    let content = env_dir.join("root/io.containerd.content.v1.content/blobs/sha256");
+    let snaps = root.meta.snapshots().unwrap();
+    let committed: Vec<_> = snaps.iter().filter(|s| s.kind == "committed").collect();
+    assert!(
+        committed.len() >= 3,
+        "{archive}: {} committed snapshots",
+        committed.len()
+    );
+    for s in committed {
+        let chain = root
+            .meta
+            .chain(s.chain_id.as_deref().unwrap())
+            .unwrap()
+            .unwrap();
+        let digest = lazysnap::digest::Digest::parse(&chain.blob_digest).unwrap();
+        assert!(
+            content.join(digest.hex()).is_file(),
+            "{archive}: snapshot {} is made of blob {} that containerd does not have: it was extracted and re-tarred",
+            s.key,
+            chain.blob_digest
+        );
+    }
+    for entry in std::fs::read_dir(env_dir.join("lazysnap/snapshots"))
+        .unwrap()
+        .flatten()
+    {
+        let upper = entry.path().join("upper");
+        if upper.is_dir() {
+            assert_eq!(
+                std::fs::read_dir(&upper).unwrap().count(),
+                0,
+                "{}",
+                upper.display()
+            );
+        }
+    }
+}
+
 #[test]
 fn ctr_runs_a_shell_python_and_writes_on_lazysnap() {
     if !prerequisites() {
@@ -216,6 +259,7 @@ fn ctr_runs_a_shell_python_and_writes_on_lazysnap() {
         let env = CtrEnv::start("run");
         let (image, secs) = env.import(&common::image(archive));
         eprintln!("ctr images import {archive}: {secs:.2}s -> {image}");
+        assert_imported_without_extraction(&env.dir, archive);
 
         let out = env.run(
             &image,
@@ -424,7 +468,7 @@ fn diff_apply_indexes_the_layer_instead_of_extracting_it() {
         let mut parent = String::new();
         let mut apply_total = Duration::ZERO;
         for (i, layer) in layers.iter().enumerate() {
-            let key = format!("{ns}/{}/extract-{i} {}", 100 + 2 * i, chains[i]);
+            let key = format!("{ns}/{}/apply-{i} {}", 100 + 2 * i, chains[i]);
             let name = format!("{ns}/{}/{}", 101 + 2 * i, chains[i]);
             let mounts = sn
                 .prepare(PrepareSnapshotRequest {
