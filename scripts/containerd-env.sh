@@ -142,8 +142,11 @@ start() {
         stop_all
         die "containerd did not answer on $csock (log: $dir/containerd.log)"
     fi
-    if ! ctr -a "$csock" plugins ls 2>/dev/null | grep -Eq 'snapshotter\.v1 +lazysnap +.* ok'; then
-        ctr -a "$csock" plugins ls >&2 || true
+    # Read the whole list first: `grep -q` closing the pipe early would fail it under pipefail.
+    local plugins
+    plugins=$(ctr -a "$csock" plugins ls 2>/dev/null || true)
+    if ! grep -Eq 'snapshotter\.v1 +lazysnap +.* ok' <<<"$plugins"; then
+        echo "$plugins" >&2
         stop_all
         die "containerd did not load the lazysnap snapshotter"
     fi
