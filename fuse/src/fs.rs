@@ -354,6 +354,12 @@ impl Filesystem for MergedFs {
         } else if writes {
             return reply.error(Errno::EROFS);
         }
+        if !self.merged.is_writable() {
+            // Zero-message opens: ENOSYS makes the kernel stop sending open/release for this
+            // mount and open every file with FOPEN_KEEP_CACHE — the layers never change, and
+            // a warm read then costs no round trip at all.
+            return reply.error(Errno::ENOSYS);
+        }
         match self.merged.file_source(ino.0) {
             Ok(_) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
             Err(e) => reply.error(errno(&e)),
@@ -418,10 +424,8 @@ impl Filesystem for MergedFs {
                 let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
                 reply.opened(FileHandle(fh), FopenFlags::empty())
             }
-            Some(i) if i.kind == NodeKind::Dir => reply.opened(
-                FileHandle(0),
-                FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR,
-            ),
+            // Read-only: zero-message opendir (the kernel then caches listings by default).
+            Some(i) if i.kind == NodeKind::Dir => reply.error(Errno::ENOSYS),
             Some(_) => reply.error(Errno::ENOTDIR),
             None => reply.error(Errno::ENOENT),
         }
@@ -818,7 +822,12 @@ impl Filesystem for MergedFs {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        reply.ok();
+        if self.merged.is_writable() {
+            reply.ok();
+        } else {
+            // Nothing to flush in immutable layers: ENOSYS stops flush on every close.
+            reply.error(Errno::ENOSYS);
+        }
     }
 
     fn release(
