@@ -666,3 +666,59 @@ fn platform_is_chosen_from_a_multi_platform_index() {
     }
     let _ = Arc::new(());
 }
+
+#[test]
+fn interrupted_import_leaves_only_whole_blobs() {
+    let data = common::testdata();
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("root");
+    // Interrupt at several moments: every blob visible afterwards hashes to its name, and a
+    // second import completes.
+    for delay_ms in [30u64, 120, 400] {
+        let mut child = Command::new(common::lazysnap_bin())
+            .arg("--root")
+            .arg(&root)
+            .args([
+                "import",
+                data.join("debian-none").to_str().unwrap(),
+                "--name",
+                "deb",
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+        unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+        let _ = child.wait();
+        let blobs = root.join("content/blobs/sha256");
+        if let Ok(rd) = fs::read_dir(&blobs) {
+            for e in rd.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let bytes = fs::read(e.path()).unwrap();
+                assert_eq!(
+                    sha(&bytes),
+                    format!("sha256:{name}"),
+                    "half-written blob visible"
+                );
+            }
+        }
+    }
+    ok(
+        &root,
+        &[
+            "import",
+            data.join("debian-none").to_str().unwrap(),
+            "--name",
+            "deb",
+        ],
+    );
+    let v: serde_json::Value = serde_json::from_str(&ok(&root, &["inspect", "deb"])).unwrap();
+    assert_eq!(v["Chain"].as_array().unwrap().len(), 3);
+    // Leftovers of the interrupted runs are garbage, and gc removes them.
+    ok(&root, &["gc"]);
+    assert_eq!(
+        fs::read_dir(root.join("content/ingest")).unwrap().count(),
+        0
+    );
+}

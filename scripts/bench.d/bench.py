@@ -309,7 +309,7 @@ def tar_extract(p, dest):
     flag = "--zstd" if p["comp"] == "zstd" else "-z"
     os.makedirs(dest)
     for b in p["blobs"]:
-        sh(["tar", flag, "-xf", b, "-C", dest])
+        sh(["tar", flag, "--recursive-unlink", "--warning=no-unknown-keyword", "-xf", b, "-C", dest])
 
 
 # ---------------------------------------------------------------- sections
