@@ -5,7 +5,8 @@ Every cold step starts with `sync; echo 3 > /proc/sys/vm/drop_caches`. Each roun
 engine once per step, in turn, so a busy machine hurts all of them alike; figures are medians.
 Raw samples go to bench/results.json; the table to stdout and bench/results.md; the chart to
 bench/chart.png. Environment: ROUNDS (default 5; QUICK=1: 3), QUICK, LAZYSNAP (binary),
-SKIP (comma list of sections to skip: ready,remount,read,find,random,rss,write,commit,containerd).
+SKIP (comma list of sections to skip: ready (after round 1), read (remount, read-all, RSS), find,
+random, write, commit, containerd). `bench.py --chart` redraws the chart from results.json.
 """
 
 import json
@@ -219,13 +220,18 @@ def where(engine, mnt):
     return engine.path if isinstance(engine, Extracted) else mnt
 
 
-def read_all(d):
-    out = sh("tar -cf - . | wc -c", cwd=d, capture=True)
-    return int(out.strip())
+def read_all(d, label=""):
+    """Bytes of `tar -cf - .` in d (errors such as EIO on an entry are noted, not fatal)."""
+    r = subprocess.run("set -o pipefail; tar -cf - . 2>/dev/null | wc -c", shell=True, cwd=d,
+                       executable="/bin/bash", stdout=subprocess.PIPE, text=True)
+    if r.returncode:
+        INFO.setdefault("errors", []).append("tar -cf had errors: %s" % (label or d))
+    return int(r.stdout.strip())
 
 
-def find_ls(d):
-    sh("find . -ls > /dev/null", cwd=d)
+def find_ls(d, label=""):
+    if subprocess.run("find . -ls > /dev/null 2>&1", shell=True, cwd=d).returncode:
+        INFO.setdefault("errors", []).append("find -ls had errors: %s" % (label or d))
 
 
 def random_reads(path, n, seed):
@@ -350,8 +356,8 @@ def section_ready_remount_read_find(prep, rnd):
                     record("remount", key, e.name, t)
                 d = where(e, mnt)
                 n = [0]
-                record("read cold", key, e.name, timed(lambda: n.__setitem__(0, read_all(d))))
-                record("read warm", key, e.name, timed(lambda: read_all(d)))
+                record("read cold", key, e.name, timed(lambda: n.__setitem__(0, read_all(d, key + " " + e.name))))
+                record("read warm", key, e.name, timed(lambda: read_all(d, key + " " + e.name)))
                 INFO.setdefault("tar bytes", {})["%s %s" % (key, e.name)] = n[0]
                 hwm = vm_hwm(e.pid(mnt))
                 if hwm is not None:
@@ -363,8 +369,8 @@ def section_ready_remount_read_find(prep, rnd):
                 e.mount(mnt)
                 d = where(e, mnt)
                 drop()
-                record("find cold", key, e.name, timed(lambda: find_ls(d)))
-                record("find warm", key, e.name, timed(lambda: find_ls(d)))
+                record("find cold", key, e.name, timed(lambda: find_ls(d, key + " " + e.name)))
+                record("find warm", key, e.name, timed(lambda: find_ls(d, key + " " + e.name)))
                 e.umount(mnt)
 
 
@@ -513,7 +519,7 @@ def section_containerd(prep, rnd):
             ti = timed(lambda: sh(ctr + ["images", "import", "--snapshotter", snap, OCI_ARCHIVE]))
             ref = sh(ctr + ["images", "ls", "-q"], capture=True).split()[0]
             tr = timed(lambda: sh(ctr + ["run", "--rm", "--snapshotter", snap, ref, "bench%d" % rnd,
-                                         "/bin/sh", "-c", "ls /usr/bin > /dev/null"]))
+                                         "/usr/bin/python3", "-c", "import json, sqlite3"]))
             record("ctr import", "gzip", snap, ti)
             record("ctr run", "gzip", snap, tr)
             record("ctr import+run", "gzip", snap, ti + tr)
@@ -623,14 +629,15 @@ def report(prep, started):
         peers = [(e, v) for e, v in vals.items() if e != "lazysnap"]
         ps = ", ".join("%s %s" % (e, fmt(v, unit)) for e, v in peers)
         rs = ", ".join("%.2fx %s" % (lv / v, e) for e, v in peers if lv is not None and v)
-        L.append("| %s | %s | %s | %s | %s |" % (metric, k, fmt(lv, unit) if "lazysnap" in vals else "", ps, rs))
+        L.append(("| %s | %s | %s | %s | %s |" % (metric, k, fmt(lv, unit) if "lazysnap" in vals else "",
+                                                  ps.replace("|", "\\|"), rs.replace("|", "\\|"))))
     L.append("")
     L.append("Ratios are lazysnap / peer (for times: < 1 is faster; for MB/s and creates/s: > 1 is faster).\n")
     L.append("## Goals (issue 6)\n")
     L.append("| goal | image | measured | limit | status |")
     L.append("|---|---|---|---|---|")
     for text, k, v, lim, st in goals:
-        L.append("| %s | %s | %s | %s %s | %s |" % (text, k, "—" if v is None else "%.3f" % v,
+        L.append("| %s | %s | %s | %s %s | %s |" % (text.replace("|", "\\|"), k, "—" if v is None else "%.3f" % v,
                                                   ">=" if "speedup" in text or "/ native" in text else "<=", lim, st))
     L.append("")
     L.append("Notes: time to ready for lazysnap is `lazysnap import` into an empty root (copy into the content store, "
@@ -660,7 +667,8 @@ def chart(rows):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    panels = [r for r in rows if r[3] == "s" and not r[0].startswith(("1 decompression", "2", "8 ctr import ", "8 ctr run"))]
+    skip = ("1 decompression", "2", "8 ctr import", "8 ctr run")
+    panels = [r for r in rows if r[3] == "s" and (r[0] == "8 ctr import + run" or not r[0].startswith(skip))]
     panels += [r for r in rows if r[3] in ("ms", "MB/s", "/s", "MiB") and not r[0].startswith("5 one span")]
     n = len(panels)
     cols = 4
@@ -684,6 +692,12 @@ def chart(rows):
 
 
 def main():
+    if sys.argv[1:] == ["--chart"]:  # redraw bench/chart.png from bench/results.json
+        global ROUNDS, QUICK
+        js = json.load(open(os.path.join(BENCH, "results.json")))
+        ROUNDS, QUICK = js["rounds"], js["quick"]
+        chart([(m["metric"], m["image"], m["values"], m["unit"]) for m in js["medians"]])
+        return
     started = time.time()
     if os.geteuid() != 0:
         sys.exit("bench: needs root (drop_caches, mounts)")
