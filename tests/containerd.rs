@@ -324,8 +324,21 @@ fn restart_of_lazysnap_serve_between_two_runs() {
         t.elapsed().as_secs_f64()
     );
 
-    // containerd's proxy client reconnects; the committed layers are still served.
-    let committed_after = env.ctr_ok(&["snapshots", "--snapshotter", "lazysnap", "ls"]);
+    // containerd's proxy client reconnects (its gRPC dialer backs off for a while after the
+    // socket went away); the committed layers are still served.
+    let deadline = Instant::now() + std::time::Duration::from_secs(60);
+    let committed_after = loop {
+        let out = env.ctr(&["snapshots", "--snapshotter", "lazysnap", "ls"]);
+        if out.status.success() {
+            break text(&out.stdout);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "containerd did not reconnect to lazysnap serve: {}",
+            text(&out.stderr)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    };
     assert_eq!(committed_before, committed_after);
     let out = env.run(
         &image,
