@@ -698,11 +698,11 @@ fn put_labels(
     Ok(())
 }
 
-/// The labels containerd passes from an active snapshot to the one committed from it.
+/// The labels containerd passes from an active snapshot to the one committed from it
+/// (`snapshots.FilterInheritedLabels`: the `containerd.io/snapshot/` prefix, which also covers
+/// the uid/gid mapping labels).
 pub fn inheritable_label(key: &str) -> bool {
     key.starts_with("containerd.io/snapshot/")
-        || key == "containerd.io/snapshot/uidmapping"
-        || key == "containerd.io/snapshot/gidmapping"
 }
 
 /// Everything a commit records, in one transaction.

@@ -15,9 +15,6 @@ use crate::host;
 /// The xattr name.
 pub const OVERRIDE_XATTR: &[u8] = b"user.lazysnap.override";
 
-/// xattrs under this prefix are the filesystem's own: never shown, never settable.
-pub const PRIVATE_PREFIX: &[u8] = b"user.lazysnap.";
-
 /// xattrs the mount keeps for itself: hidden from the container and refused to it. Only the
 /// exact names lazysnap writes, so images may carry other `user.lazysnap.*` xattrs.
 pub fn is_private(name: &[u8]) -> bool {
