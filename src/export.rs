@@ -108,6 +108,33 @@ pub fn build_image_for_chain(root: &Root, chain_id: &str) -> anyhow::Result<Buil
     })
 }
 
+/// Records image `name` for the layer chain `chain_id` (manifest and config written by
+/// [`build_image_for_chain`]), as import records the images it reads.
+pub fn record_image(root: &mut Root, name: &str, chain_id: &str) -> anyhow::Result<()> {
+    let built = build_image_for_chain(root, chain_id)?;
+    let mut blobs: Vec<String> = built.layers.iter().map(|l| l.blob_digest.clone()).collect();
+    blobs.push(built.manifest.digest.to_string());
+    blobs.push(built.config.digest.to_string());
+    root.meta.put_image(&ImageRow {
+        name: name.to_string(),
+        target_digest: built.manifest.digest.to_string(),
+        target_media_type: built.manifest.media_type.clone(),
+        target_size: built.manifest.size,
+        manifest_digest: built.manifest.digest.to_string(),
+        manifest_media_type: built.manifest.media_type.clone(),
+        manifest_size: built.manifest.size,
+        config_digest: built.config.digest.to_string(),
+        config_media_type: built.config.media_type,
+        config_size: built.config.size,
+        platform: built.platform,
+        chain_id: Some(chain_id.to_string()),
+        created_at: crate::meta::now_unix(),
+        layers: built.layers,
+        blobs,
+    })?;
+    Ok(())
+}
+
 /// RFC 3339 UTC time of now, without a date crate.
 fn chrono_like_now() -> String {
     let secs = crate::meta::now_unix();

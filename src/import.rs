@@ -1,7 +1,6 @@
 //! `import`: image source → content store → unpack (index) → metadata. A failed import takes
 //! back what it added, so the store is as it was.
 
-use std::collections::HashSet;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -185,48 +184,14 @@ pub fn unpack_image(
 }
 
 /// Removes the blobs this import added that nothing recorded references, and index files the
-/// metadata does not know.
+/// metadata does not know. Best effort: what stays behind is garbage `gc` removes.
 fn cleanup_after_failure(root: &mut Root, added: &[Digest]) {
-    let referenced: HashSet<String> = (|| -> rusqlite::Result<HashSet<String>> {
-        let conn = root.meta.conn();
-        let mut stmt =
-            conn.prepare("SELECT digest FROM image_blobs UNION SELECT digest FROM blobs")?;
-        let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
-        rows.collect()
-    })()
-    .unwrap_or_default();
-    if referenced.is_empty()
-        && root
-            .meta
-            .image_names()
-            .map(|n| !n.is_empty())
-            .unwrap_or(true)
-    {
-        // Could not read what is referenced: keep everything rather than guess.
-        return;
-    }
-    for d in added {
-        if !referenced.contains(d.as_str()) {
+    // If what is referenced cannot be read, keep everything rather than guess.
+    if let Ok(referenced) = root.meta.referenced_blobs() {
+        for d in added.iter().filter(|d| !referenced.contains(d.as_str())) {
             let _ = root.store.remove(d);
         }
     }
-    let known: HashSet<String> = (|| -> rusqlite::Result<HashSet<String>> {
-        let conn = root.meta.conn();
-        let mut stmt = conn.prepare(
-            "SELECT index_path FROM layers UNION SELECT spans_path FROM blobs
-             UNION SELECT local_copy FROM blobs WHERE local_copy IS NOT NULL",
-        )?;
-        let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
-        rows.collect()
-    })()
-    .unwrap_or_default();
-    if let Ok(entries) = std::fs::read_dir(root.index_dir()) {
-        for entry in entries.flatten() {
-            let rel = format!("index/{}", entry.file_name().to_string_lossy());
-            if !known.contains(&rel) {
-                let _ = std::fs::remove_file(entry.path());
-            }
-        }
-    }
+    let _ = crate::gc::remove_unreferenced_index_files(root);
     let _ = root.store.clean_ingest();
 }

@@ -271,7 +271,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     .remove_image(name)
                     .with_context(|| format!("removing {name}"))?;
             }
-            let stats = lazysnap::gc::collect(&mut root, &[])?;
+            let stats = lazysnap::gc::collect(&mut root)?;
             println!(
                 "{}",
                 json!({"removed": names, "blobs_removed": stats.blobs_removed,
@@ -281,7 +281,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Gc => {
             let mut root = Root::open(&root_path)?;
-            let stats = lazysnap::gc::collect(&mut root, &[])?;
+            let stats = lazysnap::gc::collect(&mut root)?;
             println!(
                 "{}",
                 json!({"blobs_removed": stats.blobs_removed,
@@ -380,28 +380,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .snapshot(&snap_name)?
                 .and_then(|s| s.chain_id)
                 .context("committed snapshot has no chain")?;
-            let built = lazysnap::export::build_image_for_chain(root, &chain)?;
-            let mut blobs: Vec<String> =
-                built.layers.iter().map(|l| l.blob_digest.clone()).collect();
-            blobs.push(built.manifest.digest.to_string());
-            blobs.push(built.config.digest.to_string());
-            root.meta.put_image(&lazysnap::meta::ImageRow {
-                name: name.clone(),
-                target_digest: built.manifest.digest.to_string(),
-                target_media_type: built.manifest.media_type.clone(),
-                target_size: built.manifest.size,
-                manifest_digest: built.manifest.digest.to_string(),
-                manifest_media_type: built.manifest.media_type.clone(),
-                manifest_size: built.manifest.size,
-                config_digest: built.config.digest.to_string(),
-                config_media_type: built.config.media_type.clone(),
-                config_size: built.config.size,
-                platform: built.platform.clone(),
-                chain_id: Some(chain.clone()),
-                created_at: lazysnap::meta::now_unix(),
-                layers: built.layers.clone(),
-                blobs,
-            })?;
+            lazysnap::export::record_image(root, &name, &chain)?;
             // The image holds the chain now; the intermediate snapshot name is not needed.
             sn.remove(&snap_name)?;
             println!(

@@ -282,26 +282,14 @@ impl Meta {
         chain: &ChainRow,
     ) -> Result<()> {
         self.write(|tx| {
-            tx.execute(
-                "INSERT OR IGNORE INTO layers (diff_id, uncompressed_size, entries, index_path)
-                 VALUES (?1, ?2, ?3, ?4)",
-                params![layer.diff_id, layer.uncompressed_size, layer.entries, layer.index_path],
-            )?;
-            tx.execute(
-                "INSERT OR IGNORE INTO blobs (digest, diff_id, media_type, compression, size, spans_path, local_copy)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                params![
-                    blob.digest,
-                    blob.diff_id,
-                    blob.media_type,
-                    blob.compression,
-                    blob.size,
-                    blob.spans_path,
-                    blob.local_copy
-                ],
-            )?;
+            insert_layer_blob(tx, layer, blob)?;
             insert_chain(tx, chain)?;
-            ensure_unpacked_snapshot(tx, &chain.chain_id, chain.parent.as_deref(), &chain.chain_id)?;
+            ensure_unpacked_snapshot(
+                tx,
+                &chain.chain_id,
+                chain.parent.as_deref(),
+                &chain.chain_id,
+            )?;
             Ok(())
         })
     }
@@ -438,9 +426,9 @@ impl Meta {
     }
 
     /// Garbage collection of metadata: removes unpack snapshots no image needs and that have
-    /// no children, then chains, blobs and layers nothing references. Returns the removed
-    /// layer index paths and span/local-copy paths, and the content blobs still referenced.
-    pub fn collect_garbage(&mut self) -> Result<GcResult> {
+    /// no children, then chains, blobs and layers nothing references. The files behind them
+    /// are left to [`crate::gc`], which keeps what [`Meta::referenced_files`] names.
+    pub fn collect_garbage(&mut self) -> Result<()> {
         self.write(|tx| {
             // Unpack snapshots not on any image's chain and without children, to a fixpoint.
             loop {
@@ -484,65 +472,42 @@ impl Meta {
                     break;
                 }
             }
-            let mut removed_paths = Vec::new();
-            {
-                let mut stmt = tx.prepare(
-                    "SELECT spans_path, local_copy FROM blobs b WHERE
-                       NOT EXISTS (SELECT 1 FROM chains c WHERE c.blob_digest = b.digest)
-                       AND NOT EXISTS (SELECT 1 FROM image_blobs i WHERE i.digest = b.digest)",
-                )?;
-                let rows = stmt.query_map([], |r| {
-                    Ok((r.get::<_, String>(0)?, r.get::<_, Option<String>>(1)?))
-                })?;
-                for row in rows {
-                    let (spans, local) = row?;
-                    removed_paths.push(spans);
-                    removed_paths.extend(local);
-                }
-            }
             tx.execute(
                 "DELETE FROM blobs WHERE
                    NOT EXISTS (SELECT 1 FROM chains c WHERE c.blob_digest = blobs.digest)
                    AND NOT EXISTS (SELECT 1 FROM image_blobs i WHERE i.digest = blobs.digest)",
                 [],
             )?;
-            {
-                let mut stmt = tx.prepare(
-                    "SELECT index_path FROM layers l WHERE
-                       NOT EXISTS (SELECT 1 FROM blobs b WHERE b.diff_id = l.diff_id)
-                       AND NOT EXISTS (SELECT 1 FROM chains c WHERE c.diff_id = l.diff_id)",
-                )?;
-                for row in stmt.query_map([], |r| r.get::<_, String>(0))? {
-                    removed_paths.push(row?);
-                }
-            }
             tx.execute(
                 "DELETE FROM layers WHERE
                    NOT EXISTS (SELECT 1 FROM blobs b WHERE b.diff_id = layers.diff_id)
                    AND NOT EXISTS (SELECT 1 FROM chains c WHERE c.diff_id = layers.diff_id)",
                 [],
             )?;
-            let mut live_blobs = Vec::new();
-            {
-                let mut stmt =
-                    tx.prepare("SELECT digest FROM image_blobs UNION SELECT digest FROM blobs")?;
-                for row in stmt.query_map([], |r| r.get::<_, String>(0))? {
-                    live_blobs.push(row?);
-                }
-            }
-            Ok(GcResult {
-                removed_paths,
-                live_blobs,
-            })
+            Ok(())
         })
     }
 }
 
-pub struct GcResult {
-    /// Index, span-map and local-copy files whose rows were removed.
-    pub removed_paths: Vec<String>,
-    /// Content blobs something still references.
-    pub live_blobs: Vec<String>,
+impl Meta {
+    /// Index, span-map and local-copy files (relative to the root) some row references.
+    pub fn referenced_files(&self) -> Result<std::collections::HashSet<String>> {
+        let mut stmt = self.conn.prepare(
+            "SELECT index_path FROM layers UNION SELECT spans_path FROM blobs
+             UNION SELECT local_copy FROM blobs WHERE local_copy IS NOT NULL",
+        )?;
+        let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Content blobs some image or layer row references.
+    pub fn referenced_blobs(&self) -> Result<std::collections::HashSet<String>> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT digest FROM image_blobs UNION SELECT digest FROM blobs")?;
+        let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
 }
 
 /// Columns added after a table was first created: added to older databases in place.
@@ -603,18 +568,8 @@ fn ensure_unpacked_snapshot(
         }
         None => {}
     }
-    let now = now_unix_nanos();
-    tx.execute(
-        "INSERT INTO snapshots (key, kind, parent, chain_id, created_at, updated_at)
-         VALUES (?1, 'committed', ?2, ?3, ?4, ?4)",
-        params![key, parent, chain_id, now],
-    )?;
-    let id = tx.last_insert_rowid();
-    tx.execute(
-        "INSERT INTO snapshot_labels (snapshot_id, key, value) VALUES (?1, ?2, 'true')",
-        params![id, UNPACK_LABEL],
-    )?;
-    Ok(())
+    let labels = std::iter::once((UNPACK_LABEL.to_string(), "true".to_string())).collect();
+    insert_committed(tx, key, parent, chain_id, &labels)
 }
 
 /// A snapshot as containerd's `Info` describes it, plus where lazysnap keeps it.
@@ -796,13 +751,6 @@ impl Meta {
             }
             insert_layer_blob(tx, record.layer, record.blob)?;
             insert_chain(tx, record.chain)?;
-            let now = now_unix_nanos();
-            tx.execute(
-                "INSERT INTO snapshots (key, kind, parent, chain_id, created_at, updated_at)
-                 VALUES (?1, 'committed', ?2, ?3, ?4, ?4)",
-                params![name, active.parent, record.chain.chain_id, now],
-            )?;
-            let id = tx.last_insert_rowid();
             let mut labels: std::collections::BTreeMap<String, String> = active
                 .labels
                 .iter()
@@ -810,7 +758,13 @@ impl Meta {
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect();
             labels.extend(extra_labels.clone());
-            put_labels(tx, id, &labels)?;
+            insert_committed(
+                tx,
+                name,
+                active.parent.as_deref(),
+                &record.chain.chain_id,
+                &labels,
+            )?;
             get_snapshot(tx, name)?.ok_or_else(|| MetaError::NotFound(format!("snapshot {name}")))
         })
     }
@@ -907,17 +861,26 @@ impl Meta {
             }
             insert_layer_blob(tx, record.layer, record.blob)?;
             insert_chain(tx, record.chain)?;
-            let now = now_unix_nanos();
-            tx.execute(
-                "INSERT INTO snapshots (key, kind, parent, chain_id, created_at, updated_at)
-                 VALUES (?1, 'committed', ?2, ?3, ?4, ?4)",
-                params![name, parent, record.chain.chain_id, now],
-            )?;
-            let id = tx.last_insert_rowid();
-            put_labels(tx, id, labels)?;
+            insert_committed(tx, name, parent, &record.chain.chain_id, labels)?;
             get_snapshot(tx, name)?.ok_or_else(|| MetaError::NotFound(format!("snapshot {name}")))
         })
     }
+}
+
+/// Inserts committed snapshot `name` of `chain_id` with `labels`.
+fn insert_committed(
+    tx: &Transaction<'_>,
+    name: &str,
+    parent: Option<&str>,
+    chain_id: &str,
+    labels: &std::collections::BTreeMap<String, String>,
+) -> Result<()> {
+    tx.execute(
+        "INSERT INTO snapshots (key, kind, parent, chain_id, created_at, updated_at)
+         VALUES (?1, 'committed', ?2, ?3, ?4, ?4)",
+        params![name, parent, chain_id, now_unix_nanos()],
+    )?;
+    put_labels(tx, tx.last_insert_rowid(), labels)
 }
 
 fn insert_layer_blob(tx: &Transaction<'_>, layer: &LayerRow, blob: &BlobRow) -> Result<()> {
@@ -947,7 +910,8 @@ fn insert_layer_blob(tx: &Transaction<'_>, layer: &LayerRow, blob: &BlobRow) -> 
     Ok(())
 }
 
-fn check_committable(active: &SnapshotRow, key: &str) -> Result<()> {
+/// Only active snapshots (not views, not committed ones) can be committed.
+pub fn check_committable(active: &SnapshotRow, key: &str) -> Result<()> {
     match active.kind.as_str() {
         "active" => Ok(()),
         "view" => Err(MetaError::FailedPrecondition(format!(

@@ -4,6 +4,8 @@
 
 mod common;
 
+use common::{fails, ok};
+
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::{Read, Write};
@@ -19,31 +21,6 @@ use lazysnap::root::Root;
 use lazysnap_fuse::LayerTree;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
-
-fn lazysnap(root: &Path, args: &[&str]) -> std::process::Output {
-    Command::new(common::lazysnap_bin())
-        .arg("--root")
-        .arg(root)
-        .args(args)
-        .output()
-        .expect("running lazysnap")
-}
-
-fn ok(root: &Path, args: &[&str]) -> String {
-    let out = lazysnap(root, args);
-    assert!(
-        out.status.success(),
-        "lazysnap {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn fails(root: &Path, args: &[&str]) -> String {
-    let out = lazysnap(root, args);
-    assert!(!out.status.success(), "lazysnap {args:?} should fail");
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
 
 /// Everything in the root except SQLite's own files, with sizes: what "the store as it was"
 /// means on disk.

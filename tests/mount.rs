@@ -4,6 +4,8 @@
 
 mod common;
 
+use common::{lazysnap, ok};
+
 use std::fs;
 use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::fs::MetadataExt;
@@ -13,28 +15,9 @@ use std::time::{Duration, Instant};
 
 use rand::{Rng, SeedableRng};
 
-fn lazysnap(root: &Path, args: &[&str]) -> std::process::Output {
-    Command::new(common::lazysnap_bin())
-        .arg("--root")
-        .arg(root)
-        .args(args)
-        .output()
-        .expect("running lazysnap")
-}
-
-fn ok(root: &Path, args: &[&str]) -> String {
-    let out = lazysnap(root, args);
-    assert!(
-        out.status.success(),
-        "lazysnap {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
+/// FUSE plus umoci, which makes the references.
 fn can_mount() -> bool {
-    common::require(common::is_root(), "root (FUSE mounts, umoci references)")
-        && common::require(common::have_dev_fuse(), "/dev/fuse")
+    common::can_mount()
         && common::require(common::have_cmd("umoci"), "umoci (scripts/install-deps.sh)")
 }
 

@@ -5,42 +5,14 @@
 
 mod common;
 
+use common::{can_mount, fails as err, lazysnap, ok};
+
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-fn lazysnap(root: &Path, args: &[&str]) -> std::process::Output {
-    Command::new(common::lazysnap_bin())
-        .arg("--root")
-        .arg(root)
-        .args(args)
-        .output()
-        .expect("running lazysnap")
-}
-
-fn ok(root: &Path, args: &[&str]) -> String {
-    let out = lazysnap(root, args);
-    assert!(
-        out.status.success(),
-        "lazysnap {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn err(root: &Path, args: &[&str]) -> String {
-    let out = lazysnap(root, args);
-    assert!(!out.status.success(), "lazysnap {args:?} should fail");
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
 fn json(root: &Path, args: &[&str]) -> serde_json::Value {
     serde_json::from_str(&ok(root, args)).unwrap()
-}
-
-fn can_mount() -> bool {
-    common::require(common::is_root(), "root (FUSE mounts, umoci references)")
-        && common::require(common::have_dev_fuse(), "/dev/fuse")
 }
 
 /// Removes every snapshot (children first) so no mount outlives the test.

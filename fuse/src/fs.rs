@@ -110,6 +110,24 @@ impl MergedFs {
     }
 
     /// Replies with the entry of a node just made (the kernel takes a reference on it).
+    /// Creates `node` (mknod, mkdir, symlink) and answers with its entry.
+    fn create_node(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        node: NewNode,
+        reply: ReplyEntry,
+    ) {
+        match self
+            .merged
+            .create(caller(req), parent.0, name.as_bytes(), node)
+        {
+            Ok(ino) => self.reply_new(ino, reply),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
     fn reply_new(&self, ino: Ino, reply: ReplyEntry) {
         match self.merged.attr_full(ino) {
             Ok(a) => {
@@ -378,8 +396,12 @@ impl Filesystem for MergedFs {
         reply: ReplyData,
     ) {
         let _s = debug_span!("read", ino = ino.0, offset, size).entered();
-        if let Some(f) = self.file(_fh) {
-            return read_file(&f, offset, size, reply);
+        // Handles start at 1: 0 is a layer file (and every file of a read-only mount, whose
+        // opens are zero-message), so the hot path takes no lock of the handle table.
+        if _fh.0 != 0 {
+            if let Some(f) = self.file(_fh) {
+                return read_file(&f, offset, size, reply);
+            }
         }
         // `file_source` clones what it needs and releases the table lock before the read.
         let (layer, node, file_size) = match self.merged.file_source(ino.0) {
@@ -398,24 +420,19 @@ impl Filesystem for MergedFs {
         }
         let len = (file_size - offset).min(u64::from(size)) as usize;
         let mut buf = vec![0u8; len];
-        let mut done = 0;
-        while done < len {
-            match layer.read_at(node, offset + done as u64, &mut buf[done..]) {
-                Ok(0) => break,
-                Ok(n) => done += n,
-                Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
-                Err(err) => {
-                    warn!(
-                        what = %self.merged.describe(ino.0),
-                        offset = offset + done as u64,
-                        %err,
-                        "layer read failed"
-                    );
-                    return reply.error(Errno::EIO);
-                }
+        // `LayerTree::read_at` fills the buffer (short only at the end of the file), so one call.
+        match layer.read_at(node, offset, &mut buf) {
+            Ok(n) => reply.data(&buf[..n]),
+            Err(err) => {
+                warn!(
+                    what = %self.merged.describe(ino.0),
+                    offset,
+                    %err,
+                    "layer read failed"
+                );
+                reply.error(Errno::EIO)
             }
         }
-        reply.data(&buf[..done]);
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
@@ -645,13 +662,7 @@ impl Filesystem for MergedFs {
             },
             _ => return reply.error(Errno::EINVAL),
         };
-        match self
-            .merged
-            .create(caller(req), parent.0, name.as_bytes(), node)
-        {
-            Ok(ino) => self.reply_new(ino, reply),
-            Err(e) => reply.error(errno(&e)),
-        }
+        self.create_node(req, parent, name, node, reply);
     }
 
     fn mkdir(
@@ -667,13 +678,7 @@ impl Filesystem for MergedFs {
         let node = NewNode::Dir {
             perm: mode & 0o7777,
         };
-        match self
-            .merged
-            .create(caller(req), parent.0, name.as_bytes(), node)
-        {
-            Ok(ino) => self.reply_new(ino, reply),
-            Err(e) => reply.error(errno(&e)),
-        }
+        self.create_node(req, parent, name, node, reply);
     }
 
     fn symlink(
@@ -688,13 +693,7 @@ impl Filesystem for MergedFs {
         let node = NewNode::Symlink {
             target: target.as_os_str().as_bytes().to_vec(),
         };
-        match self
-            .merged
-            .create(caller(req), parent.0, link_name.as_bytes(), node)
-        {
-            Ok(ino) => self.reply_new(ino, reply),
-            Err(e) => reply.error(errno(&e)),
-        }
+        self.create_node(req, parent, link_name, node, reply);
     }
 
     fn create(

@@ -334,16 +334,33 @@ fn append_root<W: Write>(dir: &OwnedFd, builder: &mut tar::Builder<W>) -> anyhow
     header.set_mode(st.st_mode & 0o7777);
     header.set_mtime(st.st_mtime.max(0) as u64);
     header.set_size(0);
-    let mut pax: Vec<(String, Vec<u8>)> = vec![(
-        "mtime".into(),
-        format!("{}.{:09}", st.st_mtime, st.st_mtime_nsec).into_bytes(),
-    )];
-    for (k, v) in &xattrs {
-        pax.push((format!("SCHILY.xattr.{k}"), v.clone()));
-    }
+    let pax = pax_records(&st, &xattrs, st.st_uid, st.st_gid);
     builder.append_pax_extensions(pax.iter().map(|(k, v)| (k.as_str(), v.as_slice())))?;
     builder.append_data(&mut header, "./", io::empty())?;
     Ok(())
+}
+
+/// The PAX records of an entry: nanosecond mtime, xattrs, and ids too large for the header.
+fn pax_records(
+    st: &libc::stat,
+    xattrs: &[(String, Vec<u8>)],
+    uid: u32,
+    gid: u32,
+) -> Vec<(String, Vec<u8>)> {
+    let mut pax = vec![(
+        "mtime".to_string(),
+        format!("{}.{:09}", st.st_mtime, st.st_mtime_nsec).into_bytes(),
+    )];
+    for (k, v) in xattrs {
+        pax.push((format!("SCHILY.xattr.{k}"), v.clone()));
+    }
+    if uid > 0o7777777 {
+        pax.push(("uid".into(), uid.to_string().into_bytes()));
+    }
+    if gid > 0o7777777 {
+        pax.push(("gid".into(), gid.to_string().into_bytes()));
+    }
+    pax
 }
 
 fn walk<W: Write>(
@@ -390,20 +407,7 @@ fn walk<W: Write>(
         header.set_mode(perm);
         header.set_mtime(st.st_mtime.max(0) as u64);
         header.set_size(0);
-        let mut pax: Vec<(String, Vec<u8>)> = Vec::new();
-        pax.push((
-            "mtime".into(),
-            format!("{}.{:09}", st.st_mtime, st.st_mtime_nsec).into_bytes(),
-        ));
-        for (k, v) in &xattrs {
-            pax.push((format!("SCHILY.xattr.{k}"), v.clone()));
-        }
-        if uid > 0o7777777 {
-            pax.push(("uid".into(), uid.to_string().into_bytes()));
-        }
-        if gid > 0o7777777 {
-            pax.push(("gid".into(), gid.to_string().into_bytes()));
-        }
+        let pax = pax_records(&st, &xattrs, uid, gid);
         let key = (st.st_dev, st.st_ino);
         if fmt != libc::S_IFDIR && st.st_nlink > 1 {
             if let Some(first) = links.get(&key) {

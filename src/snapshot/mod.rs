@@ -171,21 +171,18 @@ pub fn spec_for(root: &Root, key: &str) -> Result<MountSpec> {
 }
 
 /// Gives a new upper directory the attributes of the parent's root (mode, owner, times,
-/// xattrs): the upper root stands for the merged root, and a commit writes it as `./`.
+/// xattrs): the upper root stands for the merged root, and a commit writes it as `./`. The
+/// merged view decides which layer's root that is (implicit roots defer to lower layers).
 fn init_upper_root(root: &Root, chain: &str, upper: &Path) -> anyhow::Result<()> {
     use std::os::unix::ffi::OsStrExt;
     let stack = crate::layer::open_stack(root, chain, crate::blob::SpanCache::new(1 << 20))?;
-    let Some(top) = stack.last().cloned() else {
+    let merged = lazysnap_fuse::Merged::new(stack);
+    let Some(attr) = merged.attr(lazysnap_fuse::ROOT_INO) else {
         return Ok(());
     };
-    // The topmost layer whose root is declared (not only implied) gives the root's attributes.
-    let source = stack
-        .iter()
-        .rev()
-        .find(|l| !l.is_implicit(l.root()))
-        .cloned()
-        .unwrap_or(top);
-    let attr = source.attr(source.root());
+    let xattrs = merged
+        .xattrs(lazysnap_fuse::ROOT_INO)
+        .map_err(|e| anyhow::anyhow!("reading the root's xattrs: {e:?}"))?;
     let c = std::ffi::CString::new(upper.as_os_str().as_bytes())?;
     // SAFETY: plain syscalls on a path we just created.
     unsafe {
@@ -196,7 +193,7 @@ fn init_upper_root(root: &Root, chain: &str, upper: &Path) -> anyhow::Result<()>
             return Err(std::io::Error::last_os_error().into());
         }
     }
-    for (name, value) in source.xattrs(source.root()) {
+    for (name, value) in xattrs {
         let n = std::ffi::CString::new(name)?;
         // SAFETY: name and value outlive the call.
         unsafe {
@@ -498,19 +495,8 @@ impl Snapshotter {
             ));
         }
         let row = self.row(key)?;
-        match row.kind.as_str() {
-            "active" => {}
-            "view" => {
-                return Err(SnapshotError::FailedPrecondition(format!(
-                    "snapshot {key} is a view and cannot be committed"
-                )))
-            }
-            _ => {
-                return Err(SnapshotError::FailedPrecondition(format!(
-                    "snapshot {key} is committed, not active"
-                )))
-            }
-        }
+        // Checked again inside the recording transaction; here it spares a useless tar.
+        crate::meta::check_committable(&row, key)?;
         if self.root.meta.snapshot(name)?.is_some() {
             return Err(SnapshotError::AlreadyExists(format!("snapshot {name}")));
         }
@@ -608,26 +594,15 @@ impl Snapshotter {
 
     pub fn remove(&mut self, key: &str) -> Result<()> {
         let _span = info_span!("remove", key).entered();
-        let row = self.row(key)?;
-        let children = self
-            .root
-            .meta
-            .snapshots()?
-            .iter()
-            .filter(|s| s.parent.as_deref() == Some(key))
-            .count();
-        if children > 0 {
-            return Err(SnapshotError::FailedPrecondition(format!(
-                "cannot remove snapshot {key}: {children} snapshot(s) depend on it"
-            )));
-        }
+        // The row goes first, in one transaction that also refuses a parent with children; a
+        // crash before the unmount below leaves a directory and mount `cleanup` removes.
+        let row = self.root.meta.remove_snapshot(key)?;
         if row.kind != "committed" {
             let mp = self.mountpoint(&row);
             if self.mounter.is_mounted(&mp) || lazysnap_fuse::is_stale_mount(&mp) {
                 self.mounter.unmount(&mp)?;
             }
         }
-        self.root.meta.remove_snapshot(key)?;
         let dir = self.dir(&row);
         if dir.exists() {
             std::fs::remove_dir_all(&dir).map_err(|e| {

@@ -47,6 +47,39 @@ pub fn lazysnap_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_lazysnap"))
 }
 
+/// Runs `lazysnap --root ROOT ARGS…` (the binary built for this test run).
+pub fn lazysnap(root: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(lazysnap_bin())
+        .arg("--root")
+        .arg(root)
+        .args(args)
+        .output()
+        .expect("running lazysnap")
+}
+
+/// Like [`lazysnap`], asserting success; returns stdout.
+pub fn ok(root: &Path, args: &[&str]) -> String {
+    let out = lazysnap(root, args);
+    assert!(
+        out.status.success(),
+        "lazysnap {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Like [`lazysnap`], asserting failure; returns stderr.
+pub fn fails(root: &Path, args: &[&str]) -> String {
+    let out = lazysnap(root, args);
+    assert!(!out.status.success(), "lazysnap {args:?} should fail");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Root and /dev/fuse, for tests that really mount (a skip fails in CI).
+pub fn can_mount() -> bool {
+    require(is_root(), "root (FUSE mounts)") && require(have_dev_fuse(), "/dev/fuse")
+}
+
 /// True when running in CI (env `CI=true`), where a skipped prerequisite is a failure.
 pub fn in_ci() -> bool {
     std::env::var("CI")
