@@ -18,6 +18,7 @@ use lazysnap::mount::DaemonMounter;
 use lazysnap::root::{default_root, Root};
 use lazysnap::snapshot::Snapshotter;
 use lazysnap::unpack::UnpackProgress;
+use lazysnap_fuse::Owners;
 
 #[derive(Parser)]
 #[command(
@@ -131,6 +132,11 @@ enum Command {
         /// Writable: prepare an active snapshot on the image and mount it (see `commit`)
         #[arg(long)]
         rw: bool,
+        /// Whose ids files show: `image` (as recorded in the layers; inside a user namespace
+        /// mapped through its uid/gid maps) or `caller` (every file yours, and you act as the
+        /// image's root: what you create or chown to yourself is committed as 0:0)
+        #[arg(long, value_enum, default_value = "image")]
+        owners: OwnersArg,
         /// (internal) IMAGE is the key of an active snapshot or view to serve
         #[arg(long, hide = true)]
         snapshot: bool,
@@ -296,13 +302,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             threads,
             rw,
             snapshot,
+            owners,
             ..
         } if rw && !snapshot => {
             let dir = std::fs::canonicalize(&dir)
                 .with_context(|| format!("mountpoint {} does not exist", dir.display()))?;
             let root = Root::open(&root_path)?;
             let parent = lazysnap::mount::resolve_chain(&root, &image)?;
-            let mut sn = snapshotter(root, &root_path, cache_size);
+            let mut sn = Snapshotter::new(
+                root,
+                Box::new(DaemonMounter {
+                    root_path: root_path.clone(),
+                    cache_bytes: cache_size,
+                    threads,
+                    owners: owners.into(),
+                }),
+            );
             let key = format!("rw:{}", dir.display());
             let start = std::time::Instant::now();
             if sn.root().meta.snapshot(&key)?.is_some() {
@@ -312,7 +327,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 lazysnap::mount::prepare_mountpoint(&dir)?;
                 sn.create(&key, &parent, &Default::default(), false, Some(&dir))?;
             }
-            let _ = threads;
             println!(
                 "mounted {image} read-write at {} in {:.1} ms (snapshot {key}; `lazysnap commit {}` NAME saves it)",
                 dir.display(),
@@ -327,9 +341,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             cache_size,
             threads,
             snapshot,
+            owners,
             ..
         } => {
             let req = lazysnap::mount::MountRequest {
+                owners: owners.into(),
                 snapshot,
                 target: image,
                 dir: std::fs::canonicalize(&dir)
@@ -430,6 +446,8 @@ fn snapshotter(root: Root, root_path: &std::path::Path, cache_bytes: u64) -> Sna
         Box::new(DaemonMounter {
             root_path: root_path.to_path_buf(),
             cache_bytes,
+            threads: None,
+            owners: Owners::Image,
         }),
     )
 }
@@ -641,6 +659,22 @@ impl Reporter for Bars {
     fn finish_unpack(&mut self) {
         if let Some((bar, _, _)) = self.index.take() {
             bar.finish_and_clear();
+        }
+    }
+}
+
+/// `--owners`.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum OwnersArg {
+    Image,
+    Caller,
+}
+
+impl From<OwnersArg> for Owners {
+    fn from(o: OwnersArg) -> Owners {
+        match o {
+            OwnersArg::Image => Owners::Image,
+            OwnersArg::Caller => Owners::caller(),
         }
     }
 }

@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 use std::time::Instant;
 
 use anyhow::{bail, Context as _};
-use lazysnap_fuse::MountOptions;
+use lazysnap_fuse::{MountOptions, Owners};
 use tracing::{info, warn};
 
 use crate::blob::SpanCache;
@@ -27,6 +27,8 @@ pub struct MountRequest {
     pub dir: PathBuf,
     pub cache_bytes: u64,
     pub threads: Option<usize>,
+    /// Whose ids the mount shows.
+    pub owners: Owners,
 }
 
 /// The chain ID to mount for `target`: an image's top chain, or a committed snapshot's.
@@ -97,6 +99,7 @@ pub fn run_foreground(root: Root, req: &MountRequest) -> anyhow::Result<()> {
         let mut opts = MountOptions {
             fsname: format!("lazysnap:{}", short(&req.target)),
             upper,
+            owners: req.owners,
             ..MountOptions::default()
         };
         if let Some(t) = req.threads {
@@ -192,6 +195,10 @@ pub fn spawn_daemon(root_path: &Path, req: &MountRequest, log: &Path) -> anyhow:
     if let Some(t) = req.threads {
         cmd.arg("--threads").arg(t.to_string());
     }
+    if let Owners::Squash { .. } = req.owners {
+        // The daemon runs as this user: squashing to its own ids is the same.
+        cmd.arg("--owners").arg("caller");
+    }
     let raw_write = write_end.as_raw_fd();
     // SAFETY: only async-signal-safe calls (setsid, fcntl) between fork and exec.
     unsafe {
@@ -259,6 +266,8 @@ pub fn daemon_log(root: &Path) -> PathBuf {
 pub struct DaemonMounter {
     pub root_path: PathBuf,
     pub cache_bytes: u64,
+    pub threads: Option<usize>,
+    pub owners: Owners,
 }
 
 impl crate::snapshot::Mounter for DaemonMounter {
@@ -270,7 +279,8 @@ impl crate::snapshot::Mounter for DaemonMounter {
             snapshot: true,
             dir: spec.mountpoint.clone(),
             cache_bytes: self.cache_bytes,
-            threads: None,
+            threads: self.threads,
+            owners: self.owners,
         };
         let log = daemon_log(&self.root_path);
         if let Some(parent) = log.parent() {

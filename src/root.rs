@@ -7,14 +7,15 @@ use anyhow::Context as _;
 use crate::meta::Meta;
 use crate::store::ContentStore;
 
-/// The default root: `$LAZYSNAP_ROOT`, else `/var/lib/lazysnap` for root, else
+/// The default root: `$LAZYSNAP_ROOT`, else `/var/lib/lazysnap` for root (of the
+/// initial user namespace), else
 /// `$XDG_DATA_HOME/lazysnap` (`~/.local/share/lazysnap`).
 pub fn default_root() -> PathBuf {
     if let Some(r) = std::env::var_os("LAZYSNAP_ROOT").filter(|r| !r.is_empty()) {
         return PathBuf::from(r);
     }
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
+    // Root of a user namespace (`unshare -r`, rootless containerd) is still the user.
+    if lazysnap_fuse::privileged() {
         return PathBuf::from("/var/lib/lazysnap");
     }
     let data = std::env::var_os("XDG_DATA_HOME")

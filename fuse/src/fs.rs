@@ -33,6 +33,7 @@ use tracing::{debug, debug_span, warn};
 
 use crate::layer::{LayerStack, NodeAttr, NodeKind, Timestamp};
 use crate::merge::{self, FullAttr, Ino, Merged, MergedDir};
+use crate::owners::Owners;
 use crate::upper::Upper;
 use crate::write::{Caller, NewNode, SetAttr, SetTime};
 
@@ -52,6 +53,8 @@ pub struct MergedFs {
     /// Listing snapshots of open directories of a writable view.
     dirs: Mutex<HashMap<u64, Arc<MergedDir>>>,
     next_fh: AtomicU64,
+    /// Whose ids the mount shows (see [`Owners`]).
+    owners: Owners,
 }
 
 impl MergedFs {
@@ -76,7 +79,28 @@ impl MergedFs {
             files: Mutex::new(HashMap::new()),
             dirs: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
+            owners: Owners::Image,
         }
+    }
+
+    /// Shows ids as `owners` says (default: the image's).
+    pub fn with_owners(mut self, owners: Owners) -> MergedFs {
+        self.owners = owners;
+        self
+    }
+
+    /// The attributes to send to the kernel, with ids as the mount shows them.
+    fn attr_out(&self, ino: Ino, a: &FullAttr) -> FileAttr {
+        let mut f = full_attr(ino, a);
+        (f.uid, f.gid) = self.owners.show(f.uid, f.gid);
+        f
+    }
+
+    fn caller(&self, req: &Request) -> Caller {
+        self.owners.caller_in(Caller {
+            uid: req.uid(),
+            gid: req.gid(),
+        })
     }
 
     fn file(&self, fh: FileHandle) -> Option<Arc<File>> {
@@ -121,7 +145,7 @@ impl MergedFs {
     ) {
         match self
             .merged
-            .create(caller(req), parent.0, name.as_bytes(), node)
+            .create(self.caller(req), parent.0, name.as_bytes(), node)
         {
             Ok(ino) => self.reply_new(ino, reply),
             Err(e) => reply.error(errno(&e)),
@@ -132,7 +156,7 @@ impl MergedFs {
         match self.merged.attr_full(ino) {
             Ok(a) => {
                 self.merged.add_lookup(ino);
-                reply.entry(&TTL, &full_attr(ino, &a), Generation(0))
+                reply.entry(&TTL, &self.attr_out(ino, &a), Generation(0))
             }
             Err(e) => reply.error(errno(&e)),
         }
@@ -202,13 +226,6 @@ fn full_attr(ino: Ino, a: &FullAttr) -> FileAttr {
         f.blocks = blocks;
     }
     f
-}
-
-fn caller(req: &Request) -> Caller {
-    Caller {
-        uid: req.uid(),
-        gid: req.gid(),
-    }
 }
 
 fn timestamp(t: SystemTime) -> Timestamp {
@@ -328,7 +345,7 @@ impl Filesystem for MergedFs {
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let _s = debug_span!("lookup", parent = parent.0, name = ?name).entered();
         match self.merged.lookup_ext(parent.0, name.as_bytes()) {
-            Ok((ino, attr)) => reply.entry(&TTL, &full_attr(ino, &attr), Generation(0)),
+            Ok((ino, attr)) => reply.entry(&TTL, &self.attr_out(ino, &attr), Generation(0)),
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -340,7 +357,7 @@ impl Filesystem for MergedFs {
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         let _s = debug_span!("getattr", ino = ino.0).entered();
         match self.merged.attr_full(ino.0) {
-            Ok(a) => reply.attr(&TTL, &full_attr(ino.0, &a)),
+            Ok(a) => reply.attr(&TTL, &self.attr_out(ino.0, &a)),
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -516,7 +533,7 @@ impl Filesystem for MergedFs {
                 idx + 1,
                 OsStr::from_bytes(name),
                 &TTL,
-                &full_attr(ino, &attr),
+                &self.attr_out(ino, &attr),
                 Generation(0),
             );
             if full {
@@ -578,7 +595,8 @@ impl Filesystem for MergedFs {
 
     fn access(&self, req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
         match self.merged.attr(ino.0) {
-            Some(a) => {
+            Some(mut a) => {
+                (a.uid, a.gid) = self.owners.show(a.uid, a.gid);
                 match may_access(&a, req.uid(), req.gid(), mask, self.merged.is_writable()) {
                     Ok(()) => reply.ok(),
                     Err(e) => reply.error(e),
@@ -609,8 +627,8 @@ impl Filesystem for MergedFs {
         let _s = debug_span!("setattr", ino = ino.0, ?mode, ?uid, ?gid, ?size).entered();
         let change = SetAttr {
             perm: mode.map(|m| m & 0o7777),
-            uid,
-            gid,
+            uid: uid.map(|u| self.owners.uid_in(u)),
+            gid: gid.map(|g| self.owners.gid_in(g)),
             size,
             atime: set_time(atime),
             mtime: set_time(mtime),
@@ -621,7 +639,7 @@ impl Filesystem for MergedFs {
             .setattr(ino.0, &change, file.as_deref())
             .and_then(|()| self.merged.attr_full(ino.0));
         match done {
-            Ok(a) => reply.attr(&TTL, &full_attr(ino.0, &a)),
+            Ok(a) => reply.attr(&TTL, &self.attr_out(ino.0, &a)),
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -712,7 +730,7 @@ impl Filesystem for MergedFs {
         };
         let made = self
             .merged
-            .create(caller(req), parent.0, name.as_bytes(), node)
+            .create(self.caller(req), parent.0, name.as_bytes(), node)
             .and_then(|ino| {
                 let f = self.merged.open_upper(ino, flags & !libc::O_TRUNC)?;
                 let a = self.merged.attr_full(ino)?;
@@ -724,7 +742,7 @@ impl Filesystem for MergedFs {
                 let fh = self.add_file(f);
                 reply.created(
                     &TTL,
-                    &full_attr(ino, &a),
+                    &self.attr_out(ino, &a),
                     Generation(0),
                     fh,
                     FopenFlags::empty(),

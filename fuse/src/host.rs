@@ -404,9 +404,3 @@ pub fn statvfs(fd: BorrowedFd<'_>) -> io::Result<libc::statvfs> {
         Ok(st)
     }
 }
-
-/// True when the process runs as root (real ownership changes possible).
-pub fn is_root() -> bool {
-    // SAFETY: no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}

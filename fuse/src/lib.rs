@@ -33,6 +33,7 @@ pub mod layer;
 pub mod mem;
 pub mod merge;
 mod mount;
+pub mod owners;
 pub mod ownership;
 pub mod reference;
 pub mod upper;
@@ -45,4 +46,5 @@ pub use merge::{Ino, Merged, ROOT_INO};
 pub use mount::{
     fuser_config, is_mountpoint, is_stale_mount, mount, unmount, MountHandle, MountOptions,
 };
+pub use owners::{in_user_namespace, privileged, Owners};
 pub use ownership::{read_override, Override};

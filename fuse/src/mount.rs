@@ -16,6 +16,7 @@ use crate::error::FuseError;
 use crate::fs::MergedFs;
 use crate::layer::LayerStack;
 use crate::merge::Merged;
+use crate::owners::Owners;
 
 fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions and cannot fail.
@@ -46,21 +47,25 @@ pub struct MountOptions {
     /// Record ownership and modes in the `user.lazysnap.override` xattr even as root (always
     /// done without root).
     pub record_ownership_in_xattr: bool,
+    /// Whose ids the mount shows (the image's by default).
+    pub owners: Owners,
 }
 
 impl Default for MountOptions {
     fn default() -> Self {
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
         let root = is_root();
+        let privileged = crate::owners::privileged();
         MountOptions {
             fsname: "lazysnap".to_string(),
             allow_other: root,
             threads: (2 * cores).clamp(4, 16),
-            suid: root,
-            dev: root,
+            suid: privileged,
+            dev: privileged,
             read_ahead_kb: Some(1024),
             upper: None,
             record_ownership_in_xattr: false,
+            owners: Owners::Image,
         }
     }
 }
@@ -190,7 +195,8 @@ pub fn mount(
             },
         )?,
         None => MergedFs::new(stack),
-    };
+    }
+    .with_owners(opts.owners);
     let merged = fs.merged().clone();
     let config = fuser_config(opts);
     let mount_err = |source| FuseError::Mount {
@@ -289,6 +295,8 @@ fn unescape_mountinfo(s: &str) -> Vec<u8> {
 /// mounted there. A busy mount is detached (lazy unmount). Without root this goes through the
 /// setuid `fusermount3 -u`.
 pub fn unmount(mountpoint: &Path) -> Result<bool, FuseError> {
+    // mountinfo lists absolute paths.
+    let mountpoint = &std::path::absolute(mountpoint).unwrap_or_else(|_| mountpoint.to_path_buf());
     let err = |source| FuseError::Unmount {
         path: mountpoint.to_path_buf(),
         source,

@@ -32,7 +32,7 @@ impl Upper {
         Ok(Upper {
             root: Arc::new(root),
             root_id,
-            xattr_owner: record_in_xattr || !host::is_root(),
+            xattr_owner: record_in_xattr || !crate::owners::privileged(),
         })
     }
 }

@@ -266,7 +266,7 @@ impl Merged {
                 rdev,
             };
             if let Err(e) = ownership::write_override_fd(fd, &o) {
-                // Fifos and sockets cannot carry user.* xattrs: their owner is not recorded.
+                // Only the upper root of an old store can be a real fifo here.
                 debug!(error = %e, "ownership not recorded");
             }
             // The host file stays usable by this (maybe unprivileged) process.
@@ -424,8 +424,9 @@ impl Merged {
         Ok(host::open_path(dir, tmp)?)
     }
 
-    /// A device, fifo or socket at `name`; without root a device is an empty regular file whose
-    /// override carries its type.
+    /// A device, fifo or socket at `name`. When ownership is recorded in xattrs, an empty
+    /// regular file whose override carries the type (devices need root, and fifos and sockets
+    /// cannot carry `user.*` xattrs); the kernel handles fifos and sockets by type alone.
     fn make_special(
         &self,
         dir: BorrowedFd<'_>,
@@ -434,7 +435,7 @@ impl Merged {
         rdev: u64,
     ) -> Result<(), Errno> {
         let device = matches!(kind, NodeKind::CharDev | NodeKind::BlockDev);
-        if device && self.xattr_owner() {
+        if self.xattr_owner() {
             host::open_at(
                 dir,
                 name,

@@ -326,15 +326,23 @@ fn append_root<W: Write>(dir: &OwnedFd, builder: &mut tar::Builder<W>) -> anyhow
     let dot = CString::new(".")?;
     let st = fstatat(dir.as_raw_fd(), &dot)?;
     let mut xattrs = xattrs_at(dir.as_raw_fd(), b".")?;
+    let (mut uid, mut gid, mut perm) = (st.st_uid, st.st_gid, st.st_mode & 0o7777);
+    if let Some(o) = xattrs
+        .iter()
+        .find(|(k, _)| k == OVERRIDE_XATTR)
+        .and_then(|(_, v)| lazysnap_fuse::Override::parse(v))
+    {
+        (uid, gid, perm) = (o.uid, o.gid, o.mode & 0o7777);
+    }
     xattrs.retain(|(k, _)| !lazysnap_fuse::ownership::is_private(k.as_bytes()));
     let mut header = tar::Header::new_gnu();
     header.set_entry_type(tar::EntryType::Directory);
-    header.set_uid(u64::from(st.st_uid));
-    header.set_gid(u64::from(st.st_gid));
-    header.set_mode(st.st_mode & 0o7777);
+    header.set_uid(u64::from(uid));
+    header.set_gid(u64::from(gid));
+    header.set_mode(perm);
     header.set_mtime(st.st_mtime.max(0) as u64);
     header.set_size(0);
-    let pax = pax_records(&st, &xattrs, st.st_uid, st.st_gid);
+    let pax = pax_records(&st, &xattrs, uid, gid);
     builder.append_pax_extensions(pax.iter().map(|(k, v)| (k.as_str(), v.as_slice())))?;
     builder.append_data(&mut header, "./", io::empty())?;
     Ok(())
@@ -383,6 +391,10 @@ fn walk<W: Write>(
         let mut gid = st.st_gid;
         let mut perm = st.st_mode & 0o7777;
         let mut rdev = (libc::major(st.st_rdev), libc::minor(st.st_rdev));
+        if name.starts_with(b".wh.") {
+            // A marker: who made it on the host says nothing about the image.
+            (uid, gid) = (0, 0);
+        }
         if let Some(pos) = xattrs.iter().position(|(k, _)| k == OVERRIDE_XATTR) {
             let (_, v) = xattrs.remove(pos);
             if let Some(o) = lazysnap_fuse::Override::parse(&v) {

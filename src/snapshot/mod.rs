@@ -186,12 +186,25 @@ fn init_upper_root(root: &Root, chain: &str, upper: &Path) -> anyhow::Result<()>
     let c = std::ffi::CString::new(upper.as_os_str().as_bytes())?;
     // SAFETY: plain syscalls on a path we just created.
     unsafe {
-        if libc::chown(c.as_ptr(), attr.uid, attr.gid) != 0 && libc::geteuid() == 0 {
+        if libc::chown(c.as_ptr(), attr.uid, attr.gid) != 0 && lazysnap_fuse::privileged() {
             return Err(std::io::Error::last_os_error().into());
         }
         if libc::chmod(c.as_ptr(), attr.perm & 0o7777) != 0 {
             return Err(std::io::Error::last_os_error().into());
         }
+    }
+    if !lazysnap_fuse::privileged() {
+        // The owner cannot be set: record it as the mount records every unprivileged change.
+        let o = lazysnap_fuse::Override {
+            uid: attr.uid,
+            gid: attr.gid,
+            mode: libc::S_IFDIR | (attr.perm & 0o7777),
+            rdev: 0,
+        };
+        let dir = std::fs::File::open(upper)
+            .map_err(|e| anyhow::anyhow!("opening {}: {e}", upper.display()))?;
+        lazysnap_fuse::ownership::write_override_fd(std::os::fd::AsFd::as_fd(&dir), &o)
+            .map_err(|e| anyhow::anyhow!("recording the owner of {}: {e}", upper.display()))?;
     }
     for (name, value) in xattrs {
         let n = std::ffi::CString::new(name)?;
