@@ -5,6 +5,7 @@ set -euo pipefail
 
 PACKAGES=(
   fuse3            # fusermount3, for unprivileged mounts
+  uidmap           # newuidmap/newgidmap: user namespaces with subordinate ids (rootless tests)
   umoci            # reference unpacker the equality tests compare against
   skopeo           # copies images between layouts, archives and registries
   zstd pigz gzip   # peers: pure decompression, layer compression for test images
@@ -34,4 +35,13 @@ fi
 if ! command -v cargo >/dev/null; then
   echo "cargo not found: install a Rust toolchain (rustup) first" >&2
   exit 1
+fi
+
+# Ordinary users mount through fusermount3, which opens /dev/fuse with the caller's rights:
+# Debian's udev rule makes it 0666. Where udev does not run (containers, minimal VMs) the kernel
+# leaves it 0600; give it the mode udev would.
+if [[ -c /dev/fuse && $(stat -c %a /dev/fuse) != 666 ]]; then
+  SUDO=""
+  [[ $(id -u) -ne 0 ]] && SUDO="sudo"
+  $SUDO chmod 0666 /dev/fuse
 fi

@@ -156,15 +156,21 @@ enum Command {
     Snapshot(SnapshotCmd),
     /// Unmount a lazysnap mount (also cleans a stale one left by a killed daemon)
     Umount { dir: PathBuf },
-    /// Serve containerd's snapshots gRPC API on a unix socket (a proxy snapshotter plugin);
-    /// snapshots are mounted in this process. SIGTERM/SIGINT unmount them and exit.
+    /// Serve containerd's snapshots gRPC API on a unix socket (a proxy snapshotter plugin).
+    /// Each snapshot is served by a detached mount daemon, so restarting or killing the server
+    /// leaves running containers' filesystems working; SIGTERM/SIGINT exit.
     Serve {
         /// The unix socket to listen on (containerd's `proxy_plugins.<name>.address`)
         #[arg(long)]
         address: PathBuf,
-        /// Memory for decompressed spans, shared by all mounts (e.g. 256M, 1G)
+        /// Memory for decompressed spans, per mount daemon (shared by all mounts with
+        /// --in-process-mounts) (e.g. 256M, 1G)
         #[arg(long, default_value = "256M", value_parser = lazysnap::mount::parse_size)]
         cache_size: u64,
+        /// Serve the filesystems from this process (one shared cache; they end with it, and
+        /// SIGTERM unmounts them)
+        #[arg(long)]
+        in_process_mounts: bool,
         /// FUSE worker threads per mount [default: 2 x cores, 4..16]
         #[arg(long)]
         threads: Option<usize>,
@@ -418,6 +424,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             cache_size,
             threads,
             containerd_content,
+            in_process_mounts,
         } => {
             lazysnap::service::serve::run(lazysnap::service::serve::ServeOptions {
                 root: root_path,
@@ -425,6 +432,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 cache_bytes: cache_size,
                 threads,
                 containerd_content: Some(containerd_content),
+                in_process_mounts,
             })?;
         }
         Command::Umount { dir } => {

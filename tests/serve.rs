@@ -403,34 +403,52 @@ fn restart_keeps_active_snapshots() {
 
     // The client's connections go with its runtime (a stop waits for connected clients).
     drop(rt);
-    // A clean stop unmounts; a new server mounts the snapshots again at start.
+    // A planned stop leaves every filesystem to its daemon: containers keep reading and
+    // writing while no server runs.
     assert!(
         server.stop(libc::SIGTERM),
         "serve exits 0 on SIGTERM: {}",
         server.log()
     );
-    assert!(!is_mounted(&mnt), "SIGTERM unmounts the active snapshot");
-    drop(server);
-    let mut server = Server::start(&root);
+    assert!(is_mounted(&mnt), "the active snapshot outlives the server");
+    assert!(is_mounted(&view_mnt), "the view outlives the server");
+    assert_eq!(fs::read(mnt.join("dir/lower")).unwrap(), b"from the layer");
+    fs::write(mnt.join("during-downtime"), b"no server running").unwrap();
+    let mut server2 = Server::start(&root);
     assert!(
         is_mounted(&mnt),
-        "restart re-attaches the active snapshot: {}",
-        server.log()
+        "restart keeps the live mount: {}",
+        server2.log()
     );
-    assert!(is_mounted(&view_mnt), "restart re-attaches the view");
-    assert_eq!(fs::read(mnt.join("dir/lower")).unwrap(), b"from the layer");
     assert_eq!(
         fs::read(mnt.join("dir/upper")).unwrap(),
         b"written before the restart"
     );
     fs::write(mnt.join("after-restart"), b"second life").unwrap();
 
-    // A killed server leaves stale mounts; the next one replaces them.
-    assert!(!server.stop(libc::SIGKILL));
+    // A crash of the server (kill -9) does not reach the filesystems either.
+    assert!(!server2.stop(libc::SIGKILL));
     assert!(
-        lazysnap_fuse::is_stale_mount(&mnt),
-        "SIGKILL leaves a stale mount"
+        is_mounted(&mnt) && !lazysnap_fuse::is_stale_mount(&mnt),
+        "kill -9 of serve leaves the mounts live"
     );
+    assert_eq!(
+        fs::read(mnt.join("during-downtime")).unwrap(),
+        b"no server running"
+    );
+
+    // A dead mount daemon leaves a stale mount; the next server start replaces it.
+    let daemon = mount_daemon_of(&mnt).expect("the mount daemon of the active snapshot");
+    // SAFETY: signalling a process this test's server started.
+    unsafe { libc::kill(daemon, libc::SIGKILL) };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !lazysnap_fuse::is_stale_mount(&mnt) {
+        assert!(
+            Instant::now() < deadline,
+            "killing the daemon leaves a stale mount"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let server = Server::start(&root);
     assert!(
         is_mounted(&mnt),
@@ -477,7 +495,20 @@ fn restart_keeps_active_snapshots() {
     drop(rt);
     let mut server = server;
     assert!(server.stop(libc::SIGTERM), "{}", server.log());
-    assert!(!is_mounted(&mnt), "SIGTERM unmounts");
+    assert!(is_mounted(&mnt), "SIGTERM leaves the mounts");
+    drop((server, server2));
+    assert!(!is_mounted(&mnt), "the test's cleanup unmounts");
+}
+
+/// The pid of the `lazysnap mount --foreground` daemon serving `mountpoint`.
+fn mount_daemon_of(mountpoint: &Path) -> Option<i32> {
+    let want = mountpoint.as_os_str().as_encoded_bytes();
+    fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+        let cmdline = fs::read(e.path().join("cmdline")).ok()?;
+        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+        (args.contains(&b"--foreground".as_slice()) && args.contains(&want)).then_some(pid)
+    })
 }
 
 /// containerd's `snapshots/testsuite.SnapshotterSuite` and our rename check, in Go, against

@@ -1,7 +1,10 @@
-//! `lazysnap serve`: containerd's snapshots API on a unix socket, filesystems mounted in this
-//! process. On start it re-attaches the active snapshots and views of the root (a restarted
-//! server serves what it had); on SIGTERM/SIGINT it stops accepting, unmounts every
-//! filesystem and returns.
+//! `lazysnap serve`: containerd's snapshots API on a unix socket. Each snapshot's filesystem is
+//! served by a detached `lazysnap mount` daemon of its own, so a restart or crash of the server
+//! (an upgrade, a kill -9) leaves running containers' mounts working; with
+//! `--in-process-mounts` they are served by this process (one shared cache, but they end with
+//! it). On start it re-attaches the active snapshots and views of the root (a filesystem whose
+//! daemon died is mounted again); on SIGTERM/SIGINT it stops accepting and returns, unmounting
+//! only what it served itself.
 
 use std::os::unix::fs::{FileTypeExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
@@ -29,6 +32,8 @@ pub struct ServeOptions {
     /// containerd's content store directory (`.../io.containerd.content.v1.content`): where
     /// the diff plugin and the remote-snapshot labels find layer blobs.
     pub containerd_content: Option<PathBuf>,
+    /// Serve filesystems from this process instead of one detached daemon per snapshot.
+    pub in_process_mounts: bool,
 }
 
 /// How long a stop waits for clients to close their connections.
@@ -76,11 +81,21 @@ pub async fn serve(
         .root
         .canonicalize()
         .with_context(|| format!("root {}", opts.root.display()))?;
-    let mounter = InProcessMounter::new(opts.cache_bytes, opts.threads);
+    let mounter: Box<dyn crate::snapshot::Mounter> = if opts.in_process_mounts {
+        Box::new(InProcessMounter::new(opts.cache_bytes, opts.threads))
+    } else {
+        Box::new(crate::mount::DaemonMounter {
+            root_path: root_path.clone(),
+            cache_bytes: opts.cache_bytes,
+            threads: opts.threads,
+            owners: lazysnap_fuse::Owners::Image,
+        })
+    };
+    let in_process = opts.in_process_mounts;
     let containerd_content = opts.containerd_content.clone();
     let sn = tokio::task::spawn_blocking(move || -> anyhow::Result<Snapshotter> {
         let root = Root::open(&root_path)?;
-        let mut sn = Snapshotter::new(root, Box::new(mounter));
+        let mut sn = Snapshotter::new(root, mounter);
         sn.containerd_content = containerd_content;
         reattach(&mut sn);
         Ok(sn)
@@ -126,6 +141,10 @@ pub async fn serve(
         warn!(error = %e, "the server stopped with an error");
     }
     let _ = std::fs::remove_file(&opts.address);
+    if !in_process {
+        info!("filesystems stay with their daemons; bye");
+        return served.context("serving");
+    }
     let closed = tokio::task::spawn_blocking(move || {
         let mut sn = sn.lock().unwrap_or_else(|e| e.into_inner());
         sn.close()
