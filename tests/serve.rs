@@ -495,9 +495,10 @@ fn restart_keeps_active_snapshots() {
     drop(rt);
     let mut server = server;
     assert!(server.stop(libc::SIGTERM), "{}", server.log());
-    assert!(is_mounted(&mnt), "SIGTERM leaves the mounts");
+    assert!(!is_mounted(&mnt), "commit consumed the active snapshot and its mount");
+    assert!(is_mounted(&view_mnt), "SIGTERM leaves the mounts");
     drop((server, server2));
-    assert!(!is_mounted(&mnt), "the test's cleanup unmounts");
+    assert!(!is_mounted(&view_mnt), "the test's cleanup unmounts");
 }
 
 /// The pid of the `lazysnap mount --foreground` daemon serving `mountpoint`.
