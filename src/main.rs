@@ -188,6 +188,7 @@ fn main() {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
+    raise_open_file_limit();
     let cli = Cli::parse();
     if let Err(e) = run(cli) {
         eprintln!("lazysnap: error: {e:#}");
@@ -683,6 +684,25 @@ impl From<OwnersArg> for Owners {
         match o {
             OwnersArg::Image => Owners::Image,
             OwnersArg::Caller => Owners::caller(),
+        }
+    }
+}
+
+/// A mount keeps every layer's blob open, and a deep image has many layers (128 and more):
+/// lift the soft limit on open files to the hard one, as Go programs (containerd) do at start.
+fn raise_open_file_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit fill and read a plain struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            let was = lim.rlim_cur;
+            lim.rlim_cur = lim.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                tracing::debug!(was, "could not raise the open-file limit");
+            }
         }
     }
 }

@@ -315,3 +315,86 @@ fn mount_of_unknown_image_names_what_exists() {
     );
     let _ = fs::metadata(&mnt).unwrap().ino();
 }
+
+/// A 128-layer image (each layer adds a file, rewrites one, deletes one of the layer before)
+/// mounts equal to umoci's unpack even when the caller's soft limit on open files is 64: a
+/// mount holds every layer's blob open, so lazysnap lifts the soft limit to the hard one.
+#[test]
+fn image_of_128_layers_under_a_low_open_file_limit() {
+    if !can_mount() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let mut layers = Vec::new();
+    for i in 1..=128u32 {
+        let src = tmp.path().join(format!("src{i}"));
+        fs::create_dir_all(src.join(format!("dir{}", i % 5))).unwrap();
+        fs::write(
+            src.join(format!("dir{}/file{i}", i % 5)),
+            format!("layer {i}\n"),
+        )
+        .unwrap();
+        fs::write(src.join("shared"), format!("version {i}\n")).unwrap();
+        if i > 1 {
+            let prev = i - 1;
+            fs::create_dir_all(src.join(format!("dir{}", prev % 5))).unwrap();
+            fs::write(src.join(format!("dir{}/.wh.file{prev}", prev % 5)), b"").unwrap();
+        }
+        let tar = tmp.path().join(format!("layer{i}.tar"));
+        let st = Command::new("tar")
+            .args(["--owner=0", "--group=0", "--mtime=@1700000000", "-C"])
+            .arg(&src)
+            .arg("-cf")
+            .arg(&tar)
+            .arg(".")
+            .status()
+            .unwrap();
+        assert!(st.success());
+        // Mix the compressions along the stack.
+        let comp = ["gzip", "zstd", "none"][i as usize % 3];
+        layers.push(format!("{}:{comp}", tar.display()));
+    }
+    let layout = tmp.path().join("deep");
+    let out = Command::new("python3")
+        .arg(common::scripts_dir().join("mkimage.py"))
+        .arg(&layout)
+        .args(&layers)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let root = tmp.path().join("root");
+    let mnt = tmp.path().join("mnt");
+    fs::create_dir_all(&mnt).unwrap();
+    let reference = common::reference_tree(&layout, common::TAG);
+    let lz = common::lazysnap_bin();
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            "ulimit -Sn 64 && {lz} --root {root} import {layout} --name deep && \
+             {lz} --root {root} mount deep {mnt}",
+            lz = lz.display(),
+            root = root.display(),
+            layout = layout.display(),
+            mnt = mnt.display()
+        ))
+        .output()
+        .unwrap();
+    let _m = Mounted {
+        root: root.clone(),
+        dir: mnt.clone(),
+    };
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    common::assert_trees_equal(&mnt, &reference);
+    assert_eq!(
+        fs::read_to_string(mnt.join("shared")).unwrap(),
+        "version 128\n"
+    );
+}
