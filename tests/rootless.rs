@@ -298,7 +298,7 @@ fn through_userns_map(m: &Manifest) -> Manifest {
     for f in m.values_mut() {
         for k in ["uid", "gid"] {
             if let Some(v) = f.get_mut(k) {
-                if v.parse::<u64>().map_or(false, |id| id > 65535) {
+                if v.parse::<u64>().is_ok_and(|id| id > 65535) {
                     *v = "65534".into();
                 }
             }
