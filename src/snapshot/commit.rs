@@ -54,6 +54,62 @@ impl<W: Write> Write for DiffWriter<W> {
     }
 }
 
+/// A zstd stream cut into independent frames of `frame_size` uncompressed bytes: any zstd
+/// reader reads it as one stream, and lazysnap's reader enters it at every frame, so the
+/// committed layer needs no local seekable copy (a single frame would).
+struct FramedZstd<W: Write> {
+    enc: Option<zstd::Encoder<'static, W>>,
+    level: i32,
+    frame_size: u64,
+    in_frame: u64,
+}
+
+impl<W: Write> FramedZstd<W> {
+    fn new(w: W, level: i32, frame_size: u64) -> io::Result<Self> {
+        Ok(FramedZstd {
+            enc: Some(zstd::Encoder::new(w, level)?),
+            level,
+            frame_size,
+            in_frame: 0,
+        })
+    }
+
+    fn encoder(&mut self) -> io::Result<&mut zstd::Encoder<'static, W>> {
+        self.enc
+            .as_mut()
+            .ok_or_else(|| io::Error::other("zstd writer already finished"))
+    }
+
+    fn finish(mut self) -> io::Result<W> {
+        match self.enc.take() {
+            Some(e) => e.finish(),
+            None => Err(io::Error::other("zstd writer already finished")),
+        }
+    }
+}
+
+impl<W: Write> Write for FramedZstd<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if self.in_frame >= self.frame_size {
+            let w = self
+                .enc
+                .take()
+                .ok_or_else(|| io::Error::other("zstd writer already finished"))?
+                .finish()?;
+            self.enc = Some(zstd::Encoder::new(w, self.level)?);
+            self.in_frame = 0;
+        }
+        let room = (self.frame_size - self.in_frame).min(buf.len() as u64) as usize;
+        let n = self.encoder()?.write(&buf[..room])?;
+        self.in_frame += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.encoder()?.flush()
+    }
+}
+
 pub fn media_type(c: Compression) -> &'static str {
     match c {
         Compression::None => "application/vnd.oci.image.layer.v1.tar",
@@ -73,7 +129,7 @@ pub fn commit_upper(
     let blob_writer = root.store.writer()?;
     let (blob_digest, blob_size, diff_id) = match compression {
         Compression::Zstd => {
-            let enc = zstd::Encoder::new(blob_writer, 3)?;
+            let enc = FramedZstd::new(blob_writer, 3, crate::blob::DEFAULT_SPAN_SIZE)?;
             let (enc, diff) = write_tar(upper, enc)?;
             let (d, s) = enc.finish()?.commit()?;
             (d, s, diff)
