@@ -424,6 +424,7 @@ fn user_namespace_mount_write_commit_export() {
             mkdir -m 0750 new-dir
             chown 7:8 new-dir
             mkfifo new-dir/fifo
+            echo appended >> usr/bin/yes
             rm etc/os-release
             rm -r usr/share/man
             cd /
@@ -485,6 +486,19 @@ fn user_namespace_mount_write_commit_export() {
         ("7".into(), "8".into(), "0750".into())
     );
     assert_eq!(f("/new-dir/fifo", "type"), "fifo");
+    // Copied up by a write, without chown: the image's owner and mode stay.
+    assert_eq!(
+        (
+            f("/usr/bin/yes", "uid"),
+            f("/usr/bin/yes", "gid"),
+            f("/usr/bin/yes", "mode")
+        ),
+        ("1000".into(), "1000".into(), "0750".into())
+    );
+    assert_ne!(
+        f("/usr/bin/yes", "sha256"),
+        expected["/usr/bin/yes"]["sha256"]
+    );
     assert_eq!(
         f("/new-dir/fifo", "uid"),
         "0",
@@ -508,6 +522,7 @@ fn user_namespace_mount_write_commit_export() {
                     "/new-file",
                     "/new-dir",
                     "/bin/bash",
+                    "/usr/bin/yes",
                     "/etc",
                     "/usr/share",
                     "/usr/bin",
