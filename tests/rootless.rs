@@ -632,3 +632,42 @@ fn rootless_containerd_runs_a_container_on_lazysnap() {
         "one committed snapshot per layer: {stdout}"
     );
 }
+
+/// The edge-case images (whiteouts, opaque dirs, hardlinks, long names, xattrs, devices,
+/// sparse files, huge ids) mounted in a user namespace read exactly like umoci's tree, as the
+/// namespace sees it: ids mapped, `trusted.*` xattrs (root of the initial namespace only)
+/// hidden.
+#[test]
+fn user_namespace_mounts_the_edge_images() {
+    let Some(user) = prerequisites() else { return };
+    for name in ["edge-gzip", "edge-zstd"] {
+        let layout = image(name);
+        let (expected, implicit) = reference(&layout, TAG);
+        let s = Scratch::new(&user, name);
+        s.ok(
+            true,
+            &format!(
+                r#"$L import {layout} --name img:1 >/dev/null
+                $L mount img:1 $S/mnt >/dev/null
+                python3 $TREE $S/mnt > $S/out/mounted
+                $L umount $S/mnt >/dev/null"#,
+                layout = layout.display()
+            ),
+        );
+        let mut expected = through_userns_map(&expected);
+        for f in expected.values_mut() {
+            if let Some(x) = f.get_mut("xattrs") {
+                *x = x
+                    .split(',')
+                    .filter(|kv| !kv.is_empty() && !kv.starts_with("trusted."))
+                    .collect::<Vec<_>>()
+                    .join(",");
+            }
+        }
+        let mounted = parse_manifest(&fs::read_to_string(s.dir.join("out/mounted")).unwrap());
+        assert_no_diffs(
+            &format!("{name} in a user namespace"),
+            &diff(&mounted, &expected, &implicit, &[]),
+        );
+    }
+}
