@@ -340,6 +340,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 start.elapsed().as_secs_f64() * 1000.0,
                 dir.display()
             );
+            if matches!(owners, OwnersArg::Image)
+                && !lazysnap_fuse::privileged()
+                && !lazysnap_fuse::in_user_namespace()
+            {
+                eprintln!(
+                    "note: files keep the image's owners, so without root you may change only what                      they let others change; `--owners caller` makes every file yours, or mount                      inside a user namespace (`unshare --map-root-user --map-auto`)"
+                );
+            }
         }
         Command::Mount {
             image,
