@@ -393,6 +393,29 @@ mod tests {
     use super::*;
 
     #[test]
+    fn temp_files_held_by_a_writer_are_not_stale() {
+        let dir = tempfile::tempdir().unwrap();
+        let live = locked_tempfile(tempfile::Builder::new().prefix("w."), dir.path()).unwrap();
+        // Another open file description (as another process would have) cannot take it.
+        assert!(!is_stale_temp(live.path()).unwrap());
+        assert_eq!(remove_if_stale(live.path()).unwrap(), None);
+        assert!(live.path().exists());
+        // Unlocked (its writer died): stale, and removed.
+        let dead = dir.path().join("w.dead");
+        fs::write(&dead, b"12345").unwrap();
+        assert!(is_stale_temp(&dead).unwrap());
+        assert_eq!(remove_if_stale(&dead).unwrap(), Some(5));
+        assert!(!dead.exists());
+        assert_eq!(remove_if_stale(&dead).unwrap(), None);
+        // Once the writer is done the lock goes with it.
+        let path = live.path().to_path_buf();
+        let (_f, kept) = live.keep().unwrap();
+        drop(_f);
+        assert!(is_stale_temp(&kept).unwrap());
+        assert_eq!(kept, path);
+    }
+
+    #[test]
     fn ingest_verifies_digest_and_is_idempotent() {
         let dir = tempfile::tempdir().unwrap();
         let store = ContentStore::open(dir.path()).unwrap();

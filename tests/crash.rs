@@ -308,7 +308,7 @@ fn kill_at_random_points_then_check_and_compare() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let op = OPS[rng.random_range(0..OPS.len())];
         let est = estimate[&format!("{op:?}")];
-        let delay = rng.random_range(0..=(est * 1.05) as u64);
+        let delay = rng.random_range(0..=(est * 1.3) as u64);
         let ctx = format!("iteration {i} (seed {seed}, {op:?}, kill after {delay} ms)");
         // Set up what the operation needs (not killed), and the command to kill.
         let name = format!("n{i}");

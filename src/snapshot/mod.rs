@@ -758,26 +758,26 @@ impl Snapshotter {
 
     /// Removes snapshot directories no snapshot owns (left by a crash) and stale mounts.
     pub fn cleanup(&mut self) -> Result<()> {
-        let known: std::collections::HashSet<String> = self
-            .root
-            .meta
-            .snapshots()?
-            .iter()
-            .map(|r| r.id.to_string())
-            .collect();
+        // Under the write lock: a prepare in another process makes its directory inside the
+        // transaction that records it, so a directory without a row is never one in the making.
         let dir = self.root.path.join("snapshots");
-        let Ok(entries) = std::fs::read_dir(&dir) else {
-            return Ok(());
-        };
-        for e in entries.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            if known.contains(&name) {
-                continue;
+        let mounter = &self.mounter;
+        self.root.meta.with_write_lock(|rows| {
+            let known: std::collections::HashSet<String> =
+                rows.iter().map(|r| r.id.to_string()).collect();
+            let Ok(entries) = std::fs::read_dir(&dir) else {
+                return;
+            };
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if known.contains(&name) {
+                    continue;
+                }
+                if let Err(err) = remove_orphan_dir(mounter.as_ref(), &e.path()) {
+                    warn!(path = %e.path().display(), error = %format!("{err:#}"), "cleanup could not remove");
+                }
             }
-            if let Err(err) = remove_orphan_dir(self.mounter.as_ref(), &e.path()) {
-                warn!(path = %e.path().display(), error = %format!("{err:#}"), "cleanup could not remove");
-            }
-        }
+        })?;
         Ok(())
     }
 
