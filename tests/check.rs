@@ -82,7 +82,10 @@ fn finds_and_repairs_damage_without_touching_intact_data() {
     fs::write(root.join("index").join(&diff_hex), b"not an index").unwrap();
     let edge: serde_json::Value = serde_json::from_str(&ok(&root, &["inspect", "edge"])).unwrap();
     let edge_blob = edge["Chain"][0]["blob"].as_str().unwrap();
-    let spans = [format!("{}.spans", edge_blob.strip_prefix("sha256:").unwrap())];
+    let spans = [format!(
+        "{}.spans",
+        edge_blob.strip_prefix("sha256:").unwrap()
+    )];
     fs::remove_file(root.join("index").join(&spans[0])).unwrap();
     fs::write(root.join("content/blobs/sha256/stray"), b"?").unwrap();
     fs::create_dir_all(root.join("snapshots/4242/upper")).unwrap();

@@ -533,17 +533,14 @@ impl Snapshotter {
                 })
             },
         )?;
-        let result = (|| -> anyhow::Result<()> {
-            let dir = self.dir(&row);
-            let spec = MountSpec {
-                key: key.to_string(),
-                chain_id: row.chain_id.clone(),
-                upper: (!view).then(|| dir.join("upper")),
-                mountpoint: self.mountpoint(&row),
-            };
-            self.mounter.mount(&self.root, &spec)
-        })();
-        if let Err(e) = result {
+        let dir = self.dir(&row);
+        let spec = MountSpec {
+            key: key.to_string(),
+            chain_id: row.chain_id.clone(),
+            upper: (!view).then(|| dir.join("upper")),
+            mountpoint: self.mountpoint(&row),
+        };
+        if let Err(e) = self.mounter.mount(&self.root, &spec) {
             let _ = self.root.meta.remove_snapshot(key);
             let _ = std::fs::remove_dir_all(self.dir(&row));
             return Err(SnapshotError::Internal(
