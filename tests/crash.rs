@@ -407,6 +407,9 @@ fn kill_at_random_points_then_check_and_compare() {
             }
             None => {
                 let _ = child.kill();
+                // Killed before the end: the operation may take longer than estimated, so
+                // reach further next time (completions pull the estimate back).
+                *estimate.get_mut(&format!("{op:?}")).unwrap() *= 1.1;
                 child.wait().unwrap()
             }
         };
