@@ -156,6 +156,26 @@ enum Command {
     Snapshot(SnapshotCmd),
     /// Unmount a lazysnap mount (also cleans a stale one left by a killed daemon)
     Umount { dir: PathBuf },
+    /// Verify the store is consistent (database, blobs, indexes, temp files, snapshot dirs);
+    /// exits non-zero when problems remain
+    Check {
+        /// Fix what can be fixed safely, then check again
+        #[arg(long)]
+        repair: bool,
+        /// Hash every blob (reads the whole content store)
+        #[arg(long)]
+        verify_digests: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Disk usage: content store, indexes, local copies, snapshot uppers, reclaimable bytes
+    Df {
+        #[arg(long)]
+        json: bool,
+        /// One line per snapshot upper
+        #[arg(long, short)]
+        verbose: bool,
+    },
     /// Serve containerd's snapshots gRPC API on a unix socket (a proxy snapshotter plugin).
     /// Each snapshot is served by a detached mount daemon, so restarting or killing the server
     /// leaves running containers' filesystems working; SIGTERM/SIGINT exit.
@@ -404,6 +424,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 format!("{} is not a `lazysnap mount --rw` directory", dir.display())
             })?;
             let snap_name = format!("commit:{name}");
+            if sn.root().meta.snapshot(&snap_name)?.is_some() {
+                // The name is held only between the commit and the image record below: this
+                // one is the leftover of an interrupted commit.
+                sn.remove(&snap_name)?;
+            }
             sn.commit(&snap_name, &row.key, &Default::default())?;
             let root = sn.root_mut();
             let chain = root
@@ -443,6 +468,37 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 containerd_content: Some(containerd_content),
                 in_process_mounts,
             })?;
+        }
+        Command::Check {
+            repair,
+            verify_digests,
+            json,
+        } => {
+            // As is: opening normally would already remove stale temp files.
+            let mut root = Root::open_as_is(&root_path)?;
+            let opts = lazysnap::check::Options { verify_digests };
+            let report = if repair {
+                lazysnap::check::repair(&mut root, &opts)?
+            } else {
+                lazysnap::check::check(&mut root, &opts)?
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.to_text());
+            }
+            if !report.consistent {
+                std::process::exit(2);
+            }
+        }
+        Command::Df { json, verbose } => {
+            let mut root = Root::open(&root_path)?;
+            let du = lazysnap::df::disk_usage(&mut root)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&du)?);
+            } else {
+                print!("{}", du.to_text(verbose));
+            }
         }
         Command::Umount { dir } => {
             if lazysnap_fuse::unmount(&dir)
