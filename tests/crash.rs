@@ -108,8 +108,27 @@ fn image_tree(root: &Path, image: &str, mnt: &Path) -> String {
     fs::create_dir_all(mnt).unwrap();
     ok(root, &["mount", image, mnt.to_str().unwrap()]);
     let h = std::panic::catch_unwind(|| tree_hash(mnt));
+    let diagnostics = || {
+        let log = fs::read_to_string(root.join("logs/mount.log")).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(30).collect();
+        let mounts = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let here: Vec<&str> = mounts
+            .lines()
+            .filter(|l| l.contains(mnt.to_str().unwrap()))
+            .collect();
+        format!(
+            "mountinfo at {}: {here:?}\nlast lines of mount.log (newest first):\n{}",
+            mnt.display(),
+            tail.join("\n")
+        )
+    };
+    if h.is_err() {
+        let d = diagnostics();
+        let _ = lazysnap(root, &["umount", mnt.to_str().unwrap()]);
+        panic!("hashing the tree of {image} failed\n{d}");
+    }
     ok(root, &["umount", mnt.to_str().unwrap()]);
-    h.unwrap_or_else(|_| panic!("hashing the tree of {image} failed"))
+    h.unwrap_or_default()
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
