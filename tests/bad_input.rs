@@ -720,6 +720,13 @@ fn docker_archives_cannot_reach_outside_and_bad_ones_change_nothing() {
         );
         fx.rejects(&l, &[], expect);
     }
+    // A directory as a layer (found by the manifest_config fuzz target), and a symlink in
+    // the archive directory leading to the sentinel's passwd.
+    write(br#"[{"Config": "config.json", "Layers": ["x"]}]"#);
+    fx.rejects(&l, &[], &["x in", "is not a regular file"]);
+    write(br#"[{"Config": "config.json", "Layers": ["x/evil.tar"]}]"#);
+    std::os::unix::fs::symlink(fx.world.join("sentinel/etc/passwd"), l.join("x/evil.tar")).unwrap();
+    fx.rejects(&l, &[], &["x/evil.tar in", "leads outside it"]);
     write(br#"[{"Config": "config.json", "Layers": ["x/layer.tar"], "RepoTags": ["d:1"]}]"#);
     ok(&fx.root, &["import", l.to_str().unwrap()]);
 }
