@@ -89,6 +89,26 @@ enum SnapshotCmd {
     Cleanup,
 }
 
+/// Limits on what a layer may expand to when indexed.
+#[derive(clap::Args)]
+struct LimitArgs {
+    /// Largest uncompressed layer accepted (e.g. 64G); bigger layers fail the import
+    #[arg(long, default_value = "256G", value_parser = lazysnap::mount::parse_size)]
+    max_layer_size: u64,
+    /// Most uncompressed bytes per compressed byte once a layer passes 1 GiB (0: no limit)
+    #[arg(long, default_value_t = lazysnap::unpack::DEFAULT_MAX_RATIO)]
+    max_layer_ratio: u64,
+}
+
+impl From<LimitArgs> for lazysnap::unpack::Limits {
+    fn from(a: LimitArgs) -> Self {
+        lazysnap::unpack::Limits {
+            max_layer_size: a.max_layer_size,
+            max_ratio: a.max_layer_ratio,
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Import an OCI layout directory, OCI archive or `docker save` archive, and index its layers
@@ -100,9 +120,15 @@ enum Command {
         /// Platform to pick from a multi-platform image: OS/ARCH[/VARIANT] [default: this host's]
         #[arg(long)]
         platform: Option<String>,
+        #[command(flatten)]
+        limits: LimitArgs,
     },
     /// Index an imported image's layers again (what import does after copying blobs)
-    Unpack { name: String },
+    Unpack {
+        name: String,
+        #[command(flatten)]
+        limits: LimitArgs,
+    },
     /// List images
     Images {
         /// Print JSON instead of a table
@@ -223,11 +249,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             path,
             name,
             platform,
+            limits,
         } => {
             let platform = platform
                 .map(|p| Platform::parse(&p).map_err(anyhow::Error::msg))
                 .transpose()?;
             let mut root = Root::open(&root_path)?;
+            root.limits = limits.into();
             let mut bars = Bars::new();
             let start = std::time::Instant::now();
             let imported = import::import(
@@ -251,8 +279,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 );
             }
         }
-        Command::Unpack { name } => {
+        Command::Unpack { name, limits } => {
             let mut root = Root::open(&root_path)?;
+            root.limits = limits.into();
             let mut bars = Bars::new();
             let img = import::unpack_image(&mut root, &name, &mut bars)?;
             bars.clear();

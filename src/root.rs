@@ -30,6 +30,8 @@ pub struct Root {
     pub path: PathBuf,
     pub store: ContentStore,
     pub meta: Meta,
+    /// What a layer may expand to when indexed (the CLI's `--max-layer-size`/`--max-layer-ratio`).
+    pub limits: crate::unpack::Limits,
 }
 
 impl Root {
@@ -64,6 +66,7 @@ impl Root {
             path: path.to_path_buf(),
             store,
             meta,
+            limits: crate::unpack::Limits::default(),
         })
     }
 

@@ -160,6 +160,7 @@ pub fn commit_upper(
         &root.store.blob_path(&blob_digest),
         &layer,
         Arc::new(UnpackProgress::default()),
+        &root.limits,
     )?;
     chain_from_indexed(root, indexed, parent_chain)
 }
@@ -274,6 +275,7 @@ pub fn index_external_blob(
         &target,
         &layer,
         Arc::new(UnpackProgress::default()),
+        &root.limits,
     )
 }
 
