@@ -608,6 +608,7 @@ fn rebuild_derived(
                     diff_id,
                 },
                 Arc::new(crate::unpack::UnpackProgress::default()),
+                &root.limits,
             )?;
             if indexed.layer.index_path != layer.index_path
                 || indexed.blob.spans_path != b.spans_path
