@@ -11,6 +11,8 @@ pub struct GcStats {
 
 /// Removes unreferenced metadata, blobs, index files and ingest leftovers.
 pub fn collect(root: &mut Root) -> anyhow::Result<GcStats> {
+    // Not while an import, commit or apply has files on disk it has not recorded yet.
+    let _lock = root.gc_lock()?;
     root.meta.collect_garbage()?;
     let mut stats = GcStats::default();
     let live = root.meta.referenced_blobs()?;

@@ -52,6 +52,7 @@ pub fn import(
     reporter: &mut dyn Reporter,
 ) -> anyhow::Result<Vec<Imported>> {
     let _span = info_span!("import", path = %path.display()).entered();
+    let writing = root.writer_lock()?;
     let source = open_source(path)?;
     let default_name = path
         .file_name()
@@ -81,6 +82,7 @@ pub fn import(
         anyhow::Ok(out)
     })();
     if result.is_err() {
+        drop(writing);
         cleanup_after_failure(root, &ingested.added);
     }
     result
@@ -138,6 +140,7 @@ pub fn unpack_image(
     name: &str,
     reporter: &mut dyn Reporter,
 ) -> anyhow::Result<Imported> {
+    let _writing = root.writer_lock()?;
     let img = root
         .meta
         .image(name)?
@@ -186,6 +189,10 @@ pub fn unpack_image(
 /// Removes the blobs this import added that nothing recorded references, and index files the
 /// metadata does not know. Best effort: what stays behind is garbage `gc` removes.
 fn cleanup_after_failure(root: &mut Root, added: &[Digest]) {
+    // Exclusive: a concurrent import may be about to record the same blobs.
+    let Ok(_lock) = root.gc_lock() else {
+        return;
+    };
     // If what is referenced cannot be read, keep everything rather than guess.
     if let Ok(referenced) = root.meta.referenced_blobs() {
         for d in added.iter().filter(|d| !referenced.contains(d.as_str())) {

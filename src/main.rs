@@ -507,6 +507,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let mut root = Root::open_as_is(&root_path)?;
             let opts = lazysnap::check::Options { verify_digests };
             let report = if repair {
+                // No writer may be between writing a file and recording it.
+                let _lock = root.gc_lock()?;
                 lazysnap::check::repair(&mut root, &opts)?
             } else {
                 lazysnap::check::check(&mut root, &opts)?

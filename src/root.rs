@@ -114,3 +114,45 @@ pub fn is_temp_name(name: &str) -> bool {
     name.starts_with(crate::store::ATOMIC_TEMP_PREFIX)
         || name.starts_with(crate::blob::COPY_TEMP_PREFIX)
 }
+
+/// Garbage collection against writers, across processes: an import, commit or apply holds the
+/// root's `gc.lock` shared while it has blobs or index files on disk that no row references
+/// yet; `gc` and the cleanup of a failed import hold it exclusive, so they never take what a
+/// concurrent writer is about to record (containerd protects such content with leases).
+pub struct StoreLock {
+    _file: std::fs::File,
+}
+
+impl Root {
+    /// Shared: writers run side by side.
+    pub fn writer_lock(&self) -> anyhow::Result<StoreLock> {
+        self.store_lock(libc::LOCK_SH)
+    }
+
+    /// Exclusive: waits for the writers in flight.
+    pub fn gc_lock(&self) -> anyhow::Result<StoreLock> {
+        self.store_lock(libc::LOCK_EX)
+    }
+
+    fn store_lock(&self, op: i32) -> anyhow::Result<StoreLock> {
+        use std::os::fd::AsRawFd as _;
+        let path = self.path.join("gc.lock");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        loop {
+            // SAFETY: flock on a descriptor this function owns.
+            if unsafe { libc::flock(file.as_raw_fd(), op) } == 0 {
+                return Ok(StoreLock { _file: file });
+            }
+            let e = std::io::Error::last_os_error();
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                return Err(e).with_context(|| format!("locking {}", path.display()));
+            }
+        }
+    }
+}

@@ -570,6 +570,7 @@ impl Snapshotter {
             return Err(SnapshotError::AlreadyExists(format!("snapshot {name}")));
         }
         let upper = self.upper_dir(&row);
+        let _writing = self.root.writer_lock()?;
         let made = match &row.applied_blob {
             // The diff service applied a layer by indexing it: that layer is the change.
             Some(blob) if commit::upper_is_empty(&upper)? => {
@@ -610,6 +611,7 @@ impl Snapshotter {
                 row.kind
             )));
         }
+        let _writing = self.root.writer_lock()?;
         let indexed = commit::index_external_blob(&mut self.root, blob, blob_digest, media_type)?;
         self.root
             .meta
@@ -645,6 +647,7 @@ impl Snapshotter {
             }
             p.chain_id
         };
+        let _writing = self.root.writer_lock()?;
         let indexed = commit::index_external_blob(&mut self.root, blob, blob_digest, media_type)?;
         let made = commit::chain_from_indexed(&self.root, indexed, parent_chain.as_deref())?;
         let record = crate::meta::CommitRecord {
