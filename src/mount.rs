@@ -81,6 +81,14 @@ pub fn prepare_mountpoint(dir: &Path) -> anyhow::Result<()> {
 /// Mounts in this process and serves until unmounted or signalled (SIGINT/SIGTERM unmount).
 pub fn run_foreground(root: Root, req: &MountRequest) -> anyhow::Result<()> {
     let start = Instant::now();
+    // Before the mount appears: a signal that arrives while mounting is then held and
+    // answered (unmount, exit 0) instead of killing the process with a live mount behind it.
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGHUP,
+    ])
+    .context("installing signal handlers")?;
     let ready_fd = take_ready_fd();
     let result = (|| {
         prepare_mountpoint(&req.dir)?;
@@ -132,12 +140,6 @@ pub fn run_foreground(root: Root, req: &MountRequest) -> anyhow::Result<()> {
         ),
     }
     let dir = req.dir.clone();
-    let mut signals = signal_hook::iterator::Signals::new([
-        signal_hook::consts::SIGINT,
-        signal_hook::consts::SIGTERM,
-        signal_hook::consts::SIGHUP,
-    ])
-    .context("installing signal handlers")?;
     std::thread::spawn(move || {
         if let Some(sig) = signals.forever().next() {
             info!(signal = sig, "unmounting on signal");

@@ -59,6 +59,14 @@ impl Root {
             std::fs::create_dir_all(path.join(sub))
                 .with_context(|| format!("creating {}", path.join(sub).display()))?;
         }
+        // The lock file is part of the layout from the start (see `StoreLock`).
+        let lock = path.join("gc.lock");
+        std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock)
+            .with_context(|| format!("creating {}", lock.display()))?;
         let store = ContentStore::open(path)?;
         let meta = Meta::open(&path.join("meta.db"))
             .with_context(|| format!("opening {}", path.join("meta.db").display()))?;

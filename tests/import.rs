@@ -31,7 +31,7 @@ fn store_state(root: &Path) -> Vec<(String, u64)> {
         for e in rd.flatten() {
             let p = e.path();
             let rel = p.strip_prefix(base).unwrap().to_string_lossy().into_owned();
-            if rel.starts_with("meta.db") {
+            if rel.starts_with("meta.db") || rel == "gc.lock" {
                 continue;
             }
             let md = fs::symlink_metadata(&p).unwrap();
