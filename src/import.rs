@@ -10,7 +10,7 @@ use tracing::info_span;
 
 use crate::digest::Digest;
 use crate::image::resolve::{IngestProgress, Ingested};
-use crate::image::source::open_source;
+use crate::image::source::{open_source, ImageSource};
 use crate::image::{resolve_images, Desc, LayerDesc, Platform, ResolvedImage};
 use crate::meta::{ImageLayerRow, ImageRow};
 use crate::root::Root;
@@ -63,14 +63,35 @@ pub fn import(
         })
         .filter(|n| !n.is_empty())
         .unwrap_or_else(|| "image".to_string());
+    import_source(
+        root,
+        source.as_ref(),
+        name,
+        platform,
+        &default_name,
+        reporter,
+    )
+}
+
+/// Imports the images of any [`ImageSource`] (a layout, an archive, a registry): every blob
+/// into the store (verified), every layer indexed, every image recorded; on failure the store
+/// is left as it was.
+pub fn import_source(
+    root: &mut Root,
+    source: &dyn ImageSource,
+    name: Option<&str>,
+    platform: Option<&Platform>,
+    default_name: &str,
+    reporter: &mut dyn Reporter,
+) -> anyhow::Result<Vec<Imported>> {
     let mut ingested = Ingested::default();
     let result = (|| {
         let images = resolve_images(
-            source.as_ref(),
+            source,
             &root.store,
             name,
             platform,
-            &default_name,
+            default_name,
             &mut ingested,
             reporter,
         )?;

@@ -1,0 +1,212 @@
+//! A repository on a registry (and its mirrors) seen as an [`ImageSource`], so `pull` runs
+//! the import pipeline unchanged: `index.json` is synthesised from the reference's top
+//! manifest (named by the reference), `blobs/sha256/<hex>` are manifests fetched (verified)
+//! from `/manifests/<digest>` or blobs streamed from `/blobs/<digest>` (verified by the
+//! content store as they are ingested). Each request tries the mirrors first, then the origin.
+
+use std::cell::RefCell;
+use std::collections::{HashMap, HashSet};
+use std::io::Read;
+
+use tracing::{info_span, warn};
+
+use super::auth::credentials_for;
+use super::blob::BlobStream;
+use super::client::{Client, Endpoint, Fetched};
+use super::reference::Reference;
+use super::retry::RetryPolicy;
+use super::RegistryError;
+use crate::digest::Digest;
+use crate::image::source::ImageSource;
+use crate::image::{ImageError, DOCKER_MANIFEST_LIST, OCI_INDEX};
+
+/// How to reach a registry.
+#[derive(Debug, Clone, Default)]
+pub struct Connect {
+    /// Mirrors tried first for pulls (`HOST[:PORT]` or `http(s)://HOST[:PORT]`).
+    pub mirrors: Vec<String>,
+    /// Plain HTTP for every host (loopback hosts use it anyway).
+    pub insecure: bool,
+    pub retry: RetryPolicy,
+}
+
+impl Connect {
+    /// The client of the reference's own registry (credentials from docker's config).
+    pub fn origin(&self, r: &Reference) -> Result<Client, RegistryError> {
+        Ok(Client::new(
+            Endpoint::new(r.api_host(), self.insecure)?,
+            &r.repository,
+            credentials_for(&r.registry)?,
+            self.retry,
+        ))
+    }
+
+    /// Mirrors first, then the origin.
+    pub fn clients(&self, r: &Reference) -> Result<Vec<Client>, RegistryError> {
+        let mut out = Vec::new();
+        for m in &self.mirrors {
+            let ep = Endpoint::new(m, self.insecure)?;
+            let creds = credentials_for(&ep.host)?;
+            // A mirror has a fallback: one retry, not the full budget.
+            let retry = RetryPolicy {
+                retries: self.retry.retries.min(1),
+                ..self.retry
+            };
+            out.push(Client::new(ep, &r.repository, creds, retry));
+        }
+        out.push(self.origin(r)?);
+        Ok(out)
+    }
+}
+
+pub struct RegistrySource {
+    reference: Reference,
+    clients: Vec<Client>,
+    index_json: Vec<u8>,
+    /// Manifests fetched so far, by digest.
+    manifests: RefCell<HashMap<Digest, Vec<u8>>>,
+    /// Digests that name manifests (children of the indexes read), not blobs.
+    manifest_digests: RefCell<HashSet<Digest>>,
+    /// Mirrors that failed other than by not having something: not asked again.
+    dead: RefCell<HashSet<usize>>,
+}
+
+impl RegistrySource {
+    /// Fetches the reference's top manifest or index (mirrors first) and names it `name`.
+    pub fn connect(
+        reference: &Reference,
+        connect: &Connect,
+        name: &str,
+    ) -> Result<Self, RegistryError> {
+        let _span = info_span!("registry_connect", reference = %reference).entered();
+        let clients = connect.clients(reference)?;
+        let src = Self {
+            reference: reference.clone(),
+            clients,
+            index_json: Vec::new(),
+            manifests: RefCell::default(),
+            manifest_digests: RefCell::default(),
+            dead: RefCell::default(),
+        };
+        let top = src.fetch_manifest(&reference.manifest_ref())?;
+        let index = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": OCI_INDEX,
+            "manifests": [{
+                "mediaType": top.media_type,
+                "digest": top.digest,
+                "size": top.bytes.len(),
+                "annotations": {"io.containerd.image.name": name},
+            }],
+        });
+        let index_json = serde_json::to_vec(&index)
+            .map_err(|e| RegistryError::Invalid(format!("synthesising index.json: {e}")))?;
+        Ok(Self { index_json, ..src })
+    }
+
+    /// A manifest by tag or digest from the first endpoint that has it; remembers it and,
+    /// for an index, that its children are manifests.
+    fn fetch_manifest(&self, reference: &str) -> Result<Fetched, RegistryError> {
+        let fetched = self.first_ok(|c| c.get_manifest(reference))?;
+        if matches!(
+            fetched.media_type.as_str(),
+            OCI_INDEX | DOCKER_MANIFEST_LIST
+        ) {
+            #[derive(serde::Deserialize)]
+            struct Child {
+                digest: String,
+            }
+            #[derive(serde::Deserialize)]
+            struct Index {
+                #[serde(default)]
+                manifests: Vec<Child>,
+            }
+            if let Ok(ix) = serde_json::from_slice::<Index>(&fetched.bytes) {
+                let mut set = self.manifest_digests.borrow_mut();
+                set.extend(
+                    ix.manifests
+                        .iter()
+                        .filter_map(|m| Digest::parse(&m.digest).ok()),
+                );
+            }
+        }
+        self.manifests
+            .borrow_mut()
+            .insert(fetched.digest.clone(), fetched.bytes.clone());
+        Ok(fetched)
+    }
+
+    /// Runs `f` against each endpoint in order; the first success wins, else the origin's
+    /// error (a mirror's failure is only logged). A digest mismatch is not retried elsewhere.
+    fn first_ok<'s, T>(
+        &'s self,
+        f: impl Fn(&'s Client) -> Result<T, RegistryError>,
+    ) -> Result<T, RegistryError> {
+        let last = self.clients.len() - 1;
+        for (i, c) in self.clients.iter().enumerate() {
+            if i != last && self.dead.borrow().contains(&i) {
+                continue;
+            }
+            match f(c) {
+                Ok(v) => return Ok(v),
+                Err(e @ RegistryError::DigestMismatch { .. }) => return Err(e),
+                Err(e) if i == last => return Err(e),
+                Err(e) => {
+                    warn!(mirror = %c.endpoint.base, error = %e, "mirror failed; trying the next endpoint");
+                    if !matches!(e, RegistryError::NotFound(_)) {
+                        self.dead.borrow_mut().insert(i);
+                    }
+                }
+            }
+        }
+        Err(RegistryError::Invalid("no registry endpoint".into()))
+    }
+
+    fn err(&self, e: RegistryError) -> ImageError {
+        match e {
+            RegistryError::NotFound(what) => ImageError::Missing(what),
+            other => ImageError::Invalid(format!("{}: {other}", self.reference)),
+        }
+    }
+}
+
+impl ImageSource for RegistrySource {
+    fn open(&self, path: &str) -> Result<(Box<dyn Read + '_>, u64), ImageError> {
+        if path == "index.json" {
+            let data = self.index_json.clone();
+            let n = data.len() as u64;
+            return Ok((Box::new(std::io::Cursor::new(data)), n));
+        }
+        let digest = path
+            .strip_prefix("blobs/sha256/")
+            .and_then(|h| Digest::parse(&format!("sha256:{h}")).ok())
+            .ok_or_else(|| ImageError::Missing(format!("{path} (a registry serves blobs only)")))?;
+        let cached = self.manifests.borrow().get(&digest).cloned();
+        let manifest = match cached {
+            Some(m) => Some(m),
+            None if self.manifest_digests.borrow().contains(&digest) => Some(
+                self.fetch_manifest(digest.as_str())
+                    .map_err(|e| self.err(e))?
+                    .bytes,
+            ),
+            None => None,
+        };
+        if let Some(m) = manifest {
+            let n = m.len() as u64;
+            return Ok((Box::new(std::io::Cursor::new(m)), n));
+        }
+        let stream = self
+            .first_ok(|c| BlobStream::open(c, &digest))
+            .map_err(|e| self.err(e))?;
+        let size = stream.size().unwrap_or(0);
+        Ok((Box::new(stream), size))
+    }
+
+    fn exists(&self, path: &str) -> bool {
+        path == "index.json"
+    }
+
+    fn describe(&self) -> String {
+        self.reference.to_string()
+    }
+}
