@@ -137,6 +137,16 @@ class Handler(http.server.BaseHTTPRequestHandler):
     do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = handle_any
 
 
+class Server(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address):
+        # Clients dropping pooled connections at exit are not errors worth a traceback.
+        if isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            return
+        super().handle_error(request, client_address)
+
+
 def main():
     global args
     p = argparse.ArgumentParser()
@@ -146,8 +156,7 @@ def main():
     p.add_argument("--bearer", nargs="?", const="")
     p.add_argument("--log")
     args = p.parse_args()
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    srv.daemon_threads = True
+    srv = Server(("127.0.0.1", 0), Handler)
     print(srv.server_port, flush=True)
     srv.serve_forever()
 
