@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """A fault-injecting, token-issuing HTTP proxy in front of a registry, for tests.
 
-    registry-proxy.py UPSTREAM [--cut-after N] [--corrupt] [--bearer [USER:PASS]] [--log FILE]
+    registry-proxy.py UPSTREAM [--cut-after N] [--corrupt] [--fail-first N [--fail-status S]]
+                      [--bearer [USER:PASS]] [--log FILE]
 
 Prints the port it listens on (127.0.0.1) as its first line, then serves until killed.
 
@@ -13,6 +14,8 @@ Prints the port it listens on (127.0.0.1) as its first line, then serves until k
                 401 + `WWW-Authenticate: Bearer realm=".../token",service=...,scope=...`;
                 GET /token issues a random token (anonymously, or only to USER:PASS by HTTP
                 Basic when given). Tokens are checked here; the upstream registry is open.
+--fail-first N  answers the first N blob GETs with --fail-status (default 503; 429 sends
+                Retry-After: 1): a client must back off and retry
 --log FILE      appends one line per request: METHOD PATH RANGE-HEADER
 """
 import argparse
@@ -28,6 +31,7 @@ import threading
 args = None
 tokens = set()
 cut_done = set()
+failed = [0]
 lock = threading.Lock()
 HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade",
        "proxy-authorization", "proxy-authenticate"}
@@ -85,6 +89,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 return self.token()
             if not self.authorized():
                 return
+        if args.fail_first and self.command == "GET" and "/blobs/sha256:" in self.path:
+            with lock:
+                fail = failed[0] < args.fail_first
+                failed[0] += 1
+            if fail:
+                extra = [("Retry-After", "1")] if args.fail_status == 429 else []
+                return self.send_json(args.fail_status, {"errors": [{"code": "UNAVAILABLE"}]}, extra)
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else None
         headers = {k: v for k, v in self.headers.items()
@@ -154,6 +165,8 @@ def main():
     p.add_argument("--cut-after", type=int)
     p.add_argument("--corrupt", action="store_true")
     p.add_argument("--bearer", nargs="?", const="")
+    p.add_argument("--fail-first", type=int, default=0)
+    p.add_argument("--fail-status", type=int, default=503)
     p.add_argument("--log")
     args = p.parse_args()
     srv = Server(("127.0.0.1", 0), Handler)

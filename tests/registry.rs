@@ -532,3 +532,92 @@ fn mirror_is_tried_first_and_origin_is_the_fallback() {
     let root2 = tmp.path().join("root2");
     ok(&root2, &["pull", &reference, "--mirror", "127.0.0.1:9"]);
 }
+
+#[test]
+fn server_errors_and_429_are_retried_with_backoff() {
+    if !prerequisites() {
+        return;
+    }
+    let data = common::testdata();
+    let tmp = tempfile::tempdir().unwrap();
+    let reg = Registry::start(&tmp.path().join("reg"), None);
+    skopeo_push(
+        &data.join("debian-gzip"),
+        &format!("{}/flaky:1", reg.addr),
+        None,
+        false,
+    );
+    for status in ["503", "429"] {
+        let log = tmp.path().join(format!("{status}.log"));
+        let proxy = Proxy::start(
+            &reg.addr,
+            &[
+                "--fail-first",
+                "2",
+                "--fail-status",
+                status,
+                "--log",
+                log.to_str().unwrap(),
+            ],
+        );
+        let root = tmp.path().join(format!("root-{status}"));
+        ok(
+            &root,
+            &["pull", &format!("{}/flaky:1", proxy.addr), "--name", "f"],
+        );
+        let gets = fs::read_to_string(&log)
+            .unwrap()
+            .matches("GET /v2/flaky/blobs/")
+            .count();
+        // config + 3 layers, plus the 2 refused attempts.
+        assert_eq!(gets, 6, "{status}");
+    }
+}
+
+#[test]
+fn read_range_serves_the_bytes_asked_for() {
+    use lazysnap::digest::Digest;
+    use lazysnap::registry::{retry::RetryPolicy, Client, Endpoint};
+    if !prerequisites() {
+        return;
+    }
+    let data = common::testdata();
+    let tmp = tempfile::tempdir().unwrap();
+    let reg = Registry::start(&tmp.path().join("reg"), None);
+    skopeo_push(
+        &data.join("debian-zstd"),
+        &format!("{}/ranges:1", reg.addr),
+        None,
+        false,
+    );
+    let client = Client::new(
+        Endpoint::new(&reg.addr, false).unwrap(),
+        "ranges",
+        None,
+        RetryPolicy::default(),
+    );
+    let blobs = data.join("debian-zstd/blobs/sha256");
+    let biggest = fs::read_dir(&blobs)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .max_by_key(|p| fs::metadata(p).unwrap().len())
+        .unwrap();
+    let bytes = fs::read(&biggest).unwrap();
+    let digest = Digest::parse(&format!(
+        "sha256:{}",
+        biggest.file_name().unwrap().to_str().unwrap()
+    ))
+    .unwrap();
+    let n = bytes.len() as u64;
+    for (off, len) in [(0, 1), (12_345, 100_000), (n - 10, 10), (n / 2, 4 << 20)] {
+        let got = client.read_range(&digest, off, len).unwrap();
+        assert!(
+            got == bytes[off as usize..(off + len) as usize],
+            "range {off}+{len}"
+        );
+    }
+    assert_eq!(client.blob_size(&digest).unwrap(), Some(n));
+    let missing = Digest::sha256_of(b"not there");
+    let err = client.read_range(&missing, 0, 10).unwrap_err().to_string();
+    assert!(err.contains("not found"), "{err}");
+}
