@@ -621,3 +621,34 @@ fn read_range_serves_the_bytes_asked_for() {
     let err = client.read_range(&missing, 0, 10).unwrap_err().to_string();
     assert!(err.contains("not found"), "{err}");
 }
+
+#[test]
+fn a_committed_image_pushed_and_pulled_has_the_change() {
+    if !prerequisites() || !common::can_mount() {
+        return;
+    }
+    let data = common::testdata();
+    let tmp = tempfile::tempdir().unwrap();
+    let reg = Registry::start(&tmp.path().join("reg"), None);
+    let local = tmp.path().join("local");
+    ok(&local, &["import", data.join("debian-gzip").to_str().unwrap(), "--name", "base"]);
+    let work = tmp.path().join("work");
+    fs::create_dir_all(&work).unwrap();
+    ok(&local, &["mount", "base", work.to_str().unwrap(), "--rw"]);
+    fs::write(work.join("root/hello"), b"from a commit\n").unwrap();
+    fs::remove_file(work.join("etc/issue")).unwrap();
+    ok(&local, &["commit", work.to_str().unwrap(), "base:v2"]);
+    ok(&local, &["umount", work.to_str().unwrap()]);
+    let reference = format!("{}/committed:v2", reg.addr);
+    let out = ok(&local, &["push", "base:v2", &reference]);
+    assert!(out.contains("5 blobs uploaded"), "{out}");
+
+    let root = tmp.path().join("root");
+    ok(&root, &["pull", &reference, "--name", "v2"]);
+    assert_eq!(identity(&inspect(&root, "v2")), identity(&inspect(&local, "base:v2")));
+    let mnt = tmp.path().join("mnt");
+    let _m = Mounted::new(&root, "v2", &mnt);
+    assert_eq!(fs::read(mnt.join("root/hello")).unwrap(), b"from a commit\n");
+    assert!(!mnt.join("etc/issue").exists());
+    assert!(mnt.join("etc/os-release").exists() || mnt.join("usr/lib/os-release").exists());
+}
