@@ -15,6 +15,16 @@ use std::process::{Child, Command, Stdio};
 use common::{fails, lazysnap, ok};
 
 fn prerequisites() -> bool {
+    // Hermetic credentials: the machine's ~/.docker/config.json is not read (tests that test
+    // credentials pass their own DOCKER_CONFIG to the child).
+    static EMPTY_CONFIG: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    let dir = EMPTY_CONFIG.get_or_init(|| {
+        let d = std::env::temp_dir().join(format!("lazysnap-registry-test-{}", std::process::id()));
+        fs::create_dir_all(&d).unwrap();
+        std::env::set_var("DOCKER_CONFIG", &d);
+        d
+    });
+    assert!(dir.is_dir());
     common::require(
         common::have_cmd("docker-registry"),
         "docker-registry (scripts/install-deps.sh)",
@@ -631,7 +641,15 @@ fn a_committed_image_pushed_and_pulled_has_the_change() {
     let tmp = tempfile::tempdir().unwrap();
     let reg = Registry::start(&tmp.path().join("reg"), None);
     let local = tmp.path().join("local");
-    ok(&local, &["import", data.join("debian-gzip").to_str().unwrap(), "--name", "base"]);
+    ok(
+        &local,
+        &[
+            "import",
+            data.join("debian-gzip").to_str().unwrap(),
+            "--name",
+            "base",
+        ],
+    );
     let work = tmp.path().join("work");
     fs::create_dir_all(&work).unwrap();
     ok(&local, &["mount", "base", work.to_str().unwrap(), "--rw"]);
@@ -645,10 +663,16 @@ fn a_committed_image_pushed_and_pulled_has_the_change() {
 
     let root = tmp.path().join("root");
     ok(&root, &["pull", &reference, "--name", "v2"]);
-    assert_eq!(identity(&inspect(&root, "v2")), identity(&inspect(&local, "base:v2")));
+    assert_eq!(
+        identity(&inspect(&root, "v2")),
+        identity(&inspect(&local, "base:v2"))
+    );
     let mnt = tmp.path().join("mnt");
     let _m = Mounted::new(&root, "v2", &mnt);
-    assert_eq!(fs::read(mnt.join("root/hello")).unwrap(), b"from a commit\n");
+    assert_eq!(
+        fs::read(mnt.join("root/hello")).unwrap(),
+        b"from a commit\n"
+    );
     assert!(!mnt.join("etc/issue").exists());
     assert!(mnt.join("etc/os-release").exists() || mnt.join("usr/lib/os-release").exists());
 }

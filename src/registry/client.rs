@@ -98,6 +98,9 @@ impl Client {
     ) -> Self {
         let mut config = ureq::Agent::config_builder()
             .http_status_as_error(false)
+            // Credentials follow a redirect on the same host, never to another (blob stores
+            // behind a registry take signed URLs and refuse extra auth).
+            .redirect_auth_headers(ureq::config::RedirectAuthHeaders::SameHost)
             .timeout_connect(Some(Duration::from_secs(30)))
             .timeout_recv_response(Some(Duration::from_secs(120)))
             .timeout_per_read(Some(Duration::from_secs(120)))
