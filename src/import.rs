@@ -14,7 +14,7 @@ use crate::image::source::{open_source, ImageSource};
 use crate::image::{resolve_images, Desc, LayerDesc, Platform, ResolvedImage};
 use crate::meta::{ImageLayerRow, ImageRow};
 use crate::root::Root;
-use crate::unpack::{unpack, UnpackProgress};
+use crate::unpack::{unpack, unpack_with, PreIndexed, UnpackProgress};
 
 /// Progress reporting for a whole import (the CLI draws bars; tests pass a no-op).
 pub trait Reporter: IngestProgress {
@@ -70,6 +70,7 @@ pub fn import(
         platform,
         &default_name,
         reporter,
+        &|_| None,
     )
 }
 
@@ -83,6 +84,7 @@ pub fn import_source(
     platform: Option<&Platform>,
     default_name: &str,
     reporter: &mut dyn Reporter,
+    pre_indexed: &PreIndexed<'_>,
 ) -> anyhow::Result<Vec<Imported>> {
     let mut ingested = Ingested::default();
     let result = (|| {
@@ -97,7 +99,7 @@ pub fn import_source(
         )?;
         let mut out = Vec::new();
         for img in &images {
-            out.push(unpack_and_record(root, img, reporter)?);
+            out.push(unpack_and_record(root, img, reporter, pre_indexed)?);
         }
         anyhow::Ok(out)
     })();
@@ -111,11 +113,12 @@ fn unpack_and_record(
     root: &mut Root,
     img: &ResolvedImage,
     reporter: &mut dyn Reporter,
+    pre_indexed: &PreIndexed<'_>,
 ) -> anyhow::Result<Imported> {
     let bytes = img.layers.iter().map(|l| l.desc.size).sum();
     let progress = reporter.start_unpack(img.layers.len() as u64, bytes);
-    let chain =
-        unpack(root, &img.layers, progress).with_context(|| format!("unpacking {}", img.name));
+    let chain = unpack_with(root, &img.layers, progress, pre_indexed)
+        .with_context(|| format!("unpacking {}", img.name));
     reporter.finish_unpack();
     let chain = chain?;
     let row = ImageRow {

@@ -192,7 +192,7 @@ fn identity(v: &serde_json::Value) -> (String, String, String, String) {
 /// No blobs or ingest leftovers in a store.
 fn store_is_empty(root: &Path) -> bool {
     let count = |d: &str| fs::read_dir(root.join(d)).map_or(0, |r| r.count());
-    count("content/blobs/sha256") == 0 && count("content/ingest") == 0
+    count("content/blobs/sha256") == 0 && count("content/ingest") == 0 && count("index") == 0
 }
 
 #[test]

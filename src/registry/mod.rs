@@ -12,6 +12,7 @@ pub mod push;
 pub mod reference;
 pub mod retry;
 pub mod source;
+pub mod tee;
 
 pub use client::{Client, Endpoint};
 pub use reference::Reference;

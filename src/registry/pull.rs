@@ -1,6 +1,7 @@
 //! `pull`: a registry image through the import pipeline (the same code path as `import`, so
 //! the recorded image and its indexes are identical): manifests and config first, then each
-//! layer blob streamed into the content store (digest checked), then indexed.
+//! layer blob streamed into the content store (digest checked) and indexed from the same
+//! stream as it downloads (`tee.rs`); the index is kept once the digest and diffID check.
 
 use anyhow::Context as _;
 use tracing::info_span;
@@ -23,10 +24,24 @@ pub fn pull(
     let _span = info_span!("pull", reference = %r).entered();
     let canonical = r.to_string();
     let name = name.unwrap_or(&canonical);
-    let source = RegistrySource::connect(&r, connect, name)
+    let mut source = RegistrySource::connect(&r, connect, name)
         .with_context(|| format!("pulling {canonical}"))?;
-    let mut images = import_source(root, &source, Some(name), platform, name, reporter)
-        .with_context(|| format!("pulling {canonical}"))?;
+    source.index_while_downloading(&root.path);
+    let result = import_source(
+        root,
+        &source,
+        Some(name),
+        platform,
+        name,
+        reporter,
+        &|blob| source.take_indexed(blob),
+    );
+    // Indexers of a failed pull may still be writing: wait, then drop what they wrote.
+    source.finish();
+    if result.is_err() {
+        let _ = crate::gc::remove_unreferenced_index_files(root);
+    }
+    let mut images = result.with_context(|| format!("pulling {canonical}"))?;
     images
         .pop()
         .with_context(|| format!("{canonical} resolved to no image"))

@@ -7,6 +7,8 @@
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
 use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::thread::JoinHandle;
 
 use tracing::{info_span, warn};
 
@@ -15,10 +17,15 @@ use super::blob::BlobStream;
 use super::client::{Client, Endpoint, Fetched};
 use super::reference::Reference;
 use super::retry::RetryPolicy;
+use super::tee::tee_index;
 use super::RegistryError;
 use crate::digest::Digest;
 use crate::image::source::ImageSource;
-use crate::image::{ImageError, DOCKER_MANIFEST_LIST, OCI_INDEX};
+use crate::image::{
+    layer_compression, Desc, ImageError, LayerDesc, DOCKER_MANIFEST, DOCKER_MANIFEST_LIST,
+    OCI_INDEX, OCI_MANIFEST,
+};
+use crate::unpack::Indexed;
 
 /// How to reach a registry.
 #[derive(Debug, Clone, Default)]
@@ -69,6 +76,12 @@ pub struct RegistrySource {
     manifest_digests: RefCell<HashSet<Digest>>,
     /// Mirrors that failed other than by not having something: not asked again.
     dead: RefCell<HashSet<usize>>,
+    /// Index layers while they download, under this root (see `tee.rs`).
+    index_into: Option<PathBuf>,
+    /// Layers named by the manifests read: blob → media type.
+    layers: RefCell<HashMap<Digest, String>>,
+    /// Indexers running on downloads, by blob.
+    indexing: RefCell<HashMap<Digest, JoinHandle<anyhow::Result<Indexed>>>>,
 }
 
 impl RegistrySource {
@@ -87,6 +100,9 @@ impl RegistrySource {
             manifests: RefCell::default(),
             manifest_digests: RefCell::default(),
             dead: RefCell::default(),
+            index_into: None,
+            layers: RefCell::default(),
+            indexing: RefCell::default(),
         };
         let top = src.fetch_manifest(&reference.manifest_ref())?;
         let index = serde_json::json!({
@@ -130,6 +146,27 @@ impl RegistrySource {
                 );
             }
         }
+        if matches!(fetched.media_type.as_str(), OCI_MANIFEST | DOCKER_MANIFEST) {
+            #[derive(serde::Deserialize)]
+            struct Layer {
+                #[serde(rename = "mediaType")]
+                media_type: String,
+                digest: String,
+            }
+            #[derive(serde::Deserialize)]
+            struct Manifest {
+                #[serde(default)]
+                layers: Vec<Layer>,
+            }
+            if let Ok(m) = serde_json::from_slice::<Manifest>(&fetched.bytes) {
+                let mut map = self.layers.borrow_mut();
+                for l in m.layers {
+                    if let Ok(d) = Digest::parse(&l.digest) {
+                        map.insert(d, l.media_type);
+                    }
+                }
+            }
+        }
         self.manifests
             .borrow_mut()
             .insert(fetched.digest.clone(), fetched.bytes.clone());
@@ -160,6 +197,29 @@ impl RegistrySource {
             }
         }
         Err(RegistryError::Invalid("no registry endpoint".into()))
+    }
+
+    /// Index layers while they download, under the store at `root_path`.
+    pub fn index_while_downloading(&mut self, root_path: &Path) {
+        self.index_into = Some(root_path.to_path_buf());
+    }
+
+    /// The index made while `blob` downloaded, if it was.
+    pub fn take_indexed(&self, blob: &Digest) -> Option<anyhow::Result<Indexed>> {
+        let handle = self.indexing.borrow_mut().remove(blob)?;
+        Some(
+            handle
+                .join()
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("indexing thread of {blob} panicked"))),
+        )
+    }
+
+    /// Waits for the indexers still running (after a failed pull, before cleaning up).
+    pub fn finish(&self) {
+        let handles: Vec<_> = self.indexing.borrow_mut().drain().collect();
+        for (_, h) in handles {
+            let _ = h.join();
+        }
     }
 
     fn err(&self, e: RegistryError) -> ImageError {
@@ -199,6 +259,27 @@ impl ImageSource for RegistrySource {
             .first_ok(|c| BlobStream::open(c, &digest))
             .map_err(|e| self.err(e))?;
         let size = stream.size().unwrap_or(0);
+        let media_type = self.layers.borrow().get(&digest).cloned();
+        let compression = media_type.as_deref().and_then(layer_compression);
+        if let (Some(root), Some(media_type), Some(compression)) =
+            (&self.index_into, media_type, compression)
+        {
+            let layer = LayerDesc {
+                desc: Desc {
+                    media_type,
+                    digest: digest.clone(),
+                    size,
+                },
+                compression,
+                // Not known here: checked against the config when the result is used.
+                diff_id: digest.clone(),
+            };
+            let (tee, handle) = tee_index(stream, root.clone(), layer);
+            if let Some(old) = self.indexing.borrow_mut().insert(digest, handle) {
+                let _ = old.join();
+            }
+            return Ok((Box::new(tee), size));
+        }
         Ok((Box::new(stream), size))
     }
 
