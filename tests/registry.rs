@@ -298,6 +298,30 @@ fn platform_is_chosen_from_a_multiarch_index() {
         inspect(&root, "arm")["Manifest"]["digest"],
         inspect(&root, "amd")["Manifest"]["digest"]
     );
+    // By digest: the index's digest, then a platform from it.
+    let index = inspect(&root, "arm")["Target"]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let by_digest = format!("{}/multi@{index}", reg.addr);
+    ok(
+        &root,
+        &[
+            "pull",
+            &by_digest,
+            "--platform",
+            "linux/arm64",
+            "--name",
+            "d",
+        ],
+    );
+    assert_eq!(
+        inspect(&root, "d")["Manifest"],
+        inspect(&root, "arm")["Manifest"]
+    );
+    let absent = format!("{}/multi@sha256:{}", reg.addr, "0".repeat(64));
+    let err = fails(&root, &["pull", &absent]);
+    assert!(err.contains("not found"), "{err}");
     let err = fails(&root, &["pull", &reference, "--platform", "linux/s390x"]);
     assert!(
         err.contains("no manifest for platform linux/s390x")
