@@ -2,7 +2,7 @@
 """A fault-injecting, token-issuing HTTP proxy in front of a registry, for tests.
 
     registry-proxy.py UPSTREAM [--cut-after N] [--corrupt] [--fail-first N [--fail-status S]]
-                      [--bearer [USER:PASS]] [--log FILE]
+                      [--bearer [USER:PASS]] [--no-ranges] [--log FILE]
 
 Prints the port it listens on (127.0.0.1) as its first line, then serves until killed.
 
@@ -16,6 +16,7 @@ Prints the port it listens on (127.0.0.1) as its first line, then serves until k
                 Basic when given). Tokens are checked here; the upstream registry is open.
 --fail-first N  answers the first N blob GETs with --fail-status (default 503; 429 sends
                 Retry-After: 1): a client must back off and retry
+--no-ranges     drops Range headers (a registry that always answers 200 with the whole blob)
 --log FILE      appends one line per request: METHOD PATH RANGE-HEADER
 """
 import argparse
@@ -99,7 +100,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else None
         headers = {k: v for k, v in self.headers.items()
-                   if k.lower() not in HOP and k.lower() not in ("host", "authorization")}
+                   if k.lower() not in HOP and k.lower() not in ("host", "authorization")
+                   and not (args.no_ranges and k.lower() == "range")}
         conn = http.client.HTTPConnection(args.upstream, timeout=60)
         conn.request(self.command, self.path, body=body, headers=headers)
         resp = conn.getresponse()
@@ -167,6 +169,7 @@ def main():
     p.add_argument("--bearer", nargs="?", const="")
     p.add_argument("--fail-first", type=int, default=0)
     p.add_argument("--fail-status", type=int, default=503)
+    p.add_argument("--no-ranges", action="store_true")
     p.add_argument("--log")
     args = p.parse_args()
     srv = Server(("127.0.0.1", 0), Handler)

@@ -510,6 +510,15 @@ fn dropped_connection_is_resumed_with_a_range_request() {
         ],
     );
     assert_eq!(identity(&v), identity(&inspect(&local, "gz")));
+
+    // A registry that ignores Range: the resumed download skips what it already has.
+    let plain = Proxy::start(&reg.addr, &["--cut-after", "100000", "--no-ranges"]);
+    let root2 = tmp.path().join("root2");
+    ok(
+        &root2,
+        &["pull", &format!("{}/cut:1", plain.addr), "--name", "cut"],
+    );
+    assert_eq!(identity(&inspect(&root2, "cut")), identity(&v));
 }
 
 #[test]
@@ -651,6 +660,19 @@ fn read_range_serves_the_bytes_asked_for() {
         );
     }
     assert_eq!(client.blob_size(&digest).unwrap(), Some(n));
+    // Without range support the lazy path cannot work: a clear error, not wrong bytes.
+    let plain = Proxy::start(&reg.addr, &["--no-ranges"]);
+    let plain_client = Client::new(
+        Endpoint::new(&plain.addr, false).unwrap(),
+        "ranges",
+        None,
+        RetryPolicy::default(),
+    );
+    let err = plain_client
+        .read_range(&digest, 10, 10)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("does not serve byte ranges"), "{err}");
     let missing = Digest::sha256_of(b"not there");
     let err = client.read_range(&missing, 0, 10).unwrap_err().to_string();
     assert!(err.contains("not found"), "{err}");
