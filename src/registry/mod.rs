@@ -7,6 +7,7 @@
 pub mod auth;
 pub mod blob;
 pub mod client;
+pub mod prefetch;
 pub mod pull;
 pub mod push;
 pub mod reference;

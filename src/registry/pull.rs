@@ -26,7 +26,7 @@ pub fn pull(
     let name = name.unwrap_or(&canonical);
     let mut source = RegistrySource::connect(&r, connect, name)
         .with_context(|| format!("pulling {canonical}"))?;
-    source.index_while_downloading(&root.path);
+    source.download_into(&root.path.clone(), &root.store.clone());
     let result = import_source(
         root,
         &source,
@@ -39,6 +39,13 @@ pub fn pull(
     // Indexers of a failed pull may still be writing: wait, then drop what they wrote.
     source.finish();
     if result.is_err() {
+        if let Ok(referenced) = root.meta.referenced_blobs() {
+            for d in source.prefetched() {
+                if !referenced.contains(d.as_str()) {
+                    let _ = root.store.remove(&d);
+                }
+            }
+        }
         let _ = crate::gc::remove_unreferenced_index_files(root);
     }
     let mut images = result.with_context(|| format!("pulling {canonical}"))?;

@@ -8,6 +8,7 @@ use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
 use std::io::Read;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use tracing::{info_span, warn};
@@ -15,6 +16,7 @@ use tracing::{info_span, warn};
 use super::auth::credentials_for;
 use super::blob::BlobStream;
 use super::client::{Client, Endpoint, Fetched};
+use super::prefetch::Prefetcher;
 use super::reference::Reference;
 use super::retry::RetryPolicy;
 use super::tee::tee_index;
@@ -25,6 +27,7 @@ use crate::image::{
     layer_compression, Desc, ImageError, LayerDesc, DOCKER_MANIFEST, DOCKER_MANIFEST_LIST,
     OCI_INDEX, OCI_MANIFEST,
 };
+use crate::store::ContentStore;
 use crate::unpack::Indexed;
 
 /// How to reach a registry.
@@ -68,7 +71,7 @@ impl Connect {
 
 pub struct RegistrySource {
     reference: Reference,
-    clients: Vec<Client>,
+    clients: Arc<Vec<Client>>,
     index_json: Vec<u8>,
     /// Manifests fetched so far, by digest.
     manifests: RefCell<HashMap<Digest, Vec<u8>>>,
@@ -78,8 +81,11 @@ pub struct RegistrySource {
     dead: RefCell<HashSet<usize>>,
     /// Index layers while they download, under this root (see `tee.rs`).
     index_into: Option<PathBuf>,
-    /// Layers named by the manifests read: blob → media type.
-    layers: RefCell<HashMap<Digest, String>>,
+    /// Layers named by the manifests read, in order.
+    layers: RefCell<Vec<Desc>>,
+    /// Where prefetched layers go (see `prefetch.rs`); no prefetch without it.
+    store: Option<ContentStore>,
+    prefetch: RefCell<Option<Prefetcher>>,
     /// Indexers running on downloads, by blob.
     indexing: RefCell<HashMap<Digest, JoinHandle<anyhow::Result<Indexed>>>>,
 }
@@ -92,7 +98,7 @@ impl RegistrySource {
         name: &str,
     ) -> Result<Self, RegistryError> {
         let _span = info_span!("registry_connect", reference = %reference).entered();
-        let clients = connect.clients(reference)?;
+        let clients = Arc::new(connect.clients(reference)?);
         let src = Self {
             reference: reference.clone(),
             clients,
@@ -102,6 +108,8 @@ impl RegistrySource {
             dead: RefCell::default(),
             index_into: None,
             layers: RefCell::default(),
+            store: None,
+            prefetch: RefCell::default(),
             indexing: RefCell::default(),
         };
         let top = src.fetch_manifest(&reference.manifest_ref())?;
@@ -152,6 +160,7 @@ impl RegistrySource {
                 #[serde(rename = "mediaType")]
                 media_type: String,
                 digest: String,
+                size: u64,
             }
             #[derive(serde::Deserialize)]
             struct Manifest {
@@ -159,10 +168,16 @@ impl RegistrySource {
                 layers: Vec<Layer>,
             }
             if let Ok(m) = serde_json::from_slice::<Manifest>(&fetched.bytes) {
-                let mut map = self.layers.borrow_mut();
+                let mut layers = self.layers.borrow_mut();
                 for l in m.layers {
-                    if let Ok(d) = Digest::parse(&l.digest) {
-                        map.insert(d, l.media_type);
+                    if let Ok(digest) = Digest::parse(&l.digest) {
+                        if !layers.iter().any(|x| x.digest == digest) {
+                            layers.push(Desc {
+                                media_type: l.media_type,
+                                digest,
+                                size: l.size,
+                            });
+                        }
                     }
                 }
             }
@@ -199,14 +214,29 @@ impl RegistrySource {
         Err(RegistryError::Invalid("no registry endpoint".into()))
     }
 
-    /// Index layers while they download, under the store at `root_path`.
-    pub fn index_while_downloading(&mut self, root_path: &Path) {
+    /// Index layers while they download, under the store at `root_path`, and download the
+    /// other layers of a manifest in parallel into `store` once its first layer is opened.
+    pub fn download_into(&mut self, root_path: &Path, store: &ContentStore) {
         self.index_into = Some(root_path.to_path_buf());
+        self.store = Some(store.clone());
+    }
+
+    /// Blobs the prefetcher was given (a failed pull removes those nothing references).
+    pub fn prefetched(&self) -> Vec<Digest> {
+        self.prefetch
+            .borrow()
+            .as_ref()
+            .map(|p| p.blobs().cloned().collect())
+            .unwrap_or_default()
     }
 
     /// The index made while `blob` downloaded, if it was.
     pub fn take_indexed(&self, blob: &Digest) -> Option<anyhow::Result<Indexed>> {
-        let handle = self.indexing.borrow_mut().remove(blob)?;
+        let from_stream = self.indexing.borrow_mut().remove(blob);
+        let handle = match from_stream {
+            Some(h) => h,
+            None => self.prefetch.borrow().as_ref()?.take_index(blob)?,
+        };
         Some(
             handle
                 .join()
@@ -216,10 +246,42 @@ impl RegistrySource {
 
     /// Waits for the indexers still running (after a failed pull, before cleaning up).
     pub fn finish(&self) {
+        if let Some(p) = self.prefetch.borrow_mut().as_mut() {
+            p.finish();
+        }
         let handles: Vec<_> = self.indexing.borrow_mut().drain().collect();
         for (_, h) in handles {
             let _ = h.join();
         }
+    }
+
+    /// On the first layer opened: the manifest's other layers (not in the store yet) go to
+    /// the prefetcher.
+    fn start_prefetch(&self, opened: &Digest) {
+        let Some(store) = &self.store else { return };
+        if self.prefetch.borrow().is_some() {
+            return;
+        }
+        let others: Vec<Desc> = {
+            let layers = self.layers.borrow();
+            if !layers.iter().any(|l| &l.digest == opened) {
+                return;
+            }
+            layers
+                .iter()
+                .filter(|l| &l.digest != opened && !store.contains(&l.digest))
+                .cloned()
+                .collect()
+        };
+        if others.is_empty() {
+            return;
+        }
+        *self.prefetch.borrow_mut() = Some(Prefetcher::start(
+            self.clients.clone(),
+            store.clone(),
+            self.index_into.clone(),
+            others,
+        ));
     }
 
     fn err(&self, e: RegistryError) -> ImageError {
@@ -255,11 +317,35 @@ impl ImageSource for RegistrySource {
             let n = m.len() as u64;
             return Ok((Box::new(std::io::Cursor::new(m)), n));
         }
+        if let Some(p) = self.prefetch.borrow().as_ref() {
+            match p.wait(&digest) {
+                // In the store: the pipeline's ingest keeps it without reading.
+                Some(Ok(handle)) => {
+                    if let Some(h) = handle {
+                        self.indexing.borrow_mut().insert(digest, h);
+                    }
+                    return Ok((Box::new(std::io::empty()), 0));
+                }
+                Some(Err(why)) => {
+                    return Err(ImageError::Invalid(format!(
+                        "{}: blob {digest}: {why}",
+                        self.reference
+                    )))
+                }
+                None => {}
+            }
+        }
+        self.start_prefetch(&digest);
         let stream = self
             .first_ok(|c| BlobStream::open(c, &digest))
             .map_err(|e| self.err(e))?;
         let size = stream.size().unwrap_or(0);
-        let media_type = self.layers.borrow().get(&digest).cloned();
+        let media_type = self
+            .layers
+            .borrow()
+            .iter()
+            .find(|l| l.digest == digest)
+            .map(|l| l.media_type.clone());
         let compression = media_type.as_deref().and_then(layer_compression);
         if let (Some(root), Some(media_type), Some(compression)) =
             (&self.index_into, media_type, compression)
