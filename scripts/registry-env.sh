@@ -26,17 +26,12 @@ stop() {
   fi
 }
 
-case $cmd in
-start)
-  command -v docker-registry >/dev/null || { echo "docker-registry missing (scripts/install-deps.sh)" >&2; exit 1; }
-  mkdir -p "$dir/data"
-  dir=$(cd "$dir" && pwd)
-  stop
+start_once() {
   port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
   auth=""
-  if [[ -n ${3:-} ]]; then
+  if [[ -n ${1:-} ]]; then
     command -v htpasswd >/dev/null || { echo "htpasswd missing (apache2-utils)" >&2; exit 1; }
-    htpasswd -Bbn "${3%%:*}" "${3#*:}" > "$dir/htpasswd"
+    htpasswd -Bbn "${1%%:*}" "${1#*:}" > "$dir/htpasswd"
     auth="auth:
   htpasswd:
     realm: lazysnap-test
@@ -71,10 +66,27 @@ PY
     if [[ $code == 200 || $code == 401 ]]; then
       echo "127.0.0.1:$port" > "$dir/addr"
       echo "127.0.0.1:$port"
+      return 0
+    fi
+    kill -0 "$(cat "$dir/registry.pid")" 2>/dev/null || return 1
+    sleep 0.1
+  done
+  return 1
+}
+
+case $cmd in
+start)
+  command -v docker-registry >/dev/null || { echo "docker-registry missing (scripts/install-deps.sh)" >&2; exit 1; }
+  mkdir -p "$dir/data"
+  dir=$(cd "$dir" && pwd)
+  stop
+  # A free port is picked, then bound by the registry: another process may take it in
+  # between, so a failed start is tried again on a new port.
+  for _attempt in 1 2 3; do
+    if start_once "${3:-}"; then
       exit 0
     fi
-    kill -0 "$(cat "$dir/registry.pid")" 2>/dev/null || break
-    sleep 0.1
+    stop
   done
   echo "registry did not start; log:" >&2
   cat "$dir/registry.log" >&2

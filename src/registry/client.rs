@@ -454,7 +454,10 @@ impl Client {
             "bytes {offset}+{len} of blob {digest} on {}",
             self.endpoint.host
         );
-        let range = format!("bytes={offset}-{}", offset + len - 1);
+        let last = offset
+            .checked_add(len - 1)
+            .ok_or_else(|| RegistryError::Invalid(format!("{what}: the range overflows")))?;
+        let range = format!("bytes={offset}-{last}");
         let mut attempt = 0;
         loop {
             let resp = self.request("GET", &url, &[("Range", range.clone())], Payload::Empty)?;
