@@ -38,14 +38,15 @@ pub struct Endpoint {
 
 impl Endpoint {
     /// `host[:port]` or `http(s)://host[:port]`. Without a scheme: HTTPS, except plain HTTP
-    /// for loopback hosts (docker's default insecure registries) or when `insecure`.
+    /// for loopback hosts (docker's default insecure registries) that have no CA in
+    /// `certs.d` (see `tls.rs`), or when `insecure`.
     pub fn new(spec: &str, insecure: bool) -> Result<Self> {
         let spec = spec.trim_end_matches('/');
         let (scheme, host) = if let Some(h) = spec.strip_prefix("https://") {
             ("https", h)
         } else if let Some(h) = spec.strip_prefix("http://") {
             ("http", h)
-        } else if insecure || is_loopback_host(spec) {
+        } else if insecure || (is_loopback_host(spec) && !has_ca(spec)) {
             ("http", spec)
         } else {
             ("https", spec)
@@ -60,6 +61,10 @@ impl Endpoint {
             host: host.to_string(),
         })
     }
+}
+
+fn has_ca(host: &str) -> bool {
+    matches!(super::tls::ca_certs_for(host), Ok(Some(_)))
 }
 
 /// What a request sends.
@@ -107,6 +112,17 @@ impl Client {
             .user_agent(concat!("lazysnap/", env!("CARGO_PKG_VERSION")));
         if is_loopback_host(&endpoint.host) {
             config = config.proxy(None);
+        }
+        match super::tls::ca_certs_for(&endpoint.host) {
+            Ok(Some(certs)) => {
+                config = config.tls_config(
+                    ureq::tls::TlsConfig::builder()
+                        .root_certs(ureq::tls::RootCerts::new_with_certs(&certs))
+                        .build(),
+                );
+            }
+            Ok(None) => {}
+            Err(e) => warn!(error = %e, "ignoring the registry's CA certificates"),
         }
         Self {
             agent: ureq::Agent::new_with_config(config.build()),
@@ -613,6 +629,12 @@ fn status_error(what: String, status: u16, body: &[u8]) -> RegistryError {
     text = text.trim().to_string();
     if status == 404 {
         return RegistryError::NotFound(what);
+    }
+    if status == 400 && text.contains("HTTP request to an HTTPS server") {
+        text.push_str(
+            " (an HTTPS registry on loopback: put its CA in /etc/docker/certs.d/HOST:PORT/ca.crt \
+             or $LAZYSNAP_CERTS_D/HOST:PORT/ca.crt)",
+        );
     }
     RegistryError::Status {
         what,

@@ -14,6 +14,7 @@ pub mod reference;
 pub mod retry;
 pub mod source;
 pub mod tee;
+pub mod tls;
 
 pub use client::{Client, Endpoint};
 pub use reference::Reference;
