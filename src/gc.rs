@@ -38,7 +38,16 @@ pub fn remove_unreferenced_index_files(root: &Root) -> anyhow::Result<(usize, u6
     let (mut files, mut bytes) = (0, 0);
     for entry in std::fs::read_dir(root.index_dir())? {
         let entry = entry?;
-        let rel = format!("index/{}", entry.file_name().to_string_lossy());
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if crate::root::is_temp_name(&name) {
+            // A temp file: removed only when no live process is writing it.
+            if let Some(n) = crate::store::remove_if_stale(&entry.path())? {
+                files += 1;
+                bytes += n;
+            }
+            continue;
+        }
+        let rel = format!("index/{name}");
         if !referenced.contains(&rel) {
             bytes += entry.metadata().map(|m| m.len()).unwrap_or(0);
             std::fs::remove_file(entry.path())?;

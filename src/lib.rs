@@ -6,6 +6,8 @@
 //! [`import`] (orchestration), [`layer`] (a layer behind the fuse crate's trait).
 
 pub mod blob;
+pub mod check;
+pub mod df;
 pub mod digest;
 pub mod export;
 pub mod gc;

@@ -89,6 +89,26 @@ enum SnapshotCmd {
     Cleanup,
 }
 
+/// Limits on what a layer may expand to when indexed.
+#[derive(clap::Args)]
+struct LimitArgs {
+    /// Largest uncompressed layer accepted (e.g. 64G); bigger layers fail the import
+    #[arg(long, default_value = "256G", value_parser = lazysnap::mount::parse_size)]
+    max_layer_size: u64,
+    /// Most uncompressed bytes per compressed byte once a layer passes 1 GiB (0: no limit)
+    #[arg(long, default_value_t = lazysnap::unpack::DEFAULT_MAX_RATIO)]
+    max_layer_ratio: u64,
+}
+
+impl From<LimitArgs> for lazysnap::unpack::Limits {
+    fn from(a: LimitArgs) -> Self {
+        lazysnap::unpack::Limits {
+            max_layer_size: a.max_layer_size,
+            max_ratio: a.max_layer_ratio,
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Import an OCI layout directory, OCI archive or `docker save` archive, and index its layers
@@ -100,6 +120,8 @@ enum Command {
         /// Platform to pick from a multi-platform image: OS/ARCH[/VARIANT] [default: this host's]
         #[arg(long)]
         platform: Option<String>,
+        #[command(flatten)]
+        limits: LimitArgs,
     },
     /// Pull an image from a registry (OCI distribution API) and index its layers, as `import`
     Pull {
@@ -117,6 +139,8 @@ enum Command {
         /// Plain HTTP for every registry (loopback registries use it anyway)
         #[arg(long)]
         insecure: bool,
+        #[command(flatten)]
+        limits: LimitArgs,
     },
     /// Push an image (imported, pulled or committed) to a registry
     Push {
@@ -128,7 +152,11 @@ enum Command {
         insecure: bool,
     },
     /// Index an imported image's layers again (what import does after copying blobs)
-    Unpack { name: String },
+    Unpack {
+        name: String,
+        #[command(flatten)]
+        limits: LimitArgs,
+    },
     /// List images
     Images {
         /// Print JSON instead of a table
@@ -182,6 +210,26 @@ enum Command {
     Snapshot(SnapshotCmd),
     /// Unmount a lazysnap mount (also cleans a stale one left by a killed daemon)
     Umount { dir: PathBuf },
+    /// Verify the store is consistent (database, blobs, indexes, temp files, snapshot dirs);
+    /// exits non-zero when problems remain
+    Check {
+        /// Fix what can be fixed safely, then check again
+        #[arg(long)]
+        repair: bool,
+        /// Hash every blob (reads the whole content store)
+        #[arg(long)]
+        verify_digests: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Disk usage: content store, indexes, local copies, snapshot uppers, reclaimable bytes
+    Df {
+        #[arg(long)]
+        json: bool,
+        /// One line per snapshot upper
+        #[arg(long, short)]
+        verbose: bool,
+    },
     /// Serve containerd's snapshots gRPC API on a unix socket (a proxy snapshotter plugin).
     /// Each snapshot is served by a detached mount daemon, so restarting or killing the server
     /// leaves running containers' filesystems working; SIGTERM/SIGINT exit.
@@ -229,11 +277,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             path,
             name,
             platform,
+            limits,
         } => {
             let platform = platform
                 .map(|p| Platform::parse(&p).map_err(anyhow::Error::msg))
                 .transpose()?;
             let mut root = Root::open(&root_path)?;
+            root.limits = limits.into();
             let mut bars = Bars::new();
             let start = std::time::Instant::now();
             let imported = import::import(
@@ -263,6 +313,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             platform,
             mirrors,
             insecure,
+            limits,
         } => {
             let platform = platform
                 .map(|p| Platform::parse(&p).map_err(anyhow::Error::msg))
@@ -273,6 +324,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 ..Default::default()
             };
             let mut root = Root::open(&root_path)?;
+            root.limits = limits.into();
             let mut bars = Bars::new();
             let start = std::time::Instant::now();
             let img = lazysnap::registry::pull::pull(
@@ -318,8 +370,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 start.elapsed().as_secs_f64()
             );
         }
-        Command::Unpack { name } => {
+        Command::Unpack { name, limits } => {
             let mut root = Root::open(&root_path)?;
+            root.limits = limits.into();
             let mut bars = Bars::new();
             let img = import::unpack_image(&mut root, &name, &mut bars)?;
             bars.clear();
@@ -427,6 +480,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 start.elapsed().as_secs_f64() * 1000.0,
                 dir.display()
             );
+            if matches!(owners, OwnersArg::Image)
+                && !lazysnap_fuse::privileged()
+                && !lazysnap_fuse::in_user_namespace()
+            {
+                eprintln!(
+                    "note: files keep the image's owners, so without root you may change only what                      they let others change; `--owners caller` makes every file yours, or mount                      inside a user namespace (`unshare --map-root-user --map-auto`)"
+                );
+            }
         }
         Command::Mount {
             image,
@@ -483,6 +544,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 format!("{} is not a `lazysnap mount --rw` directory", dir.display())
             })?;
             let snap_name = format!("commit:{name}");
+            if sn.root().meta.snapshot(&snap_name)?.is_some() {
+                // The name is held only between the commit and the image record below: this
+                // one is the leftover of an interrupted commit.
+                sn.remove(&snap_name)?;
+            }
             sn.commit(&snap_name, &row.key, &Default::default())?;
             let root = sn.root_mut();
             let chain = root
@@ -522,6 +588,37 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 containerd_content: Some(containerd_content),
                 in_process_mounts,
             })?;
+        }
+        Command::Check {
+            repair,
+            verify_digests,
+            json,
+        } => {
+            // As is: opening normally would already remove stale temp files.
+            let mut root = Root::open_as_is(&root_path)?;
+            let opts = lazysnap::check::Options { verify_digests };
+            let report = if repair {
+                lazysnap::check::repair(&mut root, &opts)?
+            } else {
+                lazysnap::check::check(&mut root, &opts)?
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.to_text());
+            }
+            if !report.consistent {
+                std::process::exit(2);
+            }
+        }
+        Command::Df { json, verbose } => {
+            let mut root = Root::open(&root_path)?;
+            let du = lazysnap::df::disk_usage(&mut root)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&du)?);
+            } else {
+                print!("{}", du.to_text(verbose));
+            }
         }
         Command::Umount { dir } => {
             if lazysnap_fuse::unmount(&dir)

@@ -18,6 +18,9 @@ pub enum MetaError {
     FailedPrecondition(String),
     #[error("{0}")]
     InvalidArgument(String),
+    /// What a caller's step inside a transaction reported (the transaction was rolled back).
+    #[error("{0}")]
+    Step(String),
 }
 
 pub type Result<T> = std::result::Result<T, MetaError>;
@@ -429,85 +432,116 @@ impl Meta {
     /// no children, then chains, blobs and layers nothing references. The files behind them
     /// are left to [`crate::gc`], which keeps what [`Meta::referenced_files`] names.
     pub fn collect_garbage(&mut self) -> Result<()> {
-        self.write(|tx| {
-            // Unpack snapshots not on any image's chain and without children, to a fixpoint.
-            loop {
-                let n = tx.execute(
-                    "DELETE FROM snapshots WHERE id IN (
-                        SELECT s.id FROM snapshots s
-                        JOIN snapshot_labels l ON l.snapshot_id = s.id AND l.key = ?1
-                        WHERE s.kind = 'committed'
-                          AND NOT EXISTS (SELECT 1 FROM snapshots c WHERE c.parent = s.key)
-                          AND NOT EXISTS (
-                            WITH RECURSIVE up(id) AS (
-                                SELECT chain_id FROM images WHERE chain_id IS NOT NULL
-                                UNION SELECT c.parent FROM chains c JOIN up ON c.chain_id = up.id
-                                WHERE c.parent IS NOT NULL)
-                            SELECT 1 FROM up WHERE up.id = s.key))",
-                    [UNPACK_LABEL],
-                )?;
-                if n == 0 {
-                    break;
-                }
-            }
-            // Chains live while an image or snapshot reaches them.
-            tx.execute_batch(
-                "CREATE TEMP TABLE IF NOT EXISTS live_chains (id TEXT PRIMARY KEY);
-                 DELETE FROM live_chains;
-                 WITH RECURSIVE up(id) AS (
-                    SELECT chain_id FROM images WHERE chain_id IS NOT NULL
-                    UNION SELECT chain_id FROM snapshots WHERE chain_id IS NOT NULL
-                    UNION SELECT c.parent FROM chains c JOIN up ON c.chain_id = up.id
-                    WHERE c.parent IS NOT NULL)
-                 INSERT OR IGNORE INTO live_chains SELECT id FROM up;",
-            )?;
-            // Delete dead chains top-down (children before parents).
-            loop {
-                let n = tx.execute(
-                    "DELETE FROM chains WHERE chain_id NOT IN (SELECT id FROM live_chains)
-                       AND NOT EXISTS (SELECT 1 FROM chains c WHERE c.parent = chains.chain_id)",
-                    [],
-                )?;
-                if n == 0 {
-                    break;
-                }
-            }
-            tx.execute(
-                "DELETE FROM blobs WHERE
-                   NOT EXISTS (SELECT 1 FROM chains c WHERE c.blob_digest = blobs.digest)
-                   AND NOT EXISTS (SELECT 1 FROM image_blobs i WHERE i.digest = blobs.digest)",
-                [],
-            )?;
-            tx.execute(
-                "DELETE FROM layers WHERE
-                   NOT EXISTS (SELECT 1 FROM blobs b WHERE b.diff_id = layers.diff_id)
-                   AND NOT EXISTS (SELECT 1 FROM chains c WHERE c.diff_id = layers.diff_id)",
-                [],
-            )?;
-            Ok(())
-        })
+        self.write(collect_garbage_tx)
     }
+}
+
+/// The statements of [`Meta::collect_garbage`], inside the caller's transaction.
+fn collect_garbage_tx(tx: &Transaction<'_>) -> Result<()> {
+    // Unpack snapshots not on any image's chain and without children, to a fixpoint.
+    loop {
+        let n = tx.execute(
+            "DELETE FROM snapshots WHERE id IN (
+                    SELECT s.id FROM snapshots s
+                    JOIN snapshot_labels l ON l.snapshot_id = s.id AND l.key = ?1
+                    WHERE s.kind = 'committed'
+                      AND NOT EXISTS (SELECT 1 FROM snapshots c WHERE c.parent = s.key)
+                      AND NOT EXISTS (
+                        WITH RECURSIVE up(id) AS (
+                            SELECT chain_id FROM images WHERE chain_id IS NOT NULL
+                            UNION SELECT c.parent FROM chains c JOIN up ON c.chain_id = up.id
+                            WHERE c.parent IS NOT NULL)
+                        SELECT 1 FROM up WHERE up.id = s.key))",
+            [UNPACK_LABEL],
+        )?;
+        if n == 0 {
+            break;
+        }
+    }
+    // Chains live while an image or snapshot reaches them.
+    tx.execute_batch(
+        "CREATE TEMP TABLE IF NOT EXISTS live_chains (id TEXT PRIMARY KEY);
+             DELETE FROM live_chains;
+             WITH RECURSIVE up(id) AS (
+                SELECT chain_id FROM images WHERE chain_id IS NOT NULL
+                UNION SELECT chain_id FROM snapshots WHERE chain_id IS NOT NULL
+                UNION SELECT c.parent FROM chains c JOIN up ON c.chain_id = up.id
+                WHERE c.parent IS NOT NULL)
+             INSERT OR IGNORE INTO live_chains SELECT id FROM up;",
+    )?;
+    // Delete dead chains top-down (children before parents).
+    loop {
+        let n = tx.execute(
+            "DELETE FROM chains WHERE chain_id NOT IN (SELECT id FROM live_chains)
+                   AND NOT EXISTS (SELECT 1 FROM chains c WHERE c.parent = chains.chain_id)",
+            [],
+        )?;
+        if n == 0 {
+            break;
+        }
+    }
+    tx.execute(
+        "DELETE FROM blobs WHERE
+               NOT EXISTS (SELECT 1 FROM chains c WHERE c.blob_digest = blobs.digest)
+               AND NOT EXISTS (SELECT 1 FROM image_blobs i WHERE i.digest = blobs.digest)",
+        [],
+    )?;
+    tx.execute(
+        "DELETE FROM layers WHERE
+               NOT EXISTS (SELECT 1 FROM blobs b WHERE b.diff_id = layers.diff_id)
+               AND NOT EXISTS (SELECT 1 FROM chains c WHERE c.diff_id = layers.diff_id)",
+        [],
+    )?;
+    Ok(())
 }
 
 impl Meta {
     /// Index, span-map and local-copy files (relative to the root) some row references.
     pub fn referenced_files(&self) -> Result<std::collections::HashSet<String>> {
-        let mut stmt = self.conn.prepare(
-            "SELECT index_path FROM layers UNION SELECT spans_path FROM blobs
-             UNION SELECT local_copy FROM blobs WHERE local_copy IS NOT NULL",
-        )?;
-        let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
+        referenced_files_in(&self.conn)
     }
 
     /// Content blobs some image or layer row references.
     pub fn referenced_blobs(&self) -> Result<std::collections::HashSet<String>> {
-        let mut stmt = self
-            .conn
-            .prepare("SELECT digest FROM image_blobs UNION SELECT digest FROM blobs")?;
-        let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
+        referenced_blobs_in(&self.conn)
     }
+
+    /// What [`crate::gc`] would keep: the blobs and files still referenced after metadata
+    /// GC, computed in a transaction that is rolled back (nothing changes).
+    pub fn referenced_after_gc(&mut self) -> Result<Referenced> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        collect_garbage_tx(&tx)?;
+        let out = Referenced {
+            blobs: referenced_blobs_in(&tx)?,
+            files: referenced_files_in(&tx)?,
+        };
+        tx.rollback()?;
+        Ok(out)
+    }
+}
+
+/// Blobs and index files (relative to the root) the metadata references.
+#[derive(Debug, Default)]
+pub struct Referenced {
+    pub blobs: std::collections::HashSet<String>,
+    pub files: std::collections::HashSet<String>,
+}
+
+fn referenced_files_in(conn: &Connection) -> Result<std::collections::HashSet<String>> {
+    let mut stmt = conn.prepare(
+        "SELECT index_path FROM layers UNION SELECT spans_path FROM blobs
+         UNION SELECT local_copy FROM blobs WHERE local_copy IS NOT NULL",
+    )?;
+    let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+fn referenced_blobs_in(conn: &Connection) -> Result<std::collections::HashSet<String>> {
+    let mut stmt = conn.prepare("SELECT digest FROM image_blobs UNION SELECT digest FROM blobs")?;
+    let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
 }
 
 /// Columns added after a table was first created: added to older databases in place.
@@ -694,6 +728,20 @@ impl Meta {
         labels: &std::collections::BTreeMap<String, String>,
         mountpoint: Option<&str>,
     ) -> Result<SnapshotRow> {
+        self.create_active_with(key, parent, view, labels, mountpoint, &mut |_| Ok(()))
+    }
+
+    /// [`Meta::create_active`], running `made` on the new row before the transaction
+    /// commits (to create what the row stands for); an error from `made` rolls it back.
+    pub fn create_active_with(
+        &mut self,
+        key: &str,
+        parent: &str,
+        view: bool,
+        labels: &std::collections::BTreeMap<String, String>,
+        mountpoint: Option<&str>,
+        made: &mut dyn FnMut(&SnapshotRow) -> std::result::Result<(), String>,
+    ) -> Result<SnapshotRow> {
         if key.is_empty() {
             return Err(MetaError::FailedPrecondition(
                 "snapshot key is empty".into(),
@@ -730,7 +778,10 @@ impl Meta {
             )?;
             let id = tx.last_insert_rowid();
             put_labels(tx, id, labels)?;
-            get_snapshot(tx, key)?.ok_or_else(|| MetaError::NotFound(format!("snapshot {key}")))
+            let row = get_snapshot(tx, key)?
+                .ok_or_else(|| MetaError::NotFound(format!("snapshot {key}")))?;
+            made(&row).map_err(MetaError::Step)?;
+            Ok(row)
         })
     }
 
@@ -920,5 +971,203 @@ pub fn check_committable(active: &SnapshotRow, key: &str) -> Result<()> {
         _ => Err(MetaError::FailedPrecondition(format!(
             "snapshot {key} is committed, not active"
         ))),
+    }
+}
+
+/// What `lazysnap check` asks of the database itself.
+impl Meta {
+    /// `PRAGMA integrity_check`: empty when the database is sound, else SQLite's findings.
+    pub fn integrity_problems(&self) -> Result<Vec<String>> {
+        let mut stmt = self.conn.prepare("PRAGMA integrity_check")?;
+        let rows = stmt
+            .query_map([], |r| r.get::<_, String>(0))?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        Ok(rows.into_iter().filter(|r| r != "ok").collect())
+    }
+
+    /// `PRAGMA foreign_key_check`: (table, rowid, referenced table) of every row whose
+    /// reference dangles.
+    pub fn foreign_key_problems(&self) -> Result<Vec<(String, Option<i64>, String)>> {
+        let mut stmt = self.conn.prepare("PRAGMA foreign_key_check")?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        Ok(rows)
+    }
+
+    pub fn layers(&self) -> Result<Vec<LayerRow>> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT diff_id, uncompressed_size, entries, index_path FROM layers")?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok(LayerRow {
+                    diff_id: r.get(0)?,
+                    uncompressed_size: r.get(1)?,
+                    entries: r.get(2)?,
+                    index_path: r.get(3)?,
+                })
+            })?
+            .collect::<rusqlite::Result<_>>()?;
+        Ok(rows)
+    }
+
+    pub fn blobs(&self) -> Result<Vec<BlobRow>> {
+        let mut stmt = self.conn.prepare(
+            "SELECT digest, diff_id, media_type, compression, size, spans_path, local_copy
+             FROM blobs",
+        )?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok(BlobRow {
+                    digest: r.get(0)?,
+                    diff_id: r.get(1)?,
+                    media_type: r.get(2)?,
+                    compression: r.get(3)?,
+                    size: r.get(4)?,
+                    spans_path: r.get(5)?,
+                    local_copy: r.get(6)?,
+                })
+            })?
+            .collect::<rusqlite::Result<_>>()?;
+        Ok(rows)
+    }
+
+    /// Every content blob an image names, with the size the image records when it knows one:
+    /// (digest, size, image).
+    pub fn image_blob_refs(&self) -> Result<Vec<(String, Option<u64>, String)>> {
+        let mut stmt = self.conn.prepare(
+            "SELECT b.digest, COALESCE(
+                (SELECT l.size FROM image_layers l WHERE l.image = b.image AND l.blob_digest = b.digest LIMIT 1),
+                (SELECT i.target_size FROM images i WHERE i.name = b.image AND i.target_digest = b.digest),
+                (SELECT i.manifest_size FROM images i WHERE i.name = b.image AND i.manifest_digest = b.digest AND i.manifest_size > 0),
+                (SELECT i.config_size FROM images i WHERE i.name = b.image AND i.config_digest = b.digest)),
+                b.image
+             FROM image_blobs b ORDER BY b.digest",
+        )?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+            .collect::<rusqlite::Result<_>>()?;
+        Ok(rows)
+    }
+
+    /// Removes what depends on the content blob `digest` so the metadata no longer needs it:
+    /// the images naming it, then the committed snapshots whose chain (or a chain below it)
+    /// is made of it, children first. Refuses (and changes nothing) when an active snapshot or
+    /// view sits on such a chain: its upper holds changes nobody else has. Returns the images
+    /// and snapshots removed. Rows gc then finds unreferenced are left to [`Meta::collect_garbage`].
+    pub fn drop_blob_dependents(&mut self, digest: &str) -> Result<(Vec<String>, Vec<String>)> {
+        self.write(|tx| {
+            // Chains made of the blob, and every chain above them.
+            tx.execute_batch(
+                "CREATE TEMP TABLE IF NOT EXISTS dead_chains (id TEXT PRIMARY KEY);
+                 DELETE FROM dead_chains;",
+            )?;
+            tx.execute(
+                "WITH RECURSIVE down(id) AS (
+                    SELECT chain_id FROM chains WHERE blob_digest = ?1
+                    UNION SELECT c.chain_id FROM chains c JOIN down ON c.parent = down.id)
+                 INSERT OR IGNORE INTO dead_chains SELECT id FROM down",
+                [digest],
+            )?;
+            let blocking: Vec<String> = {
+                let mut stmt = tx.prepare(
+                    "SELECT key FROM snapshots WHERE kind != 'committed'
+                       AND (chain_id IN (SELECT id FROM dead_chains) OR applied_blob = ?1)
+                     ORDER BY key",
+                )?;
+                let rows = stmt
+                    .query_map([digest], |r| r.get(0))?
+                    .collect::<rusqlite::Result<_>>()?;
+                rows
+            };
+            if !blocking.is_empty() {
+                return Err(MetaError::FailedPrecondition(format!(
+                    "blob {digest} is under active snapshot(s) {}: their changes would be lost",
+                    blocking.join(", ")
+                )));
+            }
+            let images: Vec<String> = {
+                let mut stmt = tx.prepare(
+                    "SELECT name FROM images WHERE chain_id IN (SELECT id FROM dead_chains)
+                       OR name IN (SELECT image FROM image_blobs WHERE digest = ?1)
+                       OR name IN (SELECT image FROM image_layers WHERE blob_digest = ?1)
+                     ORDER BY name",
+                )?;
+                let rows = stmt
+                    .query_map([digest], |r| r.get(0))?
+                    .collect::<rusqlite::Result<_>>()?;
+                rows
+            };
+            for name in &images {
+                tx.execute("DELETE FROM images WHERE name = ?1", [name])?;
+            }
+            let mut snapshots = Vec::new();
+            loop {
+                let leaves: Vec<(i64, String)> = {
+                    let mut stmt = tx.prepare(
+                        "SELECT s.id, s.key FROM snapshots s
+                         WHERE s.chain_id IN (SELECT id FROM dead_chains)
+                           AND NOT EXISTS (SELECT 1 FROM snapshots c WHERE c.parent = s.key)",
+                    )?;
+                    let rows = stmt
+                        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                        .collect::<rusqlite::Result<_>>()?;
+                    rows
+                };
+                if leaves.is_empty() {
+                    break;
+                }
+                for (id, key) in leaves {
+                    tx.execute("DELETE FROM snapshots WHERE id = ?1", [id])?;
+                    snapshots.push(key);
+                }
+            }
+            // A snapshot on a dead chain whose child is on a live one cannot exist (a child's
+            // chain is its parent's plus one layer), so every dead chain is now unreferenced;
+            // so is the blob row, and the layer row if no other blob is that layer. Nothing
+            // else goes: what only the removed images needed is left to gc.
+            tx.execute(
+                "DELETE FROM chains WHERE chain_id IN (SELECT id FROM dead_chains)",
+                [],
+            )?;
+            let diff_id: Option<String> = tx
+                .query_row(
+                    "SELECT diff_id FROM blobs WHERE digest = ?1",
+                    [digest],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            tx.execute("DELETE FROM blobs WHERE digest = ?1", [digest])?;
+            if let Some(diff_id) = diff_id {
+                tx.execute(
+                    "DELETE FROM layers WHERE diff_id = ?1
+                       AND NOT EXISTS (SELECT 1 FROM blobs b WHERE b.diff_id = ?1)
+                       AND NOT EXISTS (SELECT 1 FROM chains c WHERE c.diff_id = ?1)",
+                    [&diff_id],
+                )?;
+            }
+            Ok((images, snapshots))
+        })
+    }
+}
+
+impl Meta {
+    /// Runs `f` holding the database's write lock, given every snapshot row: no other process
+    /// can create or remove a snapshot (and its directory) meanwhile.
+    pub fn with_write_lock<T>(
+        &mut self,
+        f: impl FnOnce(&[SnapshotRow]) -> T,
+    ) -> Result<(Vec<SnapshotRow>, T)> {
+        self.write(|tx| {
+            let mut stmt = tx.prepare(&format!(
+                "SELECT {SNAPSHOT_COLS} FROM snapshots ORDER BY id"
+            ))?;
+            let rows: Vec<SnapshotRow> = stmt
+                .query_map([], snapshot_from_row)?
+                .collect::<rusqlite::Result<_>>()?;
+            let out = f(&rows);
+            Ok((rows, out))
+        })
     }
 }

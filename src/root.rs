@@ -30,10 +30,29 @@ pub struct Root {
     pub path: PathBuf,
     pub store: ContentStore,
     pub meta: Meta,
+    /// What a layer may expand to when indexed (the CLI's `--max-layer-size`/`--max-layer-ratio`).
+    pub limits: crate::unpack::Limits,
 }
 
 impl Root {
+    /// Opens (creating) the root and removes temp files killed processes left (as
+    /// containerd's content store drops stale ingests); temp files live processes are
+    /// writing are locked and stay.
     pub fn open(path: &Path) -> anyhow::Result<Self> {
+        let root = Self::open_as_is(path)?;
+        match root.clean_temp_files() {
+            Ok((0, _)) => {}
+            Ok((files, bytes)) => {
+                tracing::info!(files, bytes, "removed temp files of interrupted operations")
+            }
+            Err(e) => tracing::warn!(error = %e, "could not remove stale temp files"),
+        }
+        Ok(root)
+    }
+
+    /// Opens (creating) the root without removing anything (for `check`, which reports
+    /// what it finds).
+    pub fn open_as_is(path: &Path) -> anyhow::Result<Self> {
         std::fs::create_dir_all(path)
             .with_context(|| format!("creating root {}", path.display()))?;
         for sub in ["index", "snapshots"] {
@@ -47,7 +66,37 @@ impl Root {
             path: path.to_path_buf(),
             store,
             meta,
+            limits: crate::unpack::Limits::default(),
         })
+    }
+
+    /// Temp files of writes in progress or interrupted: partial ingests (blobs, commits),
+    /// `write_atomic` temp files and local copies being written in `index/`.
+    pub fn temp_files(&self) -> std::io::Result<Vec<PathBuf>> {
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(self.store.ingest_dir())? {
+            out.push(e?.path());
+        }
+        for e in std::fs::read_dir(self.index_dir())? {
+            let e = e?;
+            if is_temp_name(&e.file_name().to_string_lossy()) {
+                out.push(e.path());
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Removes the temp files no live process holds. Returns (files, bytes) removed.
+    pub fn clean_temp_files(&self) -> std::io::Result<(usize, u64)> {
+        let (mut files, mut bytes) = (0, 0);
+        for p in self.temp_files()? {
+            if let Some(n) = crate::store::remove_if_stale(&p)? {
+                files += 1;
+                bytes += n;
+            }
+        }
+        Ok((files, bytes))
     }
 
     pub fn index_dir(&self) -> PathBuf {
@@ -58,4 +107,10 @@ impl Root {
     pub fn abs(&self, rel: &str) -> PathBuf {
         self.path.join(rel)
     }
+}
+
+/// Names of temp files beside their destination in `index/`.
+pub fn is_temp_name(name: &str) -> bool {
+    name.starts_with(crate::store::ATOMIC_TEMP_PREFIX)
+        || name.starts_with(crate::blob::COPY_TEMP_PREFIX)
 }

@@ -99,10 +99,11 @@ impl ContentStore {
         if target.is_file() {
             return Ok(target);
         }
-        let mut tmp = tempfile::Builder::new()
-            .prefix(&format!("{}.", expected.hex()))
-            .tempfile_in(&self.ingest)
-            .map_err(io_err("creating ingest file"))?;
+        let mut tmp = locked_tempfile(
+            tempfile::Builder::new().prefix(&format!("{}.", expected.hex())),
+            &self.ingest,
+        )
+        .map_err(io_err("creating ingest file"))?;
         let mut hasher = Sha256::new();
         let mut buf = vec![0u8; 1 << 20];
         let mut total = 0u64;
@@ -146,9 +147,7 @@ impl ContentStore {
         src: &mut dyn Read,
         progress: &mut dyn FnMut(u64),
     ) -> Result<(Digest, u64)> {
-        let mut tmp = tempfile::Builder::new()
-            .prefix("unknown.")
-            .tempfile_in(&self.ingest)
+        let mut tmp = locked_tempfile(tempfile::Builder::new().prefix("unknown."), &self.ingest)
             .map_err(io_err("creating ingest file"))?;
         let mut hasher = Sha256::new();
         let mut buf = vec![0u8; 1 << 20];
@@ -177,9 +176,7 @@ impl ContentStore {
     /// A writer that becomes a blob named by its digest on [`BlobWriter::commit`] (and
     /// disappears if dropped before).
     pub fn writer(&self) -> Result<BlobWriter> {
-        let tmp = tempfile::Builder::new()
-            .prefix("write.")
-            .tempfile_in(&self.ingest)
+        let tmp = locked_tempfile(tempfile::Builder::new().prefix("write."), &self.ingest)
             .map_err(io_err("creating ingest file"))?;
         Ok(BlobWriter {
             store: self.clone(),
@@ -244,13 +241,29 @@ impl ContentStore {
         Ok(out)
     }
 
-    /// Removes leftovers of interrupted ingests.
-    pub fn clean_ingest(&self) -> Result<()> {
+    /// The directory of partial ingests.
+    pub fn ingest_dir(&self) -> &Path {
+        &self.ingest
+    }
+
+    /// The directory of blobs.
+    pub fn blobs_dir(&self) -> &Path {
+        &self.blobs
+    }
+
+    /// Removes leftovers of interrupted ingests: files no live process holds (an ingest in
+    /// progress, in this process or another, keeps its temp file locked). Returns (files,
+    /// bytes) removed.
+    pub fn clean_ingest(&self) -> Result<(usize, u64)> {
+        let (mut files, mut bytes) = (0, 0);
         for entry in fs::read_dir(&self.ingest).map_err(io_err("listing ingest"))? {
             let entry = entry.map_err(io_err("listing ingest"))?;
-            let _ = fs::remove_file(entry.path());
+            if let Ok(Some(n)) = remove_if_stale(&entry.path()) {
+                files += 1;
+                bytes += n;
+            }
         }
-        Ok(())
+        Ok((files, bytes))
     }
 }
 
@@ -294,12 +307,76 @@ pub fn sync_dir(dir: &Path) -> Result<()> {
         .map_err(io_err(format!("fsyncing {}", dir.display())))
 }
 
+/// Prefix of [`write_atomic`]'s temp files.
+pub const ATOMIC_TEMP_PREFIX: &str = ".tmp-";
+
+/// Creates a temp file in `dir` and takes an exclusive `flock` on it for as long as it is
+/// open. Flocks die with their process, so [`remove_if_stale`] in another process can tell a
+/// temp file being written from one a killed process left. Should a cleaner take the lock and
+/// unlink the file in the instant between creation and locking, a fresh one is made.
+pub fn locked_tempfile(
+    builder: &tempfile::Builder<'_, '_>,
+    dir: &Path,
+) -> io::Result<tempfile::NamedTempFile> {
+    use std::os::unix::fs::MetadataExt as _;
+    for _ in 0..16 {
+        let tmp = builder.tempfile_in(dir)?;
+        if try_lock(tmp.as_file())? && tmp.as_file().metadata()?.nlink() > 0 {
+            return Ok(tmp);
+        }
+    }
+    Err(io::Error::other(format!(
+        "could not create a locked temp file in {}",
+        dir.display()
+    )))
+}
+
+/// `flock(LOCK_EX | LOCK_NB)`: false when another open file holds the lock.
+fn try_lock(f: &File) -> io::Result<bool> {
+    use std::os::fd::AsRawFd as _;
+    loop {
+        // SAFETY: flock on a valid, open descriptor.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            return Ok(true);
+        }
+        let e = io::Error::last_os_error();
+        match e.kind() {
+            io::ErrorKind::Interrupted => continue,
+            io::ErrorKind::WouldBlock => return Ok(false),
+            _ => return Err(e),
+        }
+    }
+}
+
+/// True when no live process holds the temp file at `path` (see [`locked_tempfile`]).
+pub fn is_stale_temp(path: &Path) -> io::Result<bool> {
+    let f = File::open(path)?;
+    try_lock(&f)
+}
+
+/// Removes the temp file at `path` unless a live process holds it; returns its size when
+/// removed. A file already gone is `Ok(None)`.
+pub fn remove_if_stale(path: &Path) -> io::Result<Option<u64>> {
+    let f = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    if !try_lock(&f)? {
+        return Ok(None);
+    }
+    let size = f.metadata()?.len();
+    match fs::remove_file(path) {
+        Ok(()) => Ok(Some(size)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 /// Writes `data` to `path` atomically: temp file beside it, fsync, rename, fsync the directory.
 pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".tmp-")
-        .tempfile_in(dir)
+    let mut tmp = locked_tempfile(tempfile::Builder::new().prefix(ATOMIC_TEMP_PREFIX), dir)
         .map_err(io_err(format!("creating temp file in {}", dir.display())))?;
     tmp.write_all(data)
         .and_then(|()| tmp.as_file().sync_all())
@@ -314,6 +391,29 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn temp_files_held_by_a_writer_are_not_stale() {
+        let dir = tempfile::tempdir().unwrap();
+        let live = locked_tempfile(tempfile::Builder::new().prefix("w."), dir.path()).unwrap();
+        // Another open file description (as another process would have) cannot take it.
+        assert!(!is_stale_temp(live.path()).unwrap());
+        assert_eq!(remove_if_stale(live.path()).unwrap(), None);
+        assert!(live.path().exists());
+        // Unlocked (its writer died): stale, and removed.
+        let dead = dir.path().join("w.dead");
+        fs::write(&dead, b"12345").unwrap();
+        assert!(is_stale_temp(&dead).unwrap());
+        assert_eq!(remove_if_stale(&dead).unwrap(), Some(5));
+        assert!(!dead.exists());
+        assert_eq!(remove_if_stale(&dead).unwrap(), None);
+        // Once the writer is done the lock goes with it.
+        let path = live.path().to_path_buf();
+        let (_f, kept) = live.keep().unwrap();
+        drop(_f);
+        assert!(is_stale_temp(&kept).unwrap());
+        assert_eq!(kept, path);
+    }
 
     #[test]
     fn ingest_verifies_digest_and_is_idempotent() {

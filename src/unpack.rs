@@ -24,6 +24,103 @@ use crate::store::write_atomic;
 /// Span size of the random-access map: the most a read ever decompresses.
 pub const SPAN_SIZE: u64 = 4 << 20;
 
+/// Default [`Limits::max_layer_size`]: 256 GiB uncompressed.
+pub const DEFAULT_MAX_LAYER_SIZE: u64 = 256 << 30;
+/// Default [`Limits::max_ratio`]: gzip cannot pass ~1032:1, so this only stops zstd bombs.
+pub const DEFAULT_MAX_RATIO: u64 = 10_000;
+/// Uncompressed bytes a layer may always have, whatever its compression ratio.
+pub const RATIO_FLOOR: u64 = 1 << 30;
+
+/// What one layer may expand to: a decompression bomb is refused with an error, not indexed
+/// until the disk or the night runs out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Most uncompressed bytes one layer may have.
+    pub max_layer_size: u64,
+    /// Most uncompressed bytes per compressed byte of the blob, once a layer passes
+    /// [`RATIO_FLOOR`] (0: no ratio limit).
+    pub max_ratio: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_layer_size: DEFAULT_MAX_LAYER_SIZE,
+            max_ratio: DEFAULT_MAX_RATIO,
+        }
+    }
+}
+
+impl Limits {
+    /// The most uncompressed bytes a blob of `compressed` bytes may expand to, and why.
+    pub fn cap(&self, compressed: u64) -> (u64, String) {
+        let by_size = (
+            self.max_layer_size,
+            format!(
+                "the maximum layer size of {} bytes (--max-layer-size)",
+                self.max_layer_size
+            ),
+        );
+        if self.max_ratio == 0 {
+            return by_size;
+        }
+        let by_ratio = compressed.saturating_mul(self.max_ratio).max(RATIO_FLOOR);
+        if by_ratio < self.max_layer_size {
+            (
+                by_ratio,
+                format!(
+                    "{by_ratio} bytes, {} times the {compressed}-byte blob (at least \
+                     {RATIO_FLOOR}; --max-layer-ratio)",
+                    self.max_ratio
+                ),
+            )
+        } else {
+            by_size
+        }
+    }
+}
+
+/// A layer expanded past its [`Limits`].
+#[derive(Debug, thiserror::Error)]
+#[error("uncompressed layer data exceeds {why}: refusing a likely decompression bomb")]
+pub struct LayerTooLarge {
+    pub why: String,
+}
+
+/// The limit error inside an indexing error, if that is what stopped it.
+fn too_large(e: &crate::index::BuildError) -> Option<&LayerTooLarge> {
+    match e {
+        crate::index::BuildError::Tar(crate::index::tar::TarError::Io { source, .. }) => {
+            source.get_ref()?.downcast_ref()
+        }
+        _ => None,
+    }
+}
+
+/// Fails a read once more than `limit` bytes came through.
+struct LimitedReader<R> {
+    inner: R,
+    limit: u64,
+    why: String,
+    n: u64,
+}
+
+impl<R: Read> Read for LimitedReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let got = self.inner.read(buf)?;
+        self.n += got as u64;
+        if self.n > self.limit {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                LayerTooLarge {
+                    why: self.why.clone(),
+                },
+            ));
+        }
+        Ok(got)
+    }
+}
+
 /// Bytes of compressed input consumed, for progress bars.
 #[derive(Default)]
 pub struct UnpackProgress {
@@ -160,8 +257,9 @@ pub fn index_blob(
     blob_path: &Path,
     layer: &LayerDesc,
     progress: Arc<UnpackProgress>,
+    limits: &Limits,
 ) -> anyhow::Result<Indexed> {
-    index_blob_inner(root_path, blob_path, layer, progress, true)
+    index_blob_inner(root_path, blob_path, layer, progress, limits, true)
 }
 
 /// As [`index_blob`], for blobs whose diffID is not known in advance (the diff service's
@@ -171,8 +269,9 @@ pub fn index_blob_unchecked(
     blob_path: &Path,
     layer: &LayerDesc,
     progress: Arc<UnpackProgress>,
+    limits: &Limits,
 ) -> anyhow::Result<Indexed> {
-    index_blob_inner(root_path, blob_path, layer, progress, false)
+    index_blob_inner(root_path, blob_path, layer, progress, limits, false)
 }
 
 fn index_blob_inner(
@@ -180,6 +279,7 @@ fn index_blob_inner(
     blob_path: &Path,
     layer: &LayerDesc,
     progress: Arc<UnpackProgress>,
+    limits: &Limits,
     check_diff_id: bool,
 ) -> anyhow::Result<Indexed> {
     let _span = info_span!("index_layer", blob = %layer.desc.digest).entered();
@@ -198,17 +298,29 @@ fn index_blob_inner(
         );
     }
     let file = File::open(blob_path)?;
-    index_stream(root_path, file, layer, progress, check_diff_id)
+    let compressed = file.metadata()?.len();
+    index_stream(
+        root_path,
+        file,
+        layer,
+        progress,
+        limits,
+        compressed,
+        check_diff_id,
+    )
 }
 
 /// Indexes a layer from a stream of its (compressed) bytes, e.g. while it downloads: the
 /// caller must make sure the bytes are the blob's (the content store checks the digest of the
-/// same stream) before recording the result. The diffID is checked when `check_diff_id`.
+/// same stream) before recording the result. The diffID is checked when `check_diff_id`;
+/// `compressed` is the blob's size (for the expansion limit).
 pub fn index_stream<R: Read + Send + 'static>(
     root_path: &Path,
     reader: R,
     layer: &LayerDesc,
     progress: Arc<UnpackProgress>,
+    limits: &Limits,
+    compressed: u64,
     check_diff_id: bool,
 ) -> anyhow::Result<Indexed> {
     let file = reader;
@@ -223,9 +335,21 @@ pub fn index_stream<R: Read + Send + 'static>(
     };
     let indexing = IndexingReader::new(layer.compression, counting, opts)
         .with_context(|| format!("reading layer {}", layer.desc.digest))?;
-    let mut threaded = ThreadedReader::spawn(indexing);
+    let (limit, why) = limits.cap(compressed);
+    let limited = LimitedReader {
+        inner: indexing,
+        limit,
+        why,
+        n: 0,
+    };
+    let mut threaded = ThreadedReader::spawn(limited);
     let built = build_index(&mut threaded);
-    let indexing = threaded.into_inner()?;
+    let indexing = threaded.into_inner()?.inner;
+    if let Err(e) = &built {
+        if let Some(t) = too_large(e) {
+            bail!("layer {}: {t}", layer.desc.digest);
+        }
+    }
     let built = built.with_context(|| format!("indexing layer {}", layer.desc.digest))?;
     let map: SpanMap = indexing
         .finish()
@@ -358,6 +482,7 @@ pub fn unpack_with(
     });
     let root_path = root.path.clone();
     let store = root.store.clone();
+    let limits = root.limits;
     let mut results: Vec<(usize, anyhow::Result<Indexed>)> = todo
         .par_iter()
         .map(|&i| {
@@ -367,6 +492,7 @@ pub fn unpack_with(
                 &store.blob_path(&layer.desc.digest),
                 layer,
                 progress.clone(),
+                &limits,
             );
             progress.layers_done.fetch_add(1, Ordering::Relaxed);
             (i, result)

@@ -398,3 +398,109 @@ fn image_of_128_layers_under_a_low_open_file_limit() {
         "version 128\n"
     );
 }
+
+/// Symlinks in a layer that point out of the root filesystem (absolute and `../..`) are data:
+/// copy-up, metadata changes on the link itself, renames, removal and commit act on the link in
+/// the upper directory and never on what it points to on the host.
+#[test]
+fn symlinks_out_of_the_rootfs_never_reach_the_host() {
+    if !can_mount() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    // Host files the links point at: they must not change.
+    let host = tmp.path().join("host");
+    fs::create_dir_all(host.join("dir")).unwrap();
+    fs::write(host.join("file"), b"host file").unwrap();
+    fs::write(host.join("dir/inner"), b"host dir").unwrap();
+    let snapshot = |p: &Path| {
+        let out = Command::new("python3")
+            .arg(common::scripts_dir().join("tree-manifest.py"))
+            .arg(p)
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        out.stdout
+    };
+    let before = snapshot(&host);
+
+    let src = tmp.path().join("src");
+    fs::create_dir_all(src.join("etc")).unwrap();
+    let abs = |p: &str| host.join(p).display().to_string();
+    std::os::unix::fs::symlink(abs("file"), src.join("etc/abs-file")).unwrap();
+    std::os::unix::fs::symlink(abs("dir"), src.join("etc/abs-dir")).unwrap();
+    let rel = format!("../../../../../../../../..{}", abs("file"));
+    std::os::unix::fs::symlink(&rel, src.join("etc/rel-file")).unwrap();
+    let tar = tmp.path().join("layer.tar");
+    let st = Command::new("tar")
+        .args(["--owner=0", "--group=0", "-C"])
+        .arg(&src)
+        .arg("-cf")
+        .arg(&tar)
+        .arg(".")
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let layout = tmp.path().join("img");
+    let out = Command::new("python3")
+        .arg(common::scripts_dir().join("mkimage.py"))
+        .arg(&layout)
+        .arg(&tar)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let root = tmp.path().join("root");
+    import(&root, &layout, "links");
+    let mnt = tmp.path().join("mnt");
+    fs::create_dir_all(&mnt).unwrap();
+    ok(&root, &["mount", "--rw", "links", mnt.to_str().unwrap()]);
+    let _m = Mounted {
+        root: root.clone(),
+        dir: mnt.clone(),
+    };
+    let sh = |script: &str| {
+        let out = Command::new("bash")
+            .args(["-euo", "pipefail", "-c", script])
+            .current_dir(&mnt)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{script}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    // Operations on the links themselves (copy-up of the link, never of its target).
+    sh("chown -h 12:34 etc/abs-file etc/abs-dir etc/rel-file");
+    sh("touch -h -d @1600000000 etc/abs-file etc/abs-dir");
+    sh("setfattr -h -n trusted.lazysnap -v x etc/rel-file");
+    sh("mv etc/abs-dir etc/moved-dir && ln -s /nowhere etc/new-link && rm etc/rel-file");
+    ok(&root, &["commit", mnt.to_str().unwrap(), "links:2"]);
+    assert_eq!(
+        before,
+        snapshot(&host),
+        "the host files behind the links are untouched"
+    );
+
+    let out_dir = tmp.path().join("export");
+    ok(&root, &["export", "links:2", out_dir.to_str().unwrap()]);
+    let reference = common::reference_tree(&out_dir, "2");
+    let link = |p: &str| fs::read_link(reference.join(p)).unwrap();
+    assert_eq!(link("etc/abs-file"), host.join("file"));
+    assert_eq!(link("etc/moved-dir"), host.join("dir"));
+    assert!(
+        !reference.join("etc/rel-file").exists()
+            && fs::symlink_metadata(reference.join("etc/rel-file")).is_err()
+    );
+    let md = fs::symlink_metadata(reference.join("etc/abs-file")).unwrap();
+    assert_eq!((md.uid(), md.gid(), md.mtime()), (12, 34, 1600000000));
+    assert_eq!(
+        before,
+        snapshot(&host),
+        "nor did the export and unpack touch them"
+    );
+}

@@ -424,6 +424,7 @@ fn user_namespace_mount_write_commit_export() {
             mkdir -m 0750 new-dir
             chown 7:8 new-dir
             mkfifo new-dir/fifo
+            echo appended >> usr/bin/yes
             rm etc/os-release
             rm -r usr/share/man
             cd /
@@ -485,6 +486,19 @@ fn user_namespace_mount_write_commit_export() {
         ("7".into(), "8".into(), "0750".into())
     );
     assert_eq!(f("/new-dir/fifo", "type"), "fifo");
+    // Copied up by a write, without chown: the image's owner and mode stay.
+    assert_eq!(
+        (
+            f("/usr/bin/yes", "uid"),
+            f("/usr/bin/yes", "gid"),
+            f("/usr/bin/yes", "mode")
+        ),
+        ("1000".into(), "1000".into(), "0750".into())
+    );
+    assert_ne!(
+        f("/usr/bin/yes", "sha256"),
+        expected["/usr/bin/yes"]["sha256"]
+    );
     assert_eq!(
         f("/new-dir/fifo", "uid"),
         "0",
@@ -508,6 +522,7 @@ fn user_namespace_mount_write_commit_export() {
                     "/new-file",
                     "/new-dir",
                     "/bin/bash",
+                    "/usr/bin/yes",
                     "/etc",
                     "/usr/share",
                     "/usr/bin",
@@ -616,4 +631,43 @@ fn rootless_containerd_runs_a_container_on_lazysnap() {
         Some(2),
         "one committed snapshot per layer: {stdout}"
     );
+}
+
+/// The edge-case images (whiteouts, opaque dirs, hardlinks, long names, xattrs, devices,
+/// sparse files, huge ids) mounted in a user namespace read exactly like umoci's tree, as the
+/// namespace sees it: ids mapped, `trusted.*` xattrs (root of the initial namespace only)
+/// hidden.
+#[test]
+fn user_namespace_mounts_the_edge_images() {
+    let Some(user) = prerequisites() else { return };
+    for name in ["edge-gzip", "edge-zstd"] {
+        let layout = image(name);
+        let (expected, implicit) = reference(&layout, TAG);
+        let s = Scratch::new(&user, name);
+        s.ok(
+            true,
+            &format!(
+                r#"$L import {layout} --name img:1 >/dev/null
+                $L mount img:1 $S/mnt >/dev/null
+                python3 $TREE $S/mnt > $S/out/mounted
+                $L umount $S/mnt >/dev/null"#,
+                layout = layout.display()
+            ),
+        );
+        let mut expected = through_userns_map(&expected);
+        for f in expected.values_mut() {
+            if let Some(x) = f.get_mut("xattrs") {
+                *x = x
+                    .split(',')
+                    .filter(|kv| !kv.is_empty() && !kv.starts_with("trusted."))
+                    .collect::<Vec<_>>()
+                    .join(",");
+            }
+        }
+        let mounted = parse_manifest(&fs::read_to_string(s.dir.join("out/mounted")).unwrap());
+        assert_no_diffs(
+            &format!("{name} in a user namespace"),
+            &diff(&mounted, &expected, &implicit, &[]),
+        );
+    }
 }

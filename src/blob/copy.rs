@@ -12,6 +12,8 @@ use std::thread::JoinHandle;
 use super::{BlobError, Result};
 
 const COPY_LEVEL: i32 = 1;
+/// Prefix of a local copy's temp file (beside the destination until renamed into place).
+pub const COPY_TEMP_PREFIX: &str = ".lazysnap-copy-";
 
 /// One frame of the local copy: where its data sits in the uncompressed blob and in the copy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,10 +48,11 @@ impl LocalCopy {
         };
         std::fs::create_dir_all(&dir)
             .map_err(|e| BlobError::io(format!("creating {}", dir.display()), e))?;
-        let tmp = tempfile::Builder::new()
-            .prefix(".lazysnap-copy-")
-            .tempfile_in(&dir)
-            .map_err(|e| BlobError::io(format!("creating local copy in {}", dir.display()), e))?;
+        let tmp =
+            crate::store::locked_tempfile(tempfile::Builder::new().prefix(COPY_TEMP_PREFIX), &dir)
+                .map_err(|e| {
+                    BlobError::io(format!("creating local copy in {}", dir.display()), e)
+                })?;
         let file = tmp
             .as_file()
             .try_clone()

@@ -15,6 +15,7 @@
 
 mod cache;
 mod copy;
+pub use copy::COPY_TEMP_PREFIX;
 mod gz;
 mod zst;
 
@@ -223,7 +224,7 @@ impl SpanMap {
     }
 
     /// Checks what a reader relies on, so a damaged map file gives an error, not a panic.
-    fn validate(&self, blob: &str) -> Result<()> {
+    pub fn validate(&self, blob: &str) -> Result<()> {
         let bad = |msg: String| BlobError::BadMap {
             blob: blob.to_string(),
             msg,

@@ -113,7 +113,7 @@ fn desc_of(d: &oci_spec::image::Descriptor) -> Result<Desc, ImageError> {
     })
 }
 
-fn platform_of_config(config: &ImageConfiguration) -> Platform {
+pub fn platform_of_config(config: &ImageConfiguration) -> Platform {
     Platform {
         os: config.os().to_string(),
         arch: config.architecture().to_string(),
@@ -180,7 +180,41 @@ fn oci_tops(ctx: &mut Ctx<'_>, default_name: &str) -> Result<Vec<(String, Desc)>
         context: "reading index.json".into(),
         source: e,
     })?;
-    let index: ImageIndex = ImageIndex::from_reader(&data[..]).map_err(json_err("index.json"))?;
+    let named = parse_index_json(&data, default_name)?;
+    // Several manifests under one name, each with a platform: a multi-platform image listed
+    // flat in index.json. Pick one for the platform, as from a nested index.
+    let mut out: Vec<(String, Desc)> = Vec::new();
+    let mut seen: Vec<String> = Vec::new();
+    for (name, _, _) in &named {
+        if seen.contains(name) {
+            continue;
+        }
+        seen.push(name.clone());
+        let group: Vec<(Desc, Option<Platform>)> = named
+            .iter()
+            .filter(|(n, _, _)| n == name)
+            .map(|(_, d, p)| (d.clone(), p.clone()))
+            .collect();
+        if group.len() == 1 {
+            out.push((name.clone(), group[0].0.clone()));
+        } else if group.iter().all(|(_, p)| p.is_some()) {
+            out.push((name.clone(), pick_platform(&group, ctx.platform)?));
+        } else {
+            for (d, _) in group {
+                out.push((format!("{name}@{}", d.digest), d));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The entries of an OCI layout's index.json: (name, descriptor, platform), names taken from
+/// the containerd or OCI ref-name annotation as containerd's import does.
+pub fn parse_index_json(
+    data: &[u8],
+    default_name: &str,
+) -> Result<Vec<(String, Desc, Option<Platform>)>, ImageError> {
+    let index = parse_index(data, "index.json")?;
     let mut named: Vec<(String, Desc, Option<Platform>)> = Vec::new();
     for m in index.manifests() {
         let desc = desc_of(m)?;
@@ -210,31 +244,64 @@ fn oci_tops(ctx: &mut Ctx<'_>, default_name: &str) -> Result<Vec<(String, Desc)>
             m.platform().as_ref().map(platform_of_descriptor),
         ));
     }
-    // Several manifests under one name, each with a platform: a multi-platform image listed
-    // flat in index.json. Pick one for the platform, as from a nested index.
-    let mut out: Vec<(String, Desc)> = Vec::new();
-    let mut seen: Vec<String> = Vec::new();
-    for (name, _, _) in &named {
-        if seen.contains(name) {
-            continue;
-        }
-        seen.push(name.clone());
-        let group: Vec<(Desc, Option<Platform>)> = named
-            .iter()
-            .filter(|(n, _, _)| n == name)
-            .map(|(_, d, p)| (d.clone(), p.clone()))
-            .collect();
-        if group.len() == 1 {
-            out.push((name.clone(), group[0].0.clone()));
-        } else if group.iter().all(|(_, p)| p.is_some()) {
-            out.push((name.clone(), pick_platform(&group, ctx.platform)?));
-        } else {
-            for (d, _) in group {
-                out.push((format!("{name}@{}", d.digest), d));
-            }
-        }
+    Ok(named)
+}
+
+/// An image index (OCI index or docker manifest list).
+pub fn parse_index(data: &[u8], what: &str) -> Result<ImageIndex, ImageError> {
+    ImageIndex::from_reader(data).map_err(json_err(what))
+}
+
+/// An image manifest and its config descriptor.
+pub fn parse_manifest(data: &[u8], what: &str) -> Result<(ImageManifest, Desc), ImageError> {
+    let manifest = ImageManifest::from_reader(data).map_err(json_err(what))?;
+    let config = desc_of(manifest.config())?;
+    Ok((manifest, config))
+}
+
+/// An image config.
+pub fn parse_config(data: &[u8], what: &str) -> Result<ImageConfiguration, ImageError> {
+    ImageConfiguration::from_reader(data).map_err(json_err(what))
+}
+
+/// The layers of `manifest` with the diff_ids of `config`: counts must agree, media types must
+/// be layer types, digests must be sha256.
+pub fn manifest_layers(
+    manifest: &ImageManifest,
+    config: &ImageConfiguration,
+    what: &str,
+) -> Result<Vec<LayerDesc>, ImageError> {
+    let diff_ids = config.rootfs().diff_ids();
+    if diff_ids.len() != manifest.layers().len() {
+        return Err(ImageError::Invalid(format!(
+            "{what} has {} layers but its config lists {} diff_ids",
+            manifest.layers().len(),
+            diff_ids.len()
+        )));
     }
-    Ok(out)
+    let mut layers = Vec::new();
+    for (layer, diff_id) in manifest.layers().iter().zip(diff_ids) {
+        let desc = desc_of(layer)?;
+        let compression =
+            layer_compression(&desc.media_type).ok_or_else(|| ImageError::UnknownMediaType {
+                media_type: desc.media_type.clone(),
+                what: format!("layer {}", desc.digest),
+            })?;
+        layers.push(LayerDesc {
+            desc,
+            compression,
+            diff_id: Digest::parse(diff_id)?,
+        });
+    }
+    Ok(layers)
+}
+
+/// A `docker save` archive's manifest.json.
+pub fn parse_docker_manifest(data: &[u8]) -> Result<Vec<DockerManifestEntry>, ImageError> {
+    serde_json::from_slice(data).map_err(|e| ImageError::Json {
+        what: "manifest.json".into(),
+        why: e.to_string(),
+    })
 }
 
 fn platform_of_descriptor(p: &oci_spec::image::Platform) -> Platform {
@@ -245,14 +312,15 @@ fn platform_of_descriptor(p: &oci_spec::image::Platform) -> Platform {
     }
 }
 
-#[derive(Deserialize)]
-struct DockerManifestEntry {
+/// One image of a `docker save` manifest.json.
+#[derive(Debug, Deserialize)]
+pub struct DockerManifestEntry {
     #[serde(rename = "Config")]
-    config: String,
+    pub config: String,
     #[serde(rename = "RepoTags", default)]
-    repo_tags: Option<Vec<String>>,
+    pub repo_tags: Option<Vec<String>>,
     #[serde(rename = "Layers")]
-    layers: Vec<String>,
+    pub layers: Vec<String>,
 }
 
 /// `docker save` archives: the layer files and config are stored by path; we ingest them,
@@ -264,11 +332,7 @@ fn docker_tops(ctx: &mut Ctx<'_>, default_name: &str) -> Result<Vec<(String, Des
         context: "reading manifest.json".into(),
         source: e,
     })?;
-    let entries: Vec<DockerManifestEntry> =
-        serde_json::from_slice(&data).map_err(|e| ImageError::Json {
-            what: "manifest.json".into(),
-            why: e.to_string(),
-        })?;
+    let entries = parse_docker_manifest(&data)?;
     let mut out = Vec::new();
     for entry in entries {
         let config = ingest_path(ctx, &entry.config, DOCKER_CONFIG)?;
@@ -349,8 +413,7 @@ fn resolve_target(
         match manifest_desc.media_type.as_str() {
             OCI_INDEX | DOCKER_MANIFEST_LIST => {
                 let data = ctx.read_json(&manifest_desc)?;
-                let index = ImageIndex::from_reader(&data[..])
-                    .map_err(json_err(format!("index {}", manifest_desc.digest)))?;
+                let index = parse_index(&data, &format!("index {}", manifest_desc.digest))?;
                 manifest_desc = choose_manifest(&index, wanted)?;
                 blobs.push(manifest_desc.digest.clone());
             }
@@ -367,13 +430,11 @@ fn resolve_target(
         });
     }
     let data = ctx.read_json(&manifest_desc)?;
-    let manifest = ImageManifest::from_reader(&data[..])
-        .map_err(json_err(format!("manifest {}", manifest_desc.digest)))?;
-    let config_desc = desc_of(manifest.config())?;
+    let what = format!("manifest {}", manifest_desc.digest);
+    let (manifest, config_desc) = parse_manifest(&data, &what)?;
     blobs.push(config_desc.digest.clone());
     let config_data = ctx.read_json(&config_desc)?;
-    let config = ImageConfiguration::from_reader(&config_data[..])
-        .map_err(json_err(format!("config {}", config_desc.digest)))?;
+    let config = parse_config(&config_data, &format!("config {}", config_desc.digest))?;
     let platform = platform_of_config(&config);
     if let Some(w) = wanted {
         if !w.matches(&platform) {
@@ -383,29 +444,7 @@ fn resolve_target(
             });
         }
     }
-    let diff_ids = config.rootfs().diff_ids();
-    if diff_ids.len() != manifest.layers().len() {
-        return Err(ImageError::Invalid(format!(
-            "manifest {} has {} layers but its config lists {} diff_ids",
-            manifest_desc.digest,
-            manifest.layers().len(),
-            diff_ids.len()
-        )));
-    }
-    let mut layers = Vec::new();
-    for (layer, diff_id) in manifest.layers().iter().zip(diff_ids) {
-        let desc = desc_of(layer)?;
-        let compression =
-            layer_compression(&desc.media_type).ok_or_else(|| ImageError::UnknownMediaType {
-                media_type: desc.media_type.clone(),
-                what: format!("layer {}", desc.digest),
-            })?;
-        layers.push(LayerDesc {
-            desc,
-            compression,
-            diff_id: Digest::parse(diff_id)?,
-        });
-    }
+    let layers = manifest_layers(&manifest, &config, &what)?;
     for layer in &layers {
         ctx.ingest(&layer.desc)?;
         blobs.push(layer.desc.digest.clone());
@@ -423,7 +462,8 @@ fn resolve_target(
     })
 }
 
-fn choose_manifest(index: &ImageIndex, wanted: Option<&Platform>) -> Result<Desc, ImageError> {
+/// The manifest of `index` for platform `wanted` (default: this host).
+pub fn choose_manifest(index: &ImageIndex, wanted: Option<&Platform>) -> Result<Desc, ImageError> {
     let candidates = index
         .manifests()
         .iter()

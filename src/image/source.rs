@@ -48,6 +48,28 @@ pub struct DirSource {
     root: PathBuf,
 }
 
+impl DirSource {
+    /// The file opened for `rel` must lie inside the source: a symlink in a layout may not
+    /// hand the import a file from elsewhere on the host (what was opened is checked, so a
+    /// symlink swapped in meanwhile changes nothing).
+    fn check_inside(&self, file: &File, rel: &str) -> Result<(), ImageError> {
+        use std::os::unix::io::AsRawFd;
+        let io = |context: String| move |source| ImageError::Io { context, source };
+        let opened = std::fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd()))
+            .map_err(io(format!("resolving {rel}")))?;
+        let root = std::fs::canonicalize(&self.root)
+            .map_err(io(format!("resolving {}", self.root.display())))?;
+        if !opened.starts_with(&root) {
+            return Err(ImageError::Invalid(format!(
+                "{rel} in {} leads outside it (to {})",
+                self.root.display(),
+                opened.display()
+            )));
+        }
+        Ok(())
+    }
+}
+
 impl ImageSource for DirSource {
     fn open(&self, path: &str) -> Result<(Box<dyn Read + '_>, u64), ImageError> {
         let rel = clean(path).ok_or_else(|| ImageError::Invalid(format!("bad path {path:?}")))?;
@@ -62,14 +84,18 @@ impl ImageSource for DirSource {
                 }
             }
         })?;
-        let size = file
-            .metadata()
-            .map_err(|e| ImageError::Io {
-                context: format!("stat {}", full.display()),
-                source: e,
-            })?
-            .len();
-        Ok((Box::new(file), size))
+        let meta = file.metadata().map_err(|e| ImageError::Io {
+            context: format!("stat {}", full.display()),
+            source: e,
+        })?;
+        if !meta.is_file() {
+            return Err(ImageError::Invalid(format!(
+                "{rel} in {} is not a regular file",
+                self.root.display()
+            )));
+        }
+        self.check_inside(&file, &rel)?;
+        Ok((Box::new(file), meta.len()))
     }
 
     fn exists(&self, path: &str) -> bool {
@@ -154,5 +180,47 @@ impl ImageSource for TarSource {
 
     fn describe(&self) -> String {
         self.path.display().to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Found by the manifest_config fuzz target: a docker manifest.json naming a directory
+    /// (`"Layers": ["sub", ...]`) opened it as a member. Directories, `..`, and symlinks that
+    /// lead out of the source are refused; absolute paths are relative to the source.
+    #[test]
+    fn dir_source_opens_only_files_inside_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let layout = tmp.path().join("layout");
+        fs_setup(&layout, tmp.path());
+        let src = open_source(&layout).unwrap();
+        let data = br#"[{"Config": "abc.json", "RepoTags": ["x:1"], "Layers": ["sub", "../outside", "/sub/ler.tar", "./ssb//layer.tar"]}]"#;
+        let entries = crate::image::resolve::parse_docker_manifest(data).unwrap();
+        for path in &entries[0].layers {
+            assert!(src.open(path).is_err(), "{path} opened");
+        }
+        let err = src.open("sub").err().unwrap().to_string();
+        assert!(err.contains("not a regular file"), "{err}");
+        let err = src.open("sub/link-out").err().unwrap().to_string();
+        assert!(err.contains("leads outside it"), "{err}");
+        let mut content = String::new();
+        src.open("/sub/layer.tar")
+            .unwrap()
+            .0
+            .read_to_string(&mut content)
+            .unwrap();
+        assert_eq!(content, "x");
+        // A symlink that stays inside is followed.
+        assert!(src.open("sub/link-in").is_ok());
+    }
+
+    fn fs_setup(layout: &Path, tmp: &Path) {
+        std::fs::create_dir_all(layout.join("sub")).unwrap();
+        std::fs::write(layout.join("sub/layer.tar"), b"x").unwrap();
+        std::fs::write(tmp.join("outside"), b"secret").unwrap();
+        std::os::unix::fs::symlink(tmp.join("outside"), layout.join("sub/link-out")).unwrap();
+        std::os::unix::fs::symlink("layer.tar", layout.join("sub/link-in")).unwrap();
     }
 }

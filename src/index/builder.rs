@@ -17,6 +17,10 @@ const WHITEOUT_PREFIX: &[u8] = b".wh.";
 const OPAQUE_MARKER: &[u8] = b".wh..wh..opq";
 /// Longest path accepted (Linux's PATH_MAX is 4096; tar can carry more, `tar -x` could not).
 const MAX_PATH: usize = 64 * 1024;
+/// The index addresses its byte table and nodes with 32-bit numbers; a layer needing more is
+/// refused rather than written wrapped.
+const MAX_INDEX_BYTES: u64 = u32::MAX as u64;
+const MAX_NODES: usize = (u32::MAX - 1) as usize;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
@@ -26,6 +30,8 @@ pub enum BuildError {
     HardlinkTarget { path: String, target: String },
     #[error("entry {path:?}: {why}")]
     BadEntry { path: String, why: String },
+    #[error("layer too large to index: {0}")]
+    TooLarge(String),
 }
 
 /// The result of indexing one layer.
@@ -126,6 +132,8 @@ impl BNode {
 
 struct Tree {
     nodes: Vec<BNode>,
+    /// Bytes the names, link targets and xattrs of the entries seen so far may need.
+    bytes: u64,
 }
 
 fn lossy(p: &[u8]) -> String {
@@ -152,7 +160,10 @@ impl Tree {
     fn new() -> Self {
         let mut root = BNode::implicit_dir();
         root.implicit = true;
-        Tree { nodes: vec![root] }
+        Tree {
+            nodes: vec![root],
+            bytes: 0,
+        }
     }
 
     /// Walks to the directory holding the last component, creating implicit directories.
@@ -206,6 +217,23 @@ impl Tree {
                 path: lossy(&e.path[..256]),
                 why: format!("path of {} bytes is too long", e.path.len()),
             });
+        }
+        let size: usize = e.path.len()
+            + e.link.len()
+            + e.xattrs
+                .iter()
+                .map(|(n, v)| n.len() + v.len())
+                .sum::<usize>();
+        self.bytes += size as u64;
+        if self.bytes > MAX_INDEX_BYTES {
+            return Err(BuildError::TooLarge(format!(
+                "names, link targets and xattrs pass {MAX_INDEX_BYTES} bytes"
+            )));
+        }
+        if self.nodes.len() >= MAX_NODES {
+            return Err(BuildError::TooLarge(format!(
+                "more than {MAX_NODES} entries"
+            )));
         }
         let path = e.path.clone();
         let comps = normalize(&path);
@@ -280,7 +308,13 @@ impl Tree {
         let existing = self.nodes[dir].children.get(*name).copied();
         let attrs = |kind: Kind| BNode {
             kind,
-            perm: (e.mode & 0o7777) as u16,
+            // A symlink's mode means nothing on Linux: lstat says 0777 whatever the tar says
+            // (as after `tar -x` or umoci unpack).
+            perm: if kind == Kind::Symlink {
+                0o777
+            } else {
+                (e.mode & 0o7777) as u16
+            },
             uid,
             gid,
             size: match kind {
@@ -512,6 +546,8 @@ mod tests {
         assert_eq!(&data[off..off + 10], b"root:x:0:0");
         let sh = idx.resolve("bin/sh").unwrap();
         assert_eq!(idx.bytes_of(idx.nodes[sh as usize].link), b"/bin/bash");
+        // Written with mode 0644; a symlink reads 0777 on Linux (tests/bad_input.rs vs umoci).
+        assert_eq!(idx.nodes[sh as usize].perm, 0o777);
         let usr = idx.resolve("usr").unwrap();
         assert_eq!(idx.lookup(usr, b"lib").unwrap().target, WHITEOUT);
         let var = idx.resolve("var").unwrap();

@@ -14,6 +14,9 @@ pub const BLOCK: u64 = 512;
 pub const MAX_EXT_HEADER: u64 = 1 << 20;
 /// Most sparse-map entries a file may have.
 const MAX_SPARSE_ENTRIES: usize = 1 << 20;
+/// Most extension-header bytes (PAX, GNU long names) one entry may collect, and most bytes of
+/// PAX global records kept: a stream of headers without a file must not grow memory.
+pub const MAX_EXT_TOTAL: u64 = 4 * MAX_EXT_HEADER;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TarError {
@@ -213,6 +216,7 @@ impl<R: Read> TarReader<R> {
         let mut long_name: Option<Vec<u8>> = None;
         let mut long_link: Option<Vec<u8>> = None;
         let mut pax: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+        let mut ext_total = 0u64;
         let mut block = [0u8; 512];
         loop {
             let offset = self.pos;
@@ -228,6 +232,16 @@ impl<R: Read> TarReader<R> {
             verify_checksum(&block, offset)?;
             let typeflag = block[156];
             let size = parse_number(&block[124..136], offset, "size")?;
+            // (One header over MAX_EXT_HEADER is reported by read_ext, by its own size.)
+            if matches!(typeflag, b'x' | b'L' | b'K') && size <= MAX_EXT_HEADER {
+                ext_total = ext_total.saturating_add(size);
+                if ext_total > MAX_EXT_TOTAL {
+                    return Err(bad(
+                        offset,
+                        &format!("extension headers of one entry exceed {MAX_EXT_TOTAL} bytes"),
+                    ));
+                }
+            }
             match typeflag {
                 b'x' => {
                     let data = self.read_ext(size, offset, "a pax header")?;
@@ -236,7 +250,18 @@ impl<R: Read> TarReader<R> {
                 }
                 b'g' => {
                     let data = self.read_ext(size, offset, "a pax global header")?;
-                    self.global_pax.extend(parse_pax(&data, offset)?);
+                    for (key, value) in parse_pax(&data, offset)? {
+                        // A later global record replaces an earlier one of the same keyword.
+                        self.global_pax.retain(|(k, _)| *k != key);
+                        self.global_pax.push((key, value));
+                    }
+                    let kept: usize = self.global_pax.iter().map(|(k, v)| k.len() + v.len()).sum();
+                    if kept as u64 > MAX_EXT_TOTAL {
+                        return Err(bad(
+                            offset,
+                            &format!("pax global records exceed {MAX_EXT_TOTAL} bytes"),
+                        ));
+                    }
                     continue;
                 }
                 b'L' => {
@@ -371,6 +396,7 @@ impl<R: Read> TarReader<R> {
                 }
                 extended = ext[504] != 0;
             }
+            check_extents(&pairs, offset)?;
             sparse = Some(pairs);
         }
 
@@ -494,11 +520,12 @@ impl<R: Read> TarReader<R> {
     }
 
     fn read_sparse_1_0_map(&mut self, stored: u64, offset: u64) -> Result<(Vec<(u64, u64)>, u64)> {
-        // Read decimal lines block by block: count, then offset/length pairs.
+        // Read decimal lines block by block: count, then offset/length pairs. Each line is
+        // parsed once, when its newline arrives.
         let mut text = Vec::new();
+        let mut start = 0;
         let mut consumed = 0u64;
         let mut numbers: Vec<u64> = Vec::new();
-        let mut expected: Option<u64> = None;
         loop {
             if consumed + BLOCK > stored {
                 return Err(bad(offset, "sparse 1.0 map runs past the entry's data"));
@@ -506,38 +533,29 @@ impl<R: Read> TarReader<R> {
             let mut blk = [0u8; 512];
             self.read_exact_at(&mut blk, "a sparse map")?;
             consumed += BLOCK;
+            let scan_from = text.len();
             text.extend_from_slice(&blk);
-            // Parse complete lines collected so far.
-            numbers.clear();
-            let mut start = 0;
-            for (i, &b) in text.iter().enumerate() {
-                if b == b'\n' {
-                    let s = std::str::from_utf8(&text[start..i])
-                        .map_err(|_| bad(offset, "sparse map is not decimal"))?;
-                    numbers.push(parse_decimal(s, offset, "sparse map")?);
-                    start = i + 1;
-                    if let Some(&n) = numbers.first() {
-                        if n as usize > MAX_SPARSE_ENTRIES {
-                            return Err(bad(offset, "too many sparse map entries"));
-                        }
-                        expected = Some(n);
-                        if numbers.len() as u64 == 1 + 2 * n {
-                            break;
-                        }
-                    }
+            for i in scan_from..text.len() {
+                if text[i] != b'\n' {
+                    continue;
                 }
-            }
-            if let Some(n) = expected {
+                let s = std::str::from_utf8(&text[start..i])
+                    .map_err(|_| bad(offset, "sparse map is not decimal"))?;
+                numbers.push(parse_decimal(s, offset, "sparse map")?);
+                start = i + 1;
+                let n = numbers[0];
+                if n > MAX_SPARSE_ENTRIES as u64 {
+                    return Err(bad(offset, "too many sparse map entries"));
+                }
                 if numbers.len() as u64 == 1 + 2 * n {
-                    break;
+                    let pairs = pairs_of(&numbers[1..], offset)?;
+                    return Ok((pairs, consumed));
                 }
             }
             if text.len() as u64 > MAX_EXT_HEADER {
                 return Err(bad(offset, "sparse map too large"));
             }
         }
-        let pairs = pairs_of(&numbers[1..], offset)?;
-        Ok((pairs, consumed))
     }
 }
 
@@ -645,11 +663,16 @@ fn parse_pax_time(s: &str, offset: u64) -> Result<Time> {
     }
     if neg {
         // -1.25 means 1.25 s before the epoch: sec -2, nsec 0.75 s.
+        let out_of_range = || bad(offset, &format!("pax time {s:?} out of range"));
+        if sec < 0 {
+            // "--5": a sign inside the number.
+            return Err(bad(offset, &format!("bad pax time {s:?}")));
+        }
         if nsec == 0 {
             Ok(Time { sec: -sec, nsec: 0 })
         } else {
             Ok(Time {
-                sec: -sec - 1,
+                sec: (-sec).checked_sub(1).ok_or_else(out_of_range)?,
                 nsec: 1_000_000_000 - nsec,
             })
         }
@@ -719,9 +742,14 @@ fn pairs_of(nums: &[u64], offset: u64) -> Result<Vec<(u64, u64)>> {
         return Err(bad(offset, "bad sparse map"));
     }
     let pairs: Vec<(u64, u64)> = nums.chunks(2).map(|c| (c[0], c[1])).collect();
-    // Extents must be in order and not overlap.
+    check_extents(&pairs, offset)?;
+    Ok(pairs)
+}
+
+/// Extents must be in order and not overlap (so their lengths cannot overflow when summed).
+fn check_extents(pairs: &[(u64, u64)], offset: u64) -> Result<()> {
     let mut end = 0u64;
-    for &(off, len) in &pairs {
+    for &(off, len) in pairs {
         if off < end {
             return Err(bad(offset, "sparse map extents overlap"));
         }
@@ -729,7 +757,7 @@ fn pairs_of(nums: &[u64], offset: u64) -> Result<Vec<(u64, u64)>> {
             .checked_add(len)
             .ok_or_else(|| bad(offset, "sparse extent overflows"))?;
     }
-    Ok(pairs)
+    Ok(())
 }
 
 fn percent_decode(s: &[u8]) -> Vec<u8> {
@@ -801,6 +829,111 @@ mod tests {
         assert_eq!(parse_number(&f, 0, "x").unwrap(), 5);
         assert_eq!(parse_number(b"0000644\0", 0, "x").unwrap(), 0o644);
         assert_eq!(base64_decode(b"AQID").unwrap(), vec![1, 2, 3]);
+    }
+
+    #[test]
+    fn pax_time_extremes_are_errors_not_overflows() {
+        assert!(parse_pax_time("-9223372036854775808.5", 0).is_err());
+        assert!(parse_pax_time("--5", 0).is_err());
+        // Once a panic: negating i64::MIN.
+        assert!(parse_pax_time("--9223372036854775808", 0).is_err());
+        assert_eq!(
+            parse_pax_time("-9223372036854775807.5", 0).unwrap(),
+            Time {
+                sec: i64::MIN,
+                nsec: 500_000_000
+            }
+        );
+    }
+
+    /// A ustar header with a valid checksum.
+    fn header(name: &[u8], typeflag: u8, size: u64) -> [u8; 512] {
+        let mut h = [0u8; 512];
+        h[..name.len()].copy_from_slice(name);
+        h[100..108].copy_from_slice(b"0000644\0");
+        h[124..136].copy_from_slice(format!("{size:011o}\0").as_bytes());
+        h[156] = typeflag;
+        h[257..263].copy_from_slice(b"ustar\0");
+        h[263..265].copy_from_slice(b"00");
+        fix_checksum(&mut h);
+        h
+    }
+
+    fn fix_checksum(h: &mut [u8; 512]) {
+        h[148..156].fill(b' ');
+        let sum: u64 = h.iter().map(|&b| u64::from(b)).sum();
+        h[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+    }
+
+    fn with_data(h: [u8; 512], data: &[u8]) -> Vec<u8> {
+        let mut out = h.to_vec();
+        out.extend_from_slice(data);
+        out.resize(out.len() + padding(data.len() as u64) as usize, 0);
+        out
+    }
+
+    fn first_entry(data: &[u8]) -> Result<Option<TarEntry>> {
+        TarReader::new(data).next_entry()
+    }
+
+    #[test]
+    fn gnu_sparse_map_whose_lengths_overflow_is_an_error() {
+        // Old GNU sparse ('S'): three extents (0, 2^63-1), whose lengths sum past u64::MAX.
+        let mut h = header(b"sparse", b'S', 0);
+        h[257..265].copy_from_slice(b"ustar  \0");
+        let mut len = [0u8; 12];
+        len[0] = 0x80;
+        len[4] = 0x7f;
+        len[5..].fill(0xff);
+        for i in 0..3 {
+            let e = 386 + 24 * i;
+            h[e..e + 12].copy_from_slice(b"00000000000\0");
+            h[e + 12..e + 24].copy_from_slice(&len);
+        }
+        fix_checksum(&mut h);
+        let err = first_entry(&with_data(h, b"")).unwrap_err().to_string();
+        assert!(err.contains("sparse"), "{err}");
+    }
+
+    #[test]
+    fn endless_extension_headers_are_bounded() {
+        // Five 1 MiB GNU long-name headers for one entry: more than MAX_EXT_TOTAL.
+        let name = vec![b'a'; MAX_EXT_HEADER as usize];
+        let mut data = Vec::new();
+        for _ in 0..5 {
+            data.extend(with_data(
+                header(b"././@LongLink", b'L', name.len() as u64),
+                &name,
+            ));
+        }
+        let err = first_entry(&data).unwrap_err().to_string();
+        assert!(
+            err.contains("extension headers of one entry exceed"),
+            "{err}"
+        );
+        // Global headers with new keywords each time: kept records are bounded too.
+        let mut data = Vec::new();
+        for i in 0..5 {
+            let value = "v".repeat(MAX_EXT_HEADER as usize - 100);
+            let rec = format!(" k{i}={value}\n");
+            let len = rec.len() + 7;
+            let rec = format!("{len}{rec}");
+            assert_eq!(rec.len(), len);
+            data.extend(with_data(header(b"g", b'g', len as u64), rec.as_bytes()));
+        }
+        let err = first_entry(&data).unwrap_err().to_string();
+        assert!(err.contains("pax global records exceed"), "{err}");
+        // The same keyword again and again replaces, so it does not grow.
+        let mut data = Vec::new();
+        for _ in 0..8 {
+            let rec = "17 comment=again\n";
+            data.extend(with_data(
+                header(b"g", b'g', rec.len() as u64),
+                rec.as_bytes(),
+            ));
+        }
+        data.extend(with_data(header(b"f", b'0', 1), b"x"));
+        assert_eq!(first_entry(&data).unwrap().unwrap().path, b"f");
     }
 
     #[test]

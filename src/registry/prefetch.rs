@@ -17,7 +17,7 @@ use super::RegistryError;
 use crate::digest::Digest;
 use crate::image::{layer_compression, Desc, LayerDesc};
 use crate::store::ContentStore;
-use crate::unpack::Indexed;
+use crate::unpack::{Indexed, Limits};
 
 /// Downloads at once, besides the one the import pipeline streams itself.
 pub const WORKERS: usize = 3;
@@ -30,6 +30,7 @@ struct Shared {
     clients: Arc<Vec<Client>>,
     store: ContentStore,
     index_into: Option<PathBuf>,
+    limits: Limits,
     queue: Mutex<VecDeque<Desc>>,
     done: Mutex<HashMap<Digest, Outcome>>,
     cv: Condvar,
@@ -47,6 +48,7 @@ impl Prefetcher {
         clients: Arc<Vec<Client>>,
         store: ContentStore,
         index_into: Option<PathBuf>,
+        limits: Limits,
         blobs: Vec<Desc>,
     ) -> Self {
         let known = blobs.iter().map(|d| d.digest.clone()).collect();
@@ -55,6 +57,7 @@ impl Prefetcher {
             clients,
             store,
             index_into,
+            limits,
             queue: Mutex::new(blobs.into()),
             done: Mutex::new(HashMap::new()),
             cv: Condvar::new(),
@@ -180,7 +183,7 @@ fn fetch(s: &Shared, desc: &Desc) -> Outcome {
                 compression,
                 diff_id: desc.digest.clone(),
             };
-            let (mut tee, handle) = tee_index(stream, root.clone(), layer);
+            let (mut tee, handle) = tee_index(stream, root.clone(), layer, s.limits);
             let r = s
                 .store
                 .ingest(&desc.digest, Some(desc.size), &mut tee, &mut |_| {});

@@ -26,7 +26,7 @@ pub fn pull(
     let name = name.unwrap_or(&canonical);
     let mut source = RegistrySource::connect(&r, connect, name)
         .with_context(|| format!("pulling {canonical}"))?;
-    source.download_into(&root.path.clone(), &root.store.clone());
+    source.download_into(&root.path.clone(), &root.store.clone(), root.limits);
     let result = import_source(
         root,
         &source,

@@ -28,7 +28,7 @@ use crate::image::{
     OCI_INDEX, OCI_MANIFEST,
 };
 use crate::store::ContentStore;
-use crate::unpack::Indexed;
+use crate::unpack::{Indexed, Limits};
 
 /// How to reach a registry.
 #[derive(Debug, Clone, Default)]
@@ -85,6 +85,7 @@ pub struct RegistrySource {
     layers: RefCell<Vec<Desc>>,
     /// Where prefetched layers go (see `prefetch.rs`); no prefetch without it.
     store: Option<ContentStore>,
+    limits: Limits,
     prefetch: RefCell<Option<Prefetcher>>,
     /// Indexers running on downloads, by blob.
     indexing: RefCell<HashMap<Digest, JoinHandle<anyhow::Result<Indexed>>>>,
@@ -109,6 +110,7 @@ impl RegistrySource {
             index_into: None,
             layers: RefCell::default(),
             store: None,
+            limits: Limits::default(),
             prefetch: RefCell::default(),
             indexing: RefCell::default(),
         };
@@ -216,9 +218,10 @@ impl RegistrySource {
 
     /// Index layers while they download, under the store at `root_path`, and download the
     /// other layers of a manifest in parallel into `store` once its first layer is opened.
-    pub fn download_into(&mut self, root_path: &Path, store: &ContentStore) {
+    pub fn download_into(&mut self, root_path: &Path, store: &ContentStore, limits: Limits) {
         self.index_into = Some(root_path.to_path_buf());
         self.store = Some(store.clone());
+        self.limits = limits;
     }
 
     /// Blobs the prefetcher was given (a failed pull removes those nothing references).
@@ -280,6 +283,7 @@ impl RegistrySource {
             self.clients.clone(),
             store.clone(),
             self.index_into.clone(),
+            self.limits,
             others,
         ));
     }
@@ -360,7 +364,7 @@ impl ImageSource for RegistrySource {
                 // Not known here: checked against the config when the result is used.
                 diff_id: digest.clone(),
             };
-            let (tee, handle) = tee_index(stream, root.clone(), layer);
+            let (tee, handle) = tee_index(stream, root.clone(), layer, self.limits);
             if let Some(old) = self.indexing.borrow_mut().insert(digest, handle) {
                 let _ = old.join();
             }

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use crate::image::LayerDesc;
-use crate::unpack::{index_stream, Indexed, UnpackProgress};
+use crate::unpack::{index_stream, Indexed, Limits, UnpackProgress};
 
 /// Chunks in flight between download and indexing (each up to the store's 1 MiB buffer).
 const IN_FLIGHT: usize = 16;
@@ -67,6 +67,7 @@ pub fn tee_index<R: Read>(
     inner: R,
     root_path: PathBuf,
     layer: LayerDesc,
+    limits: Limits,
 ) -> (TeeReader<R>, JoinHandle<anyhow::Result<Indexed>>) {
     let (tx, rx) = sync_channel(IN_FLIGHT);
     let handle = std::thread::spawn(move || {
@@ -80,6 +81,8 @@ pub fn tee_index<R: Read>(
             reader,
             &layer,
             Arc::new(UnpackProgress::default()),
+            &limits,
+            layer.desc.size,
             false,
         )
     });

@@ -160,6 +160,7 @@ pub fn commit_upper(
         &root.store.blob_path(&blob_digest),
         &layer,
         Arc::new(UnpackProgress::default()),
+        &root.limits,
     )?;
     chain_from_indexed(root, indexed, parent_chain)
 }
@@ -244,9 +245,14 @@ pub fn index_external_blob(
         }
     }
     let target = root.store.blob_path(digest);
-    if !target.is_file() && std::fs::hard_link(blob, &target).is_err() {
-        let mut f = File::open(blob).with_context(|| format!("opening {}", blob.display()))?;
-        root.store.ingest(digest, None, &mut f, &mut |_| {})?;
+    if !target.is_file() {
+        if std::fs::hard_link(blob, &target).is_ok() {
+            // The link must survive a crash as a renamed blob does.
+            crate::store::sync_dir(root.store.blobs_dir())?;
+        } else {
+            let mut f = File::open(blob).with_context(|| format!("opening {}", blob.display()))?;
+            root.store.ingest(digest, None, &mut f, &mut |_| {})?;
+        }
     }
     let size = std::fs::metadata(&target)?.len();
     let mut magic = [0u8; 4];
@@ -269,6 +275,7 @@ pub fn index_external_blob(
         &target,
         &layer,
         Arc::new(UnpackProgress::default()),
+        &root.limits,
     )
 }
 

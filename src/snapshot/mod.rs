@@ -10,6 +10,7 @@ pub mod filter;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use anyhow::Context as _;
 use serde::Serialize;
 use tracing::{info_span, warn};
 
@@ -173,16 +174,29 @@ pub fn spec_for(root: &Root, key: &str) -> Result<MountSpec> {
 /// Gives a new upper directory the attributes of the parent's root (mode, owner, times,
 /// xattrs): the upper root stands for the merged root, and a commit writes it as `./`. The
 /// merged view decides which layer's root that is (implicit roots defer to lower layers).
-fn init_upper_root(root: &Root, chain: &str, upper: &Path) -> anyhow::Result<()> {
-    use std::os::unix::ffi::OsStrExt;
+/// The parent's root attributes are read before the snapshot is recorded
+/// ([`upper_root_attrs`]) and applied while its row is being inserted ([`init_upper_root`]),
+/// so a crash never leaves a recorded snapshot with an uninitialised upper.
+struct UpperRoot {
+    attr: lazysnap_fuse::NodeAttr,
+    xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+fn upper_root_attrs(root: &Root, chain: &str) -> anyhow::Result<Option<UpperRoot>> {
     let stack = crate::layer::open_stack(root, chain, crate::blob::SpanCache::new(1 << 20))?;
     let merged = lazysnap_fuse::Merged::new(stack);
     let Some(attr) = merged.attr(lazysnap_fuse::ROOT_INO) else {
-        return Ok(());
+        return Ok(None);
     };
     let xattrs = merged
         .xattrs(lazysnap_fuse::ROOT_INO)
         .map_err(|e| anyhow::anyhow!("reading the root's xattrs: {e:?}"))?;
+    Ok(Some(UpperRoot { attr, xattrs }))
+}
+
+fn init_upper_root(upper_root: &UpperRoot, upper: &Path) -> anyhow::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let UpperRoot { attr, xattrs } = upper_root;
     let c = std::ffi::CString::new(upper.as_os_str().as_bytes())?;
     // SAFETY: plain syscalls on a path we just created.
     unsafe {
@@ -207,7 +221,7 @@ fn init_upper_root(root: &Root, chain: &str, upper: &Path) -> anyhow::Result<()>
             .map_err(|e| anyhow::anyhow!("recording the owner of {}: {e}", upper.display()))?;
     }
     for (name, value) in xattrs {
-        let n = std::ffi::CString::new(name)?;
+        let n = std::ffi::CString::new(name.clone())?;
         // SAFETY: name and value outlive the call.
         unsafe {
             libc::lsetxattr(
@@ -237,6 +251,18 @@ fn init_upper_root(root: &Root, chain: &str, upper: &Path) -> anyhow::Result<()>
         return Err(std::io::Error::last_os_error().into());
     }
     Ok(())
+}
+
+/// Removes the directory of a snapshot no row owns, unmounting a filesystem a daemon may
+/// still serve on its `mnt` first (never descending into a live mount).
+pub fn remove_orphan_dir(mounter: &dyn Mounter, dir: &Path) -> anyhow::Result<()> {
+    let mnt = dir.join("mnt");
+    if lazysnap_fuse::is_stale_mount(&mnt) || mounter.is_mounted(&mnt) {
+        mounter
+            .unmount(&mnt)
+            .map_err(|e| e.context(format!("unmounting {}", mnt.display())))?;
+    }
+    std::fs::remove_dir_all(dir).with_context(|| format!("removing {}", dir.display()))
 }
 
 /// containerd's remote-snapshot labels: the committed name the unpacker aims at, and the
@@ -463,28 +489,58 @@ impl Snapshotter {
     ) -> Result<Vec<Mount>> {
         let _span = info_span!("prepare", key, parent, view).entered();
         let mp = mountpoint.map(|m| m.display().to_string());
-        let row = self
-            .root
-            .meta
-            .create_active(key, parent, view, labels, mp.as_deref())?;
-        let result = (|| -> anyhow::Result<()> {
-            let dir = self.dir(&row);
-            std::fs::create_dir_all(dir.join("upper"))?;
-            if let Some(chain) = &row.chain_id {
-                init_upper_root(&self.root, chain, &dir.join("upper"))?;
-            }
-            if row.mountpoint.is_none() {
-                std::fs::create_dir_all(dir.join("mnt"))?;
-            }
-            let spec = MountSpec {
-                key: key.to_string(),
-                chain_id: row.chain_id.clone(),
-                upper: (!view).then(|| dir.join("upper")),
-                mountpoint: self.mountpoint(&row),
-            };
-            self.mounter.mount(&self.root, &spec)
-        })();
-        if let Err(e) = result {
+        // The parent's root attributes, for the upper's root (the parent is checked again
+        // in the transaction below; a committed parent never changes).
+        let parent_chain = match parent {
+            "" => None,
+            p => self.root.meta.snapshot(p)?.and_then(|r| r.chain_id),
+        };
+        let upper_root = match &parent_chain {
+            Some(chain) => upper_root_attrs(&self.root, chain)?,
+            None => None,
+        };
+        // The directory is made inside the transaction that records the snapshot: a crash
+        // leaves either both or an orphan directory `cleanup`/`check --repair` remove.
+        let snapshots = self.root.path.join("snapshots");
+        let mounter = &self.mounter;
+        let row = self.root.meta.create_active_with(
+            key,
+            parent,
+            view,
+            labels,
+            mp.as_deref(),
+            &mut |row| {
+                let dir = snapshots.join(row.id.to_string());
+                (|| -> anyhow::Result<()> {
+                    if dir.exists() {
+                        // No row owns this id (the write lock is held): an interrupted
+                        // prepare's leftover.
+                        remove_orphan_dir(mounter.as_ref(), &dir)?;
+                    }
+                    std::fs::create_dir_all(dir.join("upper"))?;
+                    if let Some(u) = &upper_root {
+                        init_upper_root(u, &dir.join("upper"))?;
+                    }
+                    if row.mountpoint.is_none() {
+                        std::fs::create_dir_all(dir.join("mnt"))?;
+                    }
+                    crate::store::sync_dir(&snapshots)?;
+                    Ok(())
+                })()
+                .map_err(|e| {
+                    let _ = std::fs::remove_dir_all(&dir);
+                    format!("creating {}: {e:#}", dir.display())
+                })
+            },
+        )?;
+        let dir = self.dir(&row);
+        let spec = MountSpec {
+            key: key.to_string(),
+            chain_id: row.chain_id.clone(),
+            upper: (!view).then(|| dir.join("upper")),
+            mountpoint: self.mountpoint(&row),
+        };
+        if let Err(e) = self.mounter.mount(&self.root, &spec) {
             let _ = self.root.meta.remove_snapshot(key);
             let _ = std::fs::remove_dir_all(self.dir(&row));
             return Err(SnapshotError::Internal(
@@ -699,30 +755,26 @@ impl Snapshotter {
 
     /// Removes snapshot directories no snapshot owns (left by a crash) and stale mounts.
     pub fn cleanup(&mut self) -> Result<()> {
-        let known: std::collections::HashSet<String> = self
-            .root
-            .meta
-            .snapshots()?
-            .iter()
-            .map(|r| r.id.to_string())
-            .collect();
+        // Under the write lock: a prepare in another process makes its directory inside the
+        // transaction that records it, so a directory without a row is never one in the making.
         let dir = self.root.path.join("snapshots");
-        let Ok(entries) = std::fs::read_dir(&dir) else {
-            return Ok(());
-        };
-        for e in entries.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            if known.contains(&name) {
-                continue;
+        let mounter = &self.mounter;
+        self.root.meta.with_write_lock(|rows| {
+            let known: std::collections::HashSet<String> =
+                rows.iter().map(|r| r.id.to_string()).collect();
+            let Ok(entries) = std::fs::read_dir(&dir) else {
+                return;
+            };
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if known.contains(&name) {
+                    continue;
+                }
+                if let Err(err) = remove_orphan_dir(mounter.as_ref(), &e.path()) {
+                    warn!(path = %e.path().display(), error = %format!("{err:#}"), "cleanup could not remove");
+                }
             }
-            let mnt = e.path().join("mnt");
-            if lazysnap_fuse::is_stale_mount(&mnt) || self.mounter.is_mounted(&mnt) {
-                let _ = self.mounter.unmount(&mnt);
-            }
-            if let Err(err) = std::fs::remove_dir_all(e.path()) {
-                warn!(path = %e.path().display(), error = %err, "cleanup could not remove");
-            }
-        }
+        })?;
         Ok(())
     }
 
