@@ -804,3 +804,20 @@ fn https_registry_with_its_ca_in_certs_d() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn pull_applies_the_layer_size_limit() {
+    if !prerequisites() {
+        return;
+    }
+    let data = common::testdata();
+    let tmp = tempfile::tempdir().unwrap();
+    let reg = Registry::start(&tmp.path().join("reg"), None);
+    let reference = format!("{}/big:1", reg.addr);
+    skopeo_push(&data.join("debian-zstd"), &reference, None, false);
+    let root = tmp.path().join("root");
+    let err = fails(&root, &["pull", &reference, "--max-layer-size", "1M"]);
+    assert!(err.contains("decompression bomb"), "{err}");
+    assert!(ok(&root, &["images", "--json"]).trim() == "[]");
+    assert!(store_is_empty(&root), "a refused pull left files behind");
+}
