@@ -8,6 +8,9 @@ PACKAGES=(
   uidmap           # newuidmap/newgidmap: user namespaces with subordinate ids (rootless tests)
   umoci            # reference unpacker the equality tests compare against
   skopeo           # copies images between layouts, archives and registries
+  docker-registry  # distribution 2.8: the local registry of tests/registry.rs (scripts/registry-env.sh)
+  apache2-utils    # htpasswd, for the registry's Basic auth
+  openssl          # a CA and certificate for the HTTPS registry test
   zstd pigz gzip   # peers: pure decompression, layer compression for test images
   tar xz-utils
   attr             # getfattr/setfattr for xattr checks

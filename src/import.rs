@@ -10,11 +10,11 @@ use tracing::info_span;
 
 use crate::digest::Digest;
 use crate::image::resolve::{IngestProgress, Ingested};
-use crate::image::source::open_source;
+use crate::image::source::{open_source, ImageSource};
 use crate::image::{resolve_images, Desc, LayerDesc, Platform, ResolvedImage};
 use crate::meta::{ImageLayerRow, ImageRow};
 use crate::root::Root;
-use crate::unpack::{unpack, UnpackProgress};
+use crate::unpack::{unpack, unpack_with, PreIndexed, UnpackProgress};
 
 /// Progress reporting for a whole import (the CLI draws bars; tests pass a no-op).
 pub trait Reporter: IngestProgress {
@@ -64,20 +64,43 @@ pub fn import(
         })
         .filter(|n| !n.is_empty())
         .unwrap_or_else(|| "image".to_string());
+    import_source(
+        root,
+        source.as_ref(),
+        name,
+        platform,
+        &default_name,
+        reporter,
+        &|_| None,
+    )
+}
+
+/// Imports the images of any [`ImageSource`] (a layout, an archive, a registry): every blob
+/// into the store (verified), every layer indexed, every image recorded; on failure the store
+/// is left as it was.
+pub fn import_source(
+    root: &mut Root,
+    source: &dyn ImageSource,
+    name: Option<&str>,
+    platform: Option<&Platform>,
+    default_name: &str,
+    reporter: &mut dyn Reporter,
+    pre_indexed: &PreIndexed<'_>,
+) -> anyhow::Result<Vec<Imported>> {
     let mut ingested = Ingested::default();
     let result = (|| {
         let images = resolve_images(
-            source.as_ref(),
+            source,
             &root.store,
             name,
             platform,
-            &default_name,
+            default_name,
             &mut ingested,
             reporter,
         )?;
         let mut out = Vec::new();
         for img in &images {
-            out.push(unpack_and_record(root, img, reporter)?);
+            out.push(unpack_and_record(root, img, reporter, pre_indexed)?);
         }
         anyhow::Ok(out)
     })();
@@ -92,11 +115,12 @@ fn unpack_and_record(
     root: &mut Root,
     img: &ResolvedImage,
     reporter: &mut dyn Reporter,
+    pre_indexed: &PreIndexed<'_>,
 ) -> anyhow::Result<Imported> {
     let bytes = img.layers.iter().map(|l| l.desc.size).sum();
     let progress = reporter.start_unpack(img.layers.len() as u64, bytes);
-    let chain =
-        unpack(root, &img.layers, progress).with_context(|| format!("unpacking {}", img.name));
+    let chain = unpack_with(root, &img.layers, progress, pre_indexed)
+        .with_context(|| format!("unpacking {}", img.name));
     reporter.finish_unpack();
     let chain = chain?;
     let row = ImageRow {

@@ -17,6 +17,7 @@ pub mod index;
 pub mod layer;
 pub mod meta;
 pub mod mount;
+pub mod registry;
 pub mod root;
 pub mod service;
 pub mod snapshot;

@@ -123,6 +123,34 @@ enum Command {
         #[command(flatten)]
         limits: LimitArgs,
     },
+    /// Pull an image from a registry (OCI distribution API) and index its layers, as `import`
+    Pull {
+        /// [REGISTRY/]REPOSITORY[:TAG][@DIGEST] (short names are on docker.io)
+        reference: String,
+        /// Name of the image [default: the normalised reference]
+        #[arg(long)]
+        name: Option<String>,
+        /// Platform to pick from a multi-platform image: OS/ARCH[/VARIANT] [default: this host's]
+        #[arg(long)]
+        platform: Option<String>,
+        /// A mirror tried before the registry (HOST[:PORT] or http(s)://HOST[:PORT]; repeatable)
+        #[arg(long = "mirror")]
+        mirrors: Vec<String>,
+        /// Plain HTTP for every registry (loopback registries use it anyway)
+        #[arg(long)]
+        insecure: bool,
+        #[command(flatten)]
+        limits: LimitArgs,
+    },
+    /// Push an image (imported, pulled or committed) to a registry
+    Push {
+        name: String,
+        /// [REGISTRY/]REPOSITORY[:TAG]
+        reference: String,
+        /// Plain HTTP for every registry (loopback registries use it anyway)
+        #[arg(long)]
+        insecure: bool,
+    },
     /// Index an imported image's layers again (what import does after copying blobs)
     Unpack {
         name: String,
@@ -278,6 +306,69 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     start.elapsed().as_secs_f64()
                 );
             }
+        }
+        Command::Pull {
+            reference,
+            name,
+            platform,
+            mirrors,
+            insecure,
+            limits,
+        } => {
+            let platform = platform
+                .map(|p| Platform::parse(&p).map_err(anyhow::Error::msg))
+                .transpose()?;
+            let connect = lazysnap::registry::source::Connect {
+                mirrors,
+                insecure,
+                ..Default::default()
+            };
+            let mut root = Root::open(&root_path)?;
+            root.limits = limits.into();
+            let mut bars = Bars::new();
+            let start = std::time::Instant::now();
+            let img = lazysnap::registry::pull::pull(
+                &mut root,
+                &reference,
+                name.as_deref(),
+                platform.as_ref(),
+                &connect,
+                &mut bars,
+            );
+            bars.clear();
+            let img = img?;
+            println!(
+                "pulled {} ({} layers, manifest {}, snapshot {}) in {:.2}s",
+                img.name,
+                img.layers,
+                img.manifest,
+                img.chain_id
+                    .map(|c| c.to_string())
+                    .unwrap_or_else(|| "none".into()),
+                start.elapsed().as_secs_f64()
+            );
+        }
+        Command::Push {
+            name,
+            reference,
+            insecure,
+        } => {
+            let connect = lazysnap::registry::source::Connect {
+                insecure,
+                ..Default::default()
+            };
+            let root = Root::open(&root_path)?;
+            let start = std::time::Instant::now();
+            let pushed = lazysnap::registry::push::push(&root, &name, &reference, &connect)?;
+            println!(
+                "pushed {name} to {} (manifest {}, {} blobs uploaded ({}), {} already there) in {:.2}s",
+                pushed.reference,
+                pushed.manifest,
+                pushed.blobs_uploaded,
+                human(pushed.bytes_uploaded),
+                pushed.blobs_present,
+                start.elapsed().as_secs_f64()
+            );
         }
         Command::Unpack { name, limits } => {
             let mut root = Root::open(&root_path)?;

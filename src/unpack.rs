@@ -299,6 +299,31 @@ fn index_blob_inner(
     }
     let file = File::open(blob_path)?;
     let compressed = file.metadata()?.len();
+    index_stream(
+        root_path,
+        file,
+        layer,
+        progress,
+        limits,
+        compressed,
+        check_diff_id,
+    )
+}
+
+/// Indexes a layer from a stream of its (compressed) bytes, e.g. while it downloads: the
+/// caller must make sure the bytes are the blob's (the content store checks the digest of the
+/// same stream) before recording the result. The diffID is checked when `check_diff_id`;
+/// `compressed` is the blob's size (for the expansion limit).
+pub fn index_stream<R: Read + Send + 'static>(
+    root_path: &Path,
+    reader: R,
+    layer: &LayerDesc,
+    progress: Arc<UnpackProgress>,
+    limits: &Limits,
+    compressed: u64,
+    check_diff_id: bool,
+) -> anyhow::Result<Indexed> {
+    let file = reader;
     let local_copy_rel = local_copy_rel_path(&layer.desc.digest);
     let opts = SpanOptions {
         span_size: SPAN_SIZE,
@@ -395,9 +420,23 @@ pub fn unpack(
     layers: &[LayerDesc],
     progress: Arc<UnpackProgress>,
 ) -> anyhow::Result<Option<Digest>> {
+    unpack_with(root, layers, progress, &|_| None)
+}
+
+/// Where a layer was already indexed (e.g. while it downloaded): the result for a blob, if
+/// any. A result whose diffID is not the config's is an error; a failed one is redone here.
+pub type PreIndexed<'a> = dyn Fn(&Digest) -> Option<anyhow::Result<Indexed>> + 'a;
+
+/// As [`unpack`], taking the indexes `pre` already made instead of reading those blobs again.
+pub fn unpack_with(
+    root: &mut Root,
+    layers: &[LayerDesc],
+    progress: Arc<UnpackProgress>,
+    pre: &PreIndexed<'_>,
+) -> anyhow::Result<Option<Digest>> {
     let diff_ids: Vec<Digest> = layers.iter().map(|l| l.diff_id.clone()).collect();
     let chain_ids = Digest::chain_ids(&diff_ids);
-    let mut todo = Vec::new();
+    let mut todo: Vec<usize> = Vec::new();
     for (i, layer) in layers.iter().enumerate() {
         if already_indexed(root, layer)? {
             progress
@@ -411,10 +450,40 @@ pub fn unpack(
             todo.push(i);
         }
     }
+    let mut done_before: Vec<(usize, anyhow::Result<Indexed>)> = Vec::new();
+    todo.retain(|&i| {
+        let layer = &layers[i];
+        match pre(&layer.desc.digest) {
+            Some(Ok(ix)) => {
+                debug!(blob = %layer.desc.digest, "indexed while downloading");
+                let r = if ix.layer.diff_id == layer.diff_id.as_str() {
+                    Ok(ix)
+                } else {
+                    Err(anyhow::anyhow!(
+                        "layer {}: diffID mismatch: the image config says {}, the uncompressed data hashes to {}",
+                        layer.desc.digest,
+                        layer.diff_id,
+                        ix.layer.diff_id
+                    ))
+                };
+                progress
+                    .compressed_bytes
+                    .fetch_add(layer.desc.size, Ordering::Relaxed);
+                progress.layers_done.fetch_add(1, Ordering::Relaxed);
+                done_before.push((i, r));
+                false
+            }
+            Some(Err(e)) => {
+                debug!(blob = %layer.desc.digest, error = %e, "indexing while downloading failed; indexing the blob");
+                true
+            }
+            None => true,
+        }
+    });
     let root_path = root.path.clone();
     let store = root.store.clone();
     let limits = root.limits;
-    let results: Vec<(usize, anyhow::Result<Indexed>)> = todo
+    let mut results: Vec<(usize, anyhow::Result<Indexed>)> = todo
         .par_iter()
         .map(|&i| {
             let layer = &layers[i];
@@ -429,6 +498,7 @@ pub fn unpack(
             (i, result)
         })
         .collect();
+    results.extend(done_before);
     let mut indexed: Vec<Option<Indexed>> = (0..layers.len()).map(|_| None).collect();
     for (i, r) in results {
         indexed[i] = Some(r?);

@@ -1,0 +1,181 @@
+#!/usr/bin/env python3
+"""A fault-injecting, token-issuing HTTP proxy in front of a registry, for tests.
+
+    registry-proxy.py UPSTREAM [--cut-after N] [--corrupt] [--fail-first N [--fail-status S]]
+                      [--bearer [USER:PASS]] [--no-ranges] [--log FILE]
+
+Prints the port it listens on (127.0.0.1) as its first line, then serves until killed.
+
+--cut-after N   the first GET of each blob sends the full Content-Length but only N bytes of
+                the body, then drops the connection (a client must resume from byte N)
+--corrupt       flips one byte in the middle of every blob body over 64 KiB (the layers, not
+                the config: the digest check of a streamed layer must fail)
+--bearer        imitates distribution's token auth: requests without a valid Bearer token get
+                401 + `WWW-Authenticate: Bearer realm=".../token",service=...,scope=...`;
+                GET /token issues a random token (anonymously, or only to USER:PASS by HTTP
+                Basic when given). Tokens are checked here; the upstream registry is open.
+--fail-first N  answers the first N blob GETs with --fail-status (default 503; 429 sends
+                Retry-After: 1): a client must back off and retry
+--no-ranges     drops Range headers (a registry that always answers 200 with the whole blob)
+--log FILE      appends one line per request: METHOD PATH RANGE-HEADER
+"""
+import argparse
+import base64
+import http.client
+import http.server
+import json
+import re
+import secrets
+import sys
+import threading
+
+args = None
+tokens = set()
+cut_done = set()
+failed = [0]
+lock = threading.Lock()
+HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade",
+       "proxy-authorization", "proxy-authenticate"}
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, fmt, *a):
+        pass
+
+    def log_request_line(self):
+        if args.log:
+            with lock, open(args.log, "a") as f:
+                f.write(f"{self.command} {self.path} {self.headers.get('Range', '-')}\n")
+
+    def send_json(self, code, obj, extra=()):
+        body = json.dumps(obj).encode()
+        self.send_response(code)
+        for k, v in extra:
+            self.send_header(k, v)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def token(self):
+        if args.bearer and ":" in args.bearer:
+            want = "Basic " + base64.b64encode(args.bearer.encode()).decode()
+            if self.headers.get("Authorization") != want:
+                return self.send_json(401, {"errors": [{"code": "UNAUTHORIZED"}]},
+                                      [("WWW-Authenticate", 'Basic realm="token"')])
+        t = secrets.token_hex(16)
+        with lock:
+            tokens.add(t)
+        self.send_json(200, {"token": t, "access_token": t, "expires_in": 300})
+
+    def authorized(self):
+        auth = self.headers.get("Authorization", "")
+        if auth.startswith("Bearer ") and auth[7:] in tokens:
+            return True
+        m = re.match(r"^/v2/(.+?)/(manifests|blobs|tags)/", self.path)
+        action = "pull" if self.command in ("GET", "HEAD") else "pull,push"
+        scope = f',scope="repository:{m.group(1)}:{action}"' if m else ""
+        host = self.headers.get("Host", f"127.0.0.1:{self.server.server_port}")
+        self.send_json(401, {"errors": [{"code": "UNAUTHORIZED"}]}, [(
+            "WWW-Authenticate",
+            f'Bearer realm="http://{host}/token",service="lazysnap-test"{scope}')])
+        return False
+
+    def handle_any(self):
+        self.log_request_line()
+        if args.bearer is not None:
+            if self.path.startswith("/token"):
+                return self.token()
+            if not self.authorized():
+                return
+        if args.fail_first and self.command == "GET" and "/blobs/sha256:" in self.path:
+            with lock:
+                fail = failed[0] < args.fail_first
+                failed[0] += 1
+            if fail:
+                extra = [("Retry-After", "1")] if args.fail_status == 429 else []
+                return self.send_json(args.fail_status, {"errors": [{"code": "UNAVAILABLE"}]}, extra)
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else None
+        headers = {k: v for k, v in self.headers.items()
+                   if k.lower() not in HOP and k.lower() not in ("host", "authorization")
+                   and not (args.no_ranges and k.lower() == "range")}
+        conn = http.client.HTTPConnection(args.upstream, timeout=60)
+        conn.request(self.command, self.path, body=body, headers=headers)
+        resp = conn.getresponse()
+        is_blob = self.command == "GET" and "/blobs/sha256:" in self.path and resp.status in (200, 206)
+        self.send_response(resp.status)
+        for k, v in resp.getheaders():
+            if k.lower() in HOP:
+                continue
+            if k.lower() == "location":
+                v = v.replace(f"http://{args.upstream}", f"http://{self.headers.get('Host')}")
+            self.send_header(k, v)
+        if resp.getheader("Content-Length") is None and self.command != "HEAD":
+            self.send_header("Connection", "close")
+            self.close_connection = True
+        self.end_headers()
+        if self.command == "HEAD":
+            return
+        cut = None
+        if is_blob and args.cut_after is not None and resp.status == 200:
+            with lock:
+                if self.path not in cut_done:
+                    cut_done.add(self.path)
+                    cut = args.cut_after
+        total = int(resp.getheader("Content-Length") or 0)
+        flip = total // 2 if (is_blob and args.corrupt and resp.status == 200 and total > 65536) else None
+        sent = 0
+        while True:
+            chunk = resp.read(65536)
+            if not chunk:
+                break
+            if flip is not None and sent <= flip < sent + len(chunk):
+                b = bytearray(chunk)
+                b[flip - sent] ^= 0xFF
+                chunk = bytes(b)
+            if cut is not None and sent + len(chunk) >= cut:
+                self.wfile.write(chunk[: cut - sent])
+                self.wfile.flush()
+                self.close_connection = True
+                self.connection.shutdown(2)
+                conn.close()
+                return
+            self.wfile.write(chunk)
+            sent += len(chunk)
+        conn.close()
+
+    do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = handle_any
+
+
+class Server(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address):
+        # Clients dropping pooled connections at exit are not errors worth a traceback.
+        if isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            return
+        super().handle_error(request, client_address)
+
+
+def main():
+    global args
+    p = argparse.ArgumentParser()
+    p.add_argument("upstream")
+    p.add_argument("--cut-after", type=int)
+    p.add_argument("--corrupt", action="store_true")
+    p.add_argument("--bearer", nargs="?", const="")
+    p.add_argument("--fail-first", type=int, default=0)
+    p.add_argument("--fail-status", type=int, default=503)
+    p.add_argument("--no-ranges", action="store_true")
+    p.add_argument("--log")
+    args = p.parse_args()
+    srv = Server(("127.0.0.1", 0), Handler)
+    print(srv.server_port, flush=True)
+    srv.serve_forever()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
