@@ -52,7 +52,6 @@ pub fn import(
     reporter: &mut dyn Reporter,
 ) -> anyhow::Result<Vec<Imported>> {
     let _span = info_span!("import", path = %path.display()).entered();
-    let writing = root.writer_lock()?;
     let source = open_source(path)?;
     let default_name = path
         .file_name()
@@ -87,6 +86,7 @@ pub fn import_source(
     reporter: &mut dyn Reporter,
     pre_indexed: &PreIndexed<'_>,
 ) -> anyhow::Result<Vec<Imported>> {
+    let writing = root.writer_lock()?;
     let mut ingested = Ingested::default();
     let result = (|| {
         let images = resolve_images(
