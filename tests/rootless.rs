@@ -671,3 +671,68 @@ fn user_namespace_mounts_the_edge_images() {
         );
     }
 }
+
+/// A writable mount as a plain user (no user namespace) with `--owners caller`: writes,
+/// chmod, removals and a new fifo without any privilege; the commit records the caller as the
+/// image's root (0:0), and the export unpacks (umoci, as root) to exactly that.
+#[test]
+fn plain_user_writes_commits_and_exports() {
+    let Some(user) = prerequisites() else { return };
+    let layout = image("debian-zstd");
+    let (expected, _) = reference(&layout, TAG);
+    let s = Scratch::new(&user, "plain-rw");
+    let out = s.run(
+        false,
+        &format!(
+            r#"$L import {layout} --name img:1 >/dev/null
+            $L mount --rw --owners caller img:1 $S/rw >/dev/null
+            cd $S/rw
+            printf 'by a plain user\n' > etc/plain
+            chmod 0640 etc/plain
+            chmod 0700 bin/bash
+            mkfifo run-fifo
+            rm etc/os-release
+            test "$(stat -c %u etc/plain)" = "$(id -u)"
+            cd /
+            $L commit $S/rw img:2 >/dev/null
+            $L umount $S/rw >/dev/null
+            $L export img:2 $S/out/img2 >/dev/null"#,
+            layout = layout.display()
+        ),
+    );
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (committed, _) = reference(&s.dir.join("out/img2"), "2");
+    let f = |p: &str, k: &str| {
+        committed
+            .get(p)
+            .and_then(|f| f.get(k))
+            .cloned()
+            .unwrap_or_default()
+    };
+    assert_eq!(
+        (
+            f("/etc/plain", "uid"),
+            f("/etc/plain", "gid"),
+            f("/etc/plain", "mode")
+        ),
+        ("0".into(), "0".into(), "0640".into())
+    );
+    assert_eq!(f("/bin/bash", "mode"), "0700");
+    assert_eq!(f("/bin/bash", "uid"), expected["/bin/bash"]["uid"]);
+    assert_eq!(f("/bin/bash", "sha256"), expected["/bin/bash"]["sha256"]);
+    assert_eq!(
+        (f("/run-fifo", "type"), f("/run-fifo", "uid")),
+        ("fifo".into(), "0".into())
+    );
+    assert!(!committed.contains_key("/etc/os-release"));
+    assert_eq!(
+        committed.len(),
+        expected.len() + 1,
+        "one file added, one removed, a fifo added"
+    );
+}
