@@ -211,8 +211,9 @@ pub fn mount(
         .open("/dev/fuse")
     {
         return Err(FuseError::Unavailable(format!(
-            "cannot open /dev/fuse ({e}); unprivileged mounts need it readable and writable \
-             by the user (usually mode 0666)"
+            "cannot open /dev/fuse ({e}): fusermount3 opens it with your rights, so FUSE needs \
+             it readable and writable by users — mode 0666, as Debian's udev rule sets it \
+             (without udev, as root: chmod 0666 /dev/fuse; scripts/install-deps.sh does it)"
         )));
     }
     let session = fuser::spawn_mount(fs, &canonical, &config).map_err(mount_err)?;
