@@ -5,12 +5,12 @@
 
 use std::io::{self, Read};
 use std::path::PathBuf;
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::mpsc::{sync_channel, SyncSender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use crate::image::LayerDesc;
-use crate::unpack::{index_stream, Indexed, Limits, UnpackProgress};
+use crate::unpack::{index_stream, ChannelReader, Indexed, Limits, UnpackProgress};
 
 /// Chunks in flight between download and indexing (each up to the store's 1 MiB buffer).
 const IN_FLIGHT: usize = 16;
@@ -37,30 +37,6 @@ impl<R: Read> Read for TeeReader<R> {
     }
 }
 
-struct ChannelReader {
-    rx: Receiver<Vec<u8>>,
-    chunk: Vec<u8>,
-    pos: usize,
-}
-
-impl Read for ChannelReader {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        while self.pos == self.chunk.len() {
-            match self.rx.recv() {
-                Ok(c) => {
-                    self.chunk = c;
-                    self.pos = 0;
-                }
-                Err(_) => return Ok(0),
-            }
-        }
-        let n = buf.len().min(self.chunk.len() - self.pos);
-        buf[..n].copy_from_slice(&self.chunk[self.pos..self.pos + n]);
-        self.pos += n;
-        Ok(n)
-    }
-}
-
 /// Wraps `inner` so `layer` is indexed (under `root_path`) from the same bytes; the handle
 /// yields the (diffID-unchecked) result once the stream ended.
 pub fn tee_index<R: Read>(
@@ -71,11 +47,7 @@ pub fn tee_index<R: Read>(
 ) -> (TeeReader<R>, JoinHandle<anyhow::Result<Indexed>>) {
     let (tx, rx) = sync_channel(IN_FLIGHT);
     let handle = std::thread::spawn(move || {
-        let reader = ChannelReader {
-            rx,
-            chunk: Vec::new(),
-            pos: 0,
-        };
+        let reader = ChannelReader::new(rx);
         index_stream(
             &root_path,
             reader,

@@ -126,26 +126,48 @@ pub fn commit_upper(
     parent_chain: Option<&str>,
     compression: Compression,
 ) -> anyhow::Result<Made> {
-    let blob_writer = root.store.writer()?;
-    let (blob_digest, blob_size, diff_id) = match compression {
-        Compression::Zstd => {
-            let enc = FramedZstd::new(blob_writer, 3, crate::blob::DEFAULT_SPAN_SIZE)?;
-            let (enc, diff) = write_tar(upper, enc)?;
-            let (d, s) = enc.finish()?.commit()?;
-            (d, s, diff)
-        }
-        Compression::Gzip => {
-            let enc = flate2::write::GzEncoder::new(blob_writer, flate2::Compression::new(6));
-            let (enc, diff) = write_tar(upper, enc)?;
-            let (d, s) = enc.finish()?.commit()?;
-            (d, s, diff)
-        }
-        Compression::None => {
-            let (w, diff) = write_tar(upper, blob_writer)?;
-            let (d, s) = w.commit()?;
-            (d, s, diff)
-        }
+    // One pass: the compressed bytes go to the content store and, through a bounded channel,
+    // to an indexer thread, so the new blob is not read back (the tar walk and compression
+    // on one core, decompression and indexing on the other). The indexer names its span map
+    // after a placeholder digest until the blob's is known.
+    let placeholder = placeholder_digest()?;
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(16);
+    let indexer = {
+        let root_path = root.path.clone();
+        let layer = LayerDesc {
+            desc: Desc {
+                media_type: media_type(compression).to_string(),
+                digest: placeholder.clone(),
+                size: 0,
+            },
+            compression,
+            diff_id: placeholder.clone(),
+        };
+        std::thread::Builder::new()
+            .name("commit-index".into())
+            .spawn(move || {
+                // The layer is the caller's own data: no decompression-bomb limits.
+                let unlimited = crate::unpack::Limits {
+                    max_layer_size: u64::MAX,
+                    max_ratio: 0,
+                };
+                crate::unpack::index_stream(
+                    &root_path,
+                    crate::unpack::ChannelReader::new(rx),
+                    &layer,
+                    Arc::new(UnpackProgress::default()),
+                    &unlimited,
+                    u64::MAX,
+                    false,
+                )
+            })
+            .context("starting the indexer thread")?
     };
+    let written = write_blob(root, upper, compression, tx);
+    let indexed = indexer
+        .join()
+        .map_err(|_| anyhow::anyhow!("the commit's indexer thread panicked"))?;
+    let (blob_digest, blob_size, diff_id) = written?;
     let layer = LayerDesc {
         desc: Desc {
             media_type: media_type(compression).to_string(),
@@ -155,14 +177,116 @@ pub fn commit_upper(
         compression,
         diff_id: diff_id.clone(),
     };
-    let indexed = index_blob(
-        &root.path,
-        &root.store.blob_path(&blob_digest),
-        &layer,
-        Arc::new(UnpackProgress::default()),
-        &root.limits,
-    )?;
+    let placeholder_spans = root.abs(&crate::unpack::spans_rel_path(&placeholder));
+    let indexed = match indexed {
+        Ok(mut ix) if ix.blob.local_copy.is_none() && ix.layer.diff_id == diff_id.as_str() => {
+            let spans = crate::unpack::spans_rel_path(&blob_digest);
+            std::fs::rename(&placeholder_spans, root.abs(&spans))
+                .with_context(|| format!("naming the span map of {blob_digest}"))?;
+            ix.blob.digest = blob_digest.to_string();
+            ix.blob.size = blob_size;
+            ix.blob.spans_path = spans;
+            ix
+        }
+        other => {
+            // Not expected (a big single frame needs a local copy; a failed pass): index the
+            // stored blob the usual way.
+            if let Err(e) = &other {
+                tracing::warn!(error = %e, "indexing while writing failed; indexing the blob");
+            }
+            let _ = std::fs::remove_file(&placeholder_spans);
+            let _ =
+                std::fs::remove_file(root.abs(&crate::unpack::local_copy_rel_path(&placeholder)));
+            index_blob(
+                &root.path,
+                &root.store.blob_path(&blob_digest),
+                &layer,
+                Arc::new(UnpackProgress::default()),
+                &root.limits,
+            )?
+        }
+    };
     chain_from_indexed(root, indexed, parent_chain)
+}
+
+/// Tars `upper` through the compressor into the content store, every compressed byte also
+/// sent on `tx`; returns the blob's digest and size and the layer's diffID.
+fn write_blob(
+    root: &mut Root,
+    upper: &Path,
+    compression: Compression,
+    tx: std::sync::mpsc::SyncSender<Vec<u8>>,
+) -> anyhow::Result<(Digest, u64, Digest)> {
+    let tee = TeeWriter {
+        inner: root.store.writer()?,
+        tx: Some(tx),
+    };
+    // Finishing the tee drops the sender: the indexer sees the end of the stream.
+    Ok(match compression {
+        Compression::Zstd => {
+            let enc = FramedZstd::new(tee, 3, crate::blob::DEFAULT_SPAN_SIZE)?;
+            let (enc, diff) = write_tar(upper, enc)?;
+            let (d, s) = enc.finish()?.inner.commit()?;
+            (d, s, diff)
+        }
+        Compression::Gzip => {
+            let enc = flate2::write::GzEncoder::new(tee, flate2::Compression::new(6));
+            let (enc, diff) = write_tar(upper, enc)?;
+            let (d, s) = enc.finish()?.inner.commit()?;
+            (d, s, diff)
+        }
+        Compression::None => {
+            let (w, diff) = write_tar(upper, tee)?;
+            let (d, s) = w.inner.commit()?;
+            (d, s, diff)
+        }
+    })
+}
+
+/// A name no blob has: sha256 of this process, the time and a counter.
+fn placeholder_digest() -> anyhow::Result<Digest> {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let mut h = Sha256::new();
+    h.update(b"lazysnap commit placeholder");
+    h.update(std::process::id().to_le_bytes());
+    h.update(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos()
+            .to_le_bytes(),
+    );
+    h.update(
+        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            .to_le_bytes(),
+    );
+    Ok(Digest::parse(&format!(
+        "sha256:{}",
+        hex::encode(h.finalize())
+    ))?)
+}
+
+/// A writer that also hands every byte written to an indexer (a bounded channel: the slower
+/// side sets the pace). If the indexer stops, writing goes on without it.
+struct TeeWriter<W: Write> {
+    inner: W,
+    tx: Option<std::sync::mpsc::SyncSender<Vec<u8>>>,
+}
+
+impl<W: Write> Write for TeeWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        if let Some(tx) = &self.tx {
+            if n > 0 && tx.send(buf[..n].to_vec()).is_err() {
+                self.tx = None;
+            }
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
 }
 
 /// The chain level a freshly indexed layer makes on top of `parent_chain`.
