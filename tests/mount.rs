@@ -45,6 +45,36 @@ impl Drop for Mounted {
     }
 }
 
+/// `tar -C src -cf tar .` with root as owner.
+fn tar_dir(src: &Path, tar: &Path, extra: &[&str]) {
+    let st = Command::new("tar")
+        .args(["--owner=0", "--group=0"])
+        .args(extra)
+        .arg("-C")
+        .arg(src)
+        .arg("-cf")
+        .arg(tar)
+        .arg(".")
+        .status()
+        .unwrap();
+    assert!(st.success(), "tar of {}", src.display());
+}
+
+/// An OCI layout at `layout` made by scripts/mkimage.py from `layers` (`TAR[:COMP]`).
+fn mkimage(layout: &Path, layers: &[String]) {
+    let out = Command::new("python3")
+        .arg(common::scripts_dir().join("mkimage.py"))
+        .arg(layout)
+        .args(layers)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn import(root: &Path, src: &Path, name: &str) {
     ok(root, &["import", src.to_str().unwrap(), "--name", name]);
 }
@@ -341,31 +371,13 @@ fn image_of_128_layers_under_a_low_open_file_limit() {
             fs::write(src.join(format!("dir{}/.wh.file{prev}", prev % 5)), b"").unwrap();
         }
         let tar = tmp.path().join(format!("layer{i}.tar"));
-        let st = Command::new("tar")
-            .args(["--owner=0", "--group=0", "--mtime=@1700000000", "-C"])
-            .arg(&src)
-            .arg("-cf")
-            .arg(&tar)
-            .arg(".")
-            .status()
-            .unwrap();
-        assert!(st.success());
+        tar_dir(&src, &tar, &["--mtime=@1700000000"]);
         // Mix the compressions along the stack.
         let comp = ["gzip", "zstd", "none"][i as usize % 3];
         layers.push(format!("{}:{comp}", tar.display()));
     }
     let layout = tmp.path().join("deep");
-    let out = Command::new("python3")
-        .arg(common::scripts_dir().join("mkimage.py"))
-        .arg(&layout)
-        .args(&layers)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    mkimage(&layout, &layers);
     let root = tmp.path().join("root");
     let mnt = tmp.path().join("mnt");
     fs::create_dir_all(&mnt).unwrap();
@@ -432,27 +444,9 @@ fn symlinks_out_of_the_rootfs_never_reach_the_host() {
     let rel = format!("../../../../../../../../..{}", abs("file"));
     std::os::unix::fs::symlink(&rel, src.join("etc/rel-file")).unwrap();
     let tar = tmp.path().join("layer.tar");
-    let st = Command::new("tar")
-        .args(["--owner=0", "--group=0", "-C"])
-        .arg(&src)
-        .arg("-cf")
-        .arg(&tar)
-        .arg(".")
-        .status()
-        .unwrap();
-    assert!(st.success());
+    tar_dir(&src, &tar, &[]);
     let layout = tmp.path().join("img");
-    let out = Command::new("python3")
-        .arg(common::scripts_dir().join("mkimage.py"))
-        .arg(&layout)
-        .arg(&tar)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    mkimage(&layout, &[tar.display().to_string()]);
     let root = tmp.path().join("root");
     import(&root, &layout, "links");
     let mnt = tmp.path().join("mnt");
