@@ -295,16 +295,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             )?;
             bars.clear();
             for img in imported {
-                println!(
-                    "imported {} ({} layers, manifest {}, snapshot {}) in {:.2}s",
-                    img.name,
-                    img.layers,
-                    img.manifest,
-                    img.chain_id
-                        .map(|c| c.to_string())
-                        .unwrap_or_else(|| "none".into()),
-                    start.elapsed().as_secs_f64()
-                );
+                print_imported("imported", &img, start);
             }
         }
         Command::Pull {
@@ -336,17 +327,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 &mut bars,
             );
             bars.clear();
-            let img = img?;
-            println!(
-                "pulled {} ({} layers, manifest {}, snapshot {}) in {:.2}s",
-                img.name,
-                img.layers,
-                img.manifest,
-                img.chain_id
-                    .map(|c| c.to_string())
-                    .unwrap_or_else(|| "none".into()),
-                start.elapsed().as_secs_f64()
-            );
+            print_imported("pulled", &img?, start);
         }
         Command::Push {
             name,
@@ -756,20 +737,7 @@ fn sha256_file(mut f: std::fs::File) -> anyhow::Result<lazysnap::digest::Digest>
     ))
 }
 
-fn human(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < UNITS.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
-}
+use lazysnap::df::human;
 
 /// Progress bars on a terminal; nothing otherwise.
 struct Bars {
@@ -891,4 +859,18 @@ fn raise_open_file_limit() {
             }
         }
     }
+}
+
+/// One line per image an import or pull recorded.
+fn print_imported(verb: &str, img: &import::Imported, start: std::time::Instant) {
+    println!(
+        "{verb} {} ({} layers, manifest {}, snapshot {}) in {:.2}s",
+        img.name,
+        img.layers,
+        img.manifest,
+        img.chain_id
+            .as_ref()
+            .map_or_else(|| "none".into(), |c| c.to_string()),
+        start.elapsed().as_secs_f64()
+    );
 }

@@ -109,6 +109,33 @@ pub struct LayerRow {
     pub index_path: String,
 }
 
+/// The columns [`layer_row`] reads, in its order.
+const LAYER_COLUMNS: &str = "diff_id, uncompressed_size, entries, index_path";
+
+fn layer_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<LayerRow> {
+    Ok(LayerRow {
+        diff_id: r.get(0)?,
+        uncompressed_size: r.get(1)?,
+        entries: r.get(2)?,
+        index_path: r.get(3)?,
+    })
+}
+
+/// The columns [`blob_row`] reads, in its order.
+const BLOB_COLUMNS: &str = "digest, diff_id, media_type, compression, size, spans_path, local_copy";
+
+fn blob_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<BlobRow> {
+    Ok(BlobRow {
+        digest: r.get(0)?,
+        diff_id: r.get(1)?,
+        media_type: r.get(2)?,
+        compression: r.get(3)?,
+        size: r.get(4)?,
+        spans_path: r.get(5)?,
+        local_copy: r.get(6)?,
+    })
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct BlobRow {
     pub digest: String,
@@ -207,16 +234,9 @@ impl Meta {
         Ok(self
             .conn
             .query_row(
-                "SELECT diff_id, uncompressed_size, entries, index_path FROM layers WHERE diff_id = ?1",
+                &format!("SELECT {LAYER_COLUMNS} FROM layers WHERE diff_id = ?1"),
                 [diff_id],
-                |r| {
-                    Ok(LayerRow {
-                        diff_id: r.get(0)?,
-                        uncompressed_size: r.get(1)?,
-                        entries: r.get(2)?,
-                        index_path: r.get(3)?,
-                    })
-                },
+                layer_row,
             )
             .optional()?)
     }
@@ -225,20 +245,9 @@ impl Meta {
         Ok(self
             .conn
             .query_row(
-                "SELECT digest, diff_id, media_type, compression, size, spans_path, local_copy
-                 FROM blobs WHERE digest = ?1",
+                &format!("SELECT {BLOB_COLUMNS} FROM blobs WHERE digest = ?1"),
                 [digest],
-                |r| {
-                    Ok(BlobRow {
-                        digest: r.get(0)?,
-                        diff_id: r.get(1)?,
-                        media_type: r.get(2)?,
-                        compression: r.get(3)?,
-                        size: r.get(4)?,
-                        spans_path: r.get(5)?,
-                        local_copy: r.get(6)?,
-                    })
-                },
+                blob_row,
             )
             .optional()?)
     }
@@ -998,37 +1007,19 @@ impl Meta {
     pub fn layers(&self) -> Result<Vec<LayerRow>> {
         let mut stmt = self
             .conn
-            .prepare("SELECT diff_id, uncompressed_size, entries, index_path FROM layers")?;
+            .prepare(&format!("SELECT {LAYER_COLUMNS} FROM layers"))?;
         let rows = stmt
-            .query_map([], |r| {
-                Ok(LayerRow {
-                    diff_id: r.get(0)?,
-                    uncompressed_size: r.get(1)?,
-                    entries: r.get(2)?,
-                    index_path: r.get(3)?,
-                })
-            })?
+            .query_map([], layer_row)?
             .collect::<rusqlite::Result<_>>()?;
         Ok(rows)
     }
 
     pub fn blobs(&self) -> Result<Vec<BlobRow>> {
-        let mut stmt = self.conn.prepare(
-            "SELECT digest, diff_id, media_type, compression, size, spans_path, local_copy
-             FROM blobs",
-        )?;
+        let mut stmt = self
+            .conn
+            .prepare(&format!("SELECT {BLOB_COLUMNS} FROM blobs"))?;
         let rows = stmt
-            .query_map([], |r| {
-                Ok(BlobRow {
-                    digest: r.get(0)?,
-                    diff_id: r.get(1)?,
-                    media_type: r.get(2)?,
-                    compression: r.get(3)?,
-                    size: r.get(4)?,
-                    spans_path: r.get(5)?,
-                    local_copy: r.get(6)?,
-                })
-            })?
+            .query_map([], blob_row)?
             .collect::<rusqlite::Result<_>>()?;
         Ok(rows)
     }

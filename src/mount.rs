@@ -274,12 +274,6 @@ pub struct DaemonMounter {
 
 impl crate::snapshot::Mounter for DaemonMounter {
     fn mount(&self, _root: &Root, spec: &crate::snapshot::MountSpec) -> anyhow::Result<()> {
-        if lazysnap_fuse::is_stale_mount(&spec.mountpoint) {
-            tracing::warn!(mountpoint = %spec.mountpoint.display(), "unmounting a stale mount (its daemon is gone)");
-            lazysnap_fuse::unmount(&spec.mountpoint).with_context(|| {
-                format!("cleaning the stale mount at {}", spec.mountpoint.display())
-            })?;
-        }
         std::fs::create_dir_all(&spec.mountpoint)
             .with_context(|| format!("creating {}", spec.mountpoint.display()))?;
         let req = MountRequest {

@@ -97,12 +97,6 @@ impl InProcessMounter {
 impl Mounter for InProcessMounter {
     fn mount(&self, root: &Root, spec: &MountSpec) -> anyhow::Result<()> {
         let mp = &spec.mountpoint;
-        // A stale mount first: the directory cannot even be stat'ed through it.
-        if lazysnap_fuse::is_stale_mount(mp) {
-            warn!(mountpoint = %mp.display(), "unmounting a stale mount (its server is gone)");
-            lazysnap_fuse::unmount(mp)
-                .with_context(|| format!("cleaning the stale mount at {}", mp.display()))?;
-        }
         std::fs::create_dir_all(mp).with_context(|| format!("creating {}", mp.display()))?;
         if let Some(old) = self.map().remove(mp) {
             // Not expected (the snapshotter asks is_mounted first); replace it cleanly.

@@ -1,7 +1,8 @@
 //! Commit: the upper directory of an active snapshot becomes a layer. The upper already is an
 //! OCI layer in directory form (`.wh.NAME` whiteouts, `.wh..wh..opq` opaque markers), so this
-//! tars it (PAX: xattrs, nanosecond times; hardlinks kept), compresses it, stores the blob and
-//! indexes it like any imported layer. The upper is walked only through directory fds and
+//! tars it (PAX: xattrs, nanosecond times; hardlinks kept), compresses it (zstd in 4 MiB
+//! frames, so no local seekable copy is needed) and stores the blob while an indexer thread
+//! indexes the same bytes, as an import would. The upper is walked only through directory fds and
 //! `*at()` calls with `O_NOFOLLOW`: a symlink in the snapshot never leads outside it.
 
 use std::collections::HashMap;
@@ -24,8 +25,6 @@ use crate::meta::{BlobRow, ChainRow, LayerRow};
 use crate::root::Root;
 use crate::unpack::{index_blob, UnpackProgress};
 
-/// The owner/mode a rootless mount recorded for a file it could not really chown/chmod.
-pub const OVERRIDE_XATTR: &str = "user.lazysnap.override";
 /// Temp names the fuse crate uses inside the upper while copying up; never part of a layer.
 const UPPER_TEMP_PREFIX: &[u8] = b".wh..lazysnap-tmp.";
 
@@ -513,15 +512,7 @@ fn append_root<W: Write>(dir: &OwnedFd, builder: &mut tar::Builder<W>) -> anyhow
     let dot = CString::new(".")?;
     let st = fstatat(dir.as_raw_fd(), &dot)?;
     let mut xattrs = xattrs_at(dir.as_raw_fd(), b".")?;
-    let (mut uid, mut gid, mut perm) = (st.st_uid, st.st_gid, st.st_mode & 0o7777);
-    if let Some(o) = xattrs
-        .iter()
-        .find(|(k, _)| k == OVERRIDE_XATTR)
-        .and_then(|(_, v)| lazysnap_fuse::Override::parse(v))
-    {
-        (uid, gid, perm) = (o.uid, o.gid, o.mode & 0o7777);
-    }
-    xattrs.retain(|(k, _)| !lazysnap_fuse::ownership::is_private(k.as_bytes()));
+    let EntryMeta { uid, gid, perm, .. } = entry_meta(&st, &mut xattrs);
     let mut header = tar::Header::new_gnu();
     header.set_entry_type(tar::EntryType::Directory);
     header.set_uid(u64::from(uid));
@@ -533,6 +524,44 @@ fn append_root<W: Write>(dir: &OwnedFd, builder: &mut tar::Builder<W>) -> anyhow
     builder.append_pax_extensions(pax.iter().map(|(k, v)| (k.as_str(), v.as_slice())))?;
     builder.append_data(&mut header, "./", io::empty())?;
     Ok(())
+}
+
+/// What a tar header says of an upper entry.
+struct EntryMeta {
+    fmt: u32,
+    uid: u32,
+    gid: u32,
+    perm: u32,
+    rdev: (u32, u32),
+}
+
+/// The host file's type, owner, mode and device number, overridden by what a mount without
+/// privilege recorded in `user.lazysnap.override` (a device, fifo or socket is then a regular
+/// file carrying its type); the mount's private xattrs are taken out of `xattrs`.
+fn entry_meta(st: &libc::stat, xattrs: &mut Vec<(String, Vec<u8>)>) -> EntryMeta {
+    let mut m = EntryMeta {
+        fmt: st.st_mode & libc::S_IFMT,
+        uid: st.st_uid,
+        gid: st.st_gid,
+        perm: st.st_mode & 0o7777,
+        rdev: (libc::major(st.st_rdev), libc::minor(st.st_rdev)),
+    };
+    let recorded = xattrs
+        .iter()
+        .find(|(k, _)| k.as_bytes() == lazysnap_fuse::ownership::OVERRIDE_XATTR)
+        .and_then(|(_, v)| lazysnap_fuse::Override::parse(v));
+    if let Some(o) = recorded {
+        (m.uid, m.gid, m.perm) = (o.uid, o.gid, o.mode & 0o7777);
+        let t = o.mode & libc::S_IFMT;
+        if t != 0 && m.fmt == libc::S_IFREG {
+            m.fmt = t;
+        }
+        if matches!(t, libc::S_IFCHR | libc::S_IFBLK) {
+            m.rdev = (libc::major(o.rdev), libc::minor(o.rdev));
+        }
+    }
+    xattrs.retain(|(k, _)| !lazysnap_fuse::ownership::is_private(k.as_bytes()));
+    m
 }
 
 /// The PAX records of an entry: nanosecond mtime, xattrs, and ids too large for the header.
@@ -572,33 +601,18 @@ fn walk<W: Write>(
         let st = fstatat(dir.as_raw_fd(), &cname)?;
         let mut path = prefix.to_vec();
         path.extend_from_slice(&name);
-        let mut fmt = st.st_mode & libc::S_IFMT;
         let mut xattrs = xattrs_at(dir.as_raw_fd(), &name)?;
-        let mut uid = st.st_uid;
-        let mut gid = st.st_gid;
-        let mut perm = st.st_mode & 0o7777;
-        let mut rdev = (libc::major(st.st_rdev), libc::minor(st.st_rdev));
+        let EntryMeta {
+            fmt,
+            mut uid,
+            mut gid,
+            perm,
+            rdev,
+        } = entry_meta(&st, &mut xattrs);
         if name.starts_with(b".wh.") {
             // A marker: who made it on the host says nothing about the image.
             (uid, gid) = (0, 0);
         }
-        if let Some(pos) = xattrs.iter().position(|(k, _)| k == OVERRIDE_XATTR) {
-            let (_, v) = xattrs.remove(pos);
-            if let Some(o) = lazysnap_fuse::Override::parse(&v) {
-                uid = o.uid;
-                gid = o.gid;
-                perm = o.mode & 0o7777;
-                // Without privilege a device or fifo is a regular file carrying its type here.
-                let t = o.mode & libc::S_IFMT;
-                if t != 0 && fmt == libc::S_IFREG {
-                    fmt = t;
-                }
-                if matches!(t, libc::S_IFCHR | libc::S_IFBLK) {
-                    rdev = (libc::major(o.rdev), libc::minor(o.rdev));
-                }
-            }
-        }
-        xattrs.retain(|(k, _)| !lazysnap_fuse::ownership::is_private(k.as_bytes()));
 
         let mut header = tar::Header::new_gnu();
         header.set_uid(u64::from(uid));

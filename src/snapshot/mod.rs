@@ -356,6 +356,16 @@ impl Snapshotter {
                 key,
                 "filesystem of the snapshot was not mounted; mounting it again"
             );
+            // A dead server's or daemon's mount is left stale: the directory cannot even be
+            // stat'ed through it until it is unmounted.
+            if lazysnap_fuse::is_stale_mount(&spec.mountpoint) {
+                lazysnap_fuse::unmount(&spec.mountpoint).map_err(|e| {
+                    SnapshotError::Internal(anyhow::Error::new(e).context(format!(
+                        "cleaning the stale mount at {}",
+                        spec.mountpoint.display()
+                    )))
+                })?;
+            }
             self.mounter.mount(&self.root, &spec)?;
         }
         Ok(self.mounts_of(&self.row(key)?))
