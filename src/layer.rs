@@ -11,12 +11,15 @@ use tracing::warn;
 use crate::blob::{BlobReader, SpanCache, SpanMap};
 use crate::index::{Kind, LayerIndex, FLAG_IMPLICIT, FLAG_OPAQUE, NO_PARENT, WHITEOUT};
 use crate::meta::ChainRow;
+use crate::registry::lazy::{RemoteBlob, RemoteInfo};
 use crate::root::Root;
 
 pub struct IndexedLayer {
     index: LayerIndex,
     reader: BlobReader,
     name: String,
+    /// Records first reads (lazily pulled layers, first mount): see [`crate::trace`].
+    tracer: Option<Arc<crate::trace::Recorder>>,
 }
 
 impl IndexedLayer {
@@ -25,6 +28,7 @@ impl IndexedLayer {
             index,
             reader,
             name,
+            tracer: None,
         }
     }
 
@@ -47,14 +51,32 @@ impl IndexedLayer {
             .with_context(|| format!("span map {} is corrupt", spans_path.display()))?;
         let local = blob.local_copy.as_deref().map(|p| root.abs(p));
         let digest = crate::digest::Digest::parse(&chain.blob_digest)?;
-        let reader = BlobReader::open(
-            &root.store.blob_path(&digest),
-            Arc::new(map),
-            local.as_deref(),
-            cache,
-        )
+        let path = root.store.blob_path(&digest);
+        let mut tracer = None;
+        let reader = match blob.remote.as_deref() {
+            // Lazily pulled and not downloaded yet: ranges from the registry.
+            Some(remote) if !path.is_file() => {
+                let info = RemoteInfo::load(&root.abs(remote), &digest)?;
+                let source = RemoteBlob::open(&root.store, &digest, info, root.chunk_cache()?)
+                    .with_context(|| format!("opening remote blob {digest}"))?;
+                source.start_background(root.store.clone(), root.path.join(crate::chunks::DIR));
+                tracer = crate::trace::Recorder::start(&root.path, &digest);
+                let size = source.size();
+                BlobReader::open_bytes(
+                    source,
+                    size,
+                    format!("remote blob {digest}"),
+                    Arc::new(map),
+                    local.as_deref(),
+                    cache,
+                )
+            }
+            _ => BlobReader::open(&path, Arc::new(map), local.as_deref(), cache),
+        }
         .with_context(|| format!("opening blob {}", chain.blob_digest))?;
-        Ok(Self::new(index, reader, chain.blob_digest.clone()))
+        let mut layer = Self::new(index, reader, chain.blob_digest.clone());
+        layer.tracer = tracer;
+        Ok(layer)
     }
 
     pub fn index(&self) -> &LayerIndex {
@@ -238,6 +260,9 @@ impl LayerTree for IndexedLayer {
         }
         let want = (n.size - offset).min(buf.len() as u64) as usize;
         let buf = &mut buf[..want];
+        if let Some(t) = &self.tracer {
+            t.record(node, offset + want as u64);
+        }
         let extents = self.index.sparse.get(n.sparse.as_range()).unwrap_or(&[]);
         if extents.is_empty() {
             return self.read_plain(n.data_offset, offset, buf);

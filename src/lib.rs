@@ -7,6 +7,7 @@
 
 pub mod blob;
 pub mod check;
+pub mod chunks;
 pub mod df;
 pub mod digest;
 pub mod export;
@@ -22,4 +23,5 @@ pub mod root;
 pub mod service;
 pub mod snapshot;
 pub mod store;
+pub mod trace;
 pub mod unpack;

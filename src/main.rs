@@ -110,6 +110,22 @@ impl From<LimitArgs> for lazysnap::unpack::Limits {
 }
 
 #[derive(Subcommand)]
+enum IndexCommand {
+    /// Push the index artifact of a local image (pulled or pushed) to the registry, attached
+    /// to the image's manifest (OCI referrers), so `pull --lazy` there needs no download
+    Push {
+        /// [REGISTRY/]REPOSITORY[:TAG] of the image on the registry
+        reference: String,
+        /// The local image [default: the normalised reference, as `pull` names it]
+        #[arg(long)]
+        name: Option<String>,
+        /// Plain HTTP for every registry (loopback registries use it anyway)
+        #[arg(long)]
+        insecure: bool,
+    },
+}
+
+#[derive(Subcommand)]
 enum Command {
     /// Import an OCI layout directory, OCI archive or `docker save` archive, and index its layers
     Import {
@@ -139,8 +155,31 @@ enum Command {
         /// Plain HTTP for every registry (loopback registries use it anyway)
         #[arg(long)]
         insecure: bool,
+        /// Leave layers that have a lazysnap index artifact (`index push`) in the registry:
+        /// mounts read them by range on demand (and download them in the background)
+        #[arg(long)]
+        lazy: bool,
+        /// With --lazy: never download whole layers; only the ranges reads need
+        #[arg(long, requires = "lazy")]
+        no_background_fetch: bool,
         #[command(flatten)]
         limits: LimitArgs,
+    },
+    /// Index artifacts: what lets other nodes pull an image lazily
+    Index {
+        #[command(subcommand)]
+        command: IndexCommand,
+    },
+    /// Show the access trace recorded for an image's lazily pulled layers (files in the order
+    /// the first mount read them), which `pull --lazy` fetches first
+    Trace {
+        name: String,
+        /// Forget the traces, so the next mount records new ones
+        #[arg(long)]
+        reset: bool,
+        /// Print JSON
+        #[arg(long)]
+        json: bool,
     },
     /// Push an image (imported, pulled or committed) to a registry
     Push {
@@ -304,6 +343,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             platform,
             mirrors,
             insecure,
+            lazy,
+            no_background_fetch,
             limits,
         } => {
             let platform = platform
@@ -314,6 +355,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 insecure,
                 ..Default::default()
             };
+            let lazy = lazy.then(|| lazysnap::registry::source::Lazy {
+                connect: connect.clone(),
+                background: !no_background_fetch,
+            });
             let mut root = Root::open(&root_path)?;
             root.limits = limits.into();
             let mut bars = Bars::new();
@@ -324,10 +369,55 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 name.as_deref(),
                 platform.as_ref(),
                 &connect,
+                lazy,
                 &mut bars,
             );
             bars.clear();
-            print_imported("pulled", &img?, start);
+            let (img, report) = img?;
+            print_imported("pulled", &img, start);
+            if report.remote_layers > 0 {
+                println!(
+                    "{} of {} layers left in the registry (read on demand); {} prefetched for the recorded trace",
+                    report.remote_layers,
+                    img.layers,
+                    human(report.prefetched_bytes)
+                );
+            }
+        }
+        Command::Index {
+            command:
+                IndexCommand::Push {
+                    reference,
+                    name,
+                    insecure,
+                },
+        } => {
+            let connect = lazysnap::registry::source::Connect {
+                insecure,
+                ..Default::default()
+            };
+            let root = Root::open(&root_path)?;
+            let name = match name {
+                Some(n) => n,
+                None => lazysnap::registry::Reference::parse(&reference)?.to_string(),
+            };
+            let start = std::time::Instant::now();
+            let pushed =
+                lazysnap::registry::artifact::push_index(&root, &name, &reference, &connect)?;
+            println!(
+                "pushed the index of {name} to {} (artifact {} for {}, {} layers indexed, {} only readable after download, {}) in {:.2}s",
+                pushed.reference,
+                pushed.artifact,
+                pushed.subject,
+                pushed.layers_indexed,
+                pushed.layers_skipped,
+                human(pushed.bytes),
+                start.elapsed().as_secs_f64()
+            );
+        }
+        Command::Trace { name, reset, json } => {
+            let root = Root::open(&root_path)?;
+            show_trace(&root, &name, reset, json)?;
         }
         Command::Push {
             name,
@@ -862,6 +952,61 @@ fn raise_open_file_limit() {
 }
 
 /// One line per image an import or pull recorded.
+/// `trace`: per lazily pulled layer, the files of its access trace in first-read order.
+fn show_trace(root: &Root, name: &str, reset: bool, json: bool) -> anyhow::Result<()> {
+    use lazysnap::trace::{node_paths, Trace};
+    let img = root
+        .meta
+        .image(name)?
+        .with_context(|| format!("image {name:?} not found"))?;
+    let mut out = Vec::new();
+    for l in &img.layers {
+        let digest = lazysnap::digest::Digest::parse(&l.blob_digest)?;
+        if reset {
+            let p = lazysnap::trace::path(&root.path, &digest);
+            if p.exists() {
+                std::fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
+            }
+            continue;
+        }
+        let Some(mut trace) = Trace::load(&root.path, &digest) else {
+            continue;
+        };
+        if let Some(layer) = root.meta.layer(&l.diff_id)? {
+            let index = lazysnap::index::LayerIndex::load(&root.abs(&layer.index_path))?;
+            let paths = node_paths(&index);
+            trace.paths = trace
+                .files
+                .iter()
+                .map(|a| paths.get(&a.node).cloned().unwrap_or_default())
+                .collect();
+        }
+        out.push((l.blob_digest.clone(), trace));
+    }
+    if reset {
+        println!("traces of {name} removed; the next mount records new ones");
+        return Ok(());
+    }
+    if json {
+        let v: Vec<_> = out
+            .iter()
+            .map(|(d, t)| serde_json::json!({"layer": d, "files": t.paths, "reads": t.files}))
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    if out.is_empty() {
+        println!("no access trace recorded for {name} (one is recorded on the first mount of a lazily pulled image)");
+    }
+    for (d, t) in out {
+        println!("layer {d}: {} files", t.files.len());
+        for (a, p) in t.files.iter().zip(&t.paths) {
+            println!("  {p}\t{}", human(a.read_end));
+        }
+    }
+    Ok(())
+}
+
 fn print_imported(verb: &str, img: &import::Imported, start: std::time::Instant) {
     println!(
         "{verb} {} ({} layers, manifest {}, snapshot {}) in {:.2}s",

@@ -39,7 +39,8 @@ CREATE TABLE IF NOT EXISTS blobs (
     compression TEXT NOT NULL,
     size        INTEGER NOT NULL,
     spans_path  TEXT NOT NULL,
-    local_copy  TEXT
+    local_copy  TEXT,
+    remote      TEXT
 );
 CREATE TABLE IF NOT EXISTS chains (
     chain_id    TEXT PRIMARY KEY,
@@ -122,7 +123,8 @@ fn layer_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<LayerRow> {
 }
 
 /// The columns [`blob_row`] reads, in its order.
-const BLOB_COLUMNS: &str = "digest, diff_id, media_type, compression, size, spans_path, local_copy";
+const BLOB_COLUMNS: &str =
+    "digest, diff_id, media_type, compression, size, spans_path, local_copy, remote";
 
 fn blob_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<BlobRow> {
     Ok(BlobRow {
@@ -133,6 +135,7 @@ fn blob_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<BlobRow> {
         size: r.get(4)?,
         spans_path: r.get(5)?,
         local_copy: r.get(6)?,
+        remote: r.get(7)?,
     })
 }
 
@@ -145,6 +148,9 @@ pub struct BlobRow {
     pub size: u64,
     pub spans_path: String,
     pub local_copy: Option<String>,
+    /// For a lazily pulled blob: the file (relative to the root) saying where to fetch it
+    /// from and how to check its chunks; the blob itself arrives in the store later, if ever.
+    pub remote: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -541,7 +547,8 @@ pub struct Referenced {
 fn referenced_files_in(conn: &Connection) -> Result<std::collections::HashSet<String>> {
     let mut stmt = conn.prepare(
         "SELECT index_path FROM layers UNION SELECT spans_path FROM blobs
-         UNION SELECT local_copy FROM blobs WHERE local_copy IS NOT NULL",
+         UNION SELECT local_copy FROM blobs WHERE local_copy IS NOT NULL
+         UNION SELECT remote FROM blobs WHERE remote IS NOT NULL",
     )?;
     let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
     Ok(rows.collect::<rusqlite::Result<_>>()?)
@@ -560,6 +567,7 @@ fn migrate(conn: &Connection) -> Result<()> {
         ("images", "manifest_size", "INTEGER NOT NULL DEFAULT 0"),
         ("snapshots", "mountpoint", "TEXT"),
         ("snapshots", "applied_blob", "TEXT REFERENCES blobs(digest)"),
+        ("blobs", "remote", "TEXT"),
     ];
     for (table, column, decl) in ADDED {
         let mut stmt = conn.prepare(&format!("PRAGMA table_info({table})"))?;
@@ -955,8 +963,8 @@ fn insert_layer_blob(tx: &Transaction<'_>, layer: &LayerRow, blob: &BlobRow) -> 
         ],
     )?;
     tx.execute(
-        "INSERT OR IGNORE INTO blobs (digest, diff_id, media_type, compression, size, spans_path, local_copy)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        "INSERT OR IGNORE INTO blobs (digest, diff_id, media_type, compression, size, spans_path, local_copy, remote)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
         params![
             blob.digest,
             blob.diff_id,
@@ -964,7 +972,8 @@ fn insert_layer_blob(tx: &Transaction<'_>, layer: &LayerRow, blob: &BlobRow) -> 
             blob.compression,
             blob.size,
             blob.spans_path,
-            blob.local_copy
+            blob.local_copy,
+            blob.remote
         ],
     )?;
     Ok(())

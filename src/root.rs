@@ -32,6 +32,8 @@ pub struct Root {
     pub meta: Meta,
     /// What a layer may expand to when indexed (the CLI's `--max-layer-size`/`--max-layer-ratio`).
     pub limits: crate::unpack::Limits,
+    /// The chunk cache of lazily pulled blobs, opened on first use.
+    chunks: std::sync::OnceLock<std::sync::Arc<crate::chunks::ChunkCache>>,
 }
 
 impl Root {
@@ -75,6 +77,7 @@ impl Root {
             store,
             meta,
             limits: crate::unpack::Limits::default(),
+            chunks: std::sync::OnceLock::new(),
         })
     }
 
@@ -105,6 +108,16 @@ impl Root {
             }
         }
         Ok((files, bytes))
+    }
+
+    /// The chunk cache of lazily pulled blobs (one per process and root).
+    pub fn chunk_cache(&self) -> anyhow::Result<std::sync::Arc<crate::chunks::ChunkCache>> {
+        if let Some(c) = self.chunks.get() {
+            return Ok(c.clone());
+        }
+        let c = crate::chunks::ChunkCache::open(&self.path)
+            .with_context(|| format!("opening the chunk cache under {}", self.path.display()))?;
+        Ok(self.chunks.get_or_init(|| std::sync::Arc::new(c)).clone())
     }
 
     pub fn index_dir(&self) -> PathBuf {

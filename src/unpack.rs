@@ -392,6 +392,7 @@ pub fn index_stream<R: Read + Send + 'static>(
             size: layer.desc.size,
             spans_path: spans_rel,
             local_copy: map.has_local_copy().then_some(local_copy_rel),
+            remote: None,
         },
     })
 }
@@ -425,7 +426,7 @@ pub fn unpack(
 
 /// Where a layer was already indexed (e.g. while it downloaded): the result for a blob, if
 /// any. A result whose diffID is not the config's is an error; a failed one is redone here.
-pub type PreIndexed<'a> = dyn Fn(&Digest) -> Option<anyhow::Result<Indexed>> + 'a;
+pub type PreIndexed<'a> = dyn Fn(&LayerDesc) -> Option<anyhow::Result<Indexed>> + 'a;
 
 /// As [`unpack`], taking the indexes `pre` already made instead of reading those blobs again.
 pub fn unpack_with(
@@ -453,7 +454,7 @@ pub fn unpack_with(
     let mut done_before: Vec<(usize, anyhow::Result<Indexed>)> = Vec::new();
     todo.retain(|&i| {
         let layer = &layers[i];
-        match pre(&layer.desc.digest) {
+        match pre(layer) {
             Some(Ok(ix)) => {
                 debug!(blob = %layer.desc.digest, "indexed while downloading");
                 let r = if ix.layer.diff_id == layer.diff_id.as_str() {

@@ -21,7 +21,6 @@
 //! `SpanOptions::local_copy` a long block stays one long span, read from its start.
 
 use std::ffi::CStr;
-use std::fs::File;
 use std::io::Read;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -519,7 +518,7 @@ impl<R: Read> Decode for GzIndexer<R> {
 
 /// Decompresses `out.len()` bytes starting from checkpoint `p`.
 pub(super) fn decode_span(
-    file: &File,
+    file: &dyn super::BlobBytes,
     blob: &str,
     p: &Checkpoint,
     out: &mut [u8],

@@ -207,6 +207,53 @@ impl SpanMap {
         }
     }
 
+    /// The blob bytes span `i` is decoded from (`None` for spans in the local copy and for
+    /// plain blobs, read as they are).
+    pub fn compressed_range(&self, i: usize) -> Option<(u64, u64)> {
+        // Inflate may look a few bytes past the next checkpoint's byte; harmless to include.
+        const GZ_SLACK: u64 = 64;
+        let size = self.compressed_size;
+        match &self.index {
+            SpanIndex::Plain => None,
+            SpanIndex::Gzip(p) => {
+                let c = p.get(i)?;
+                let end = p
+                    .get(i + 1)
+                    .map_or(size, |n| n.c_off.saturating_add(GZ_SLACK));
+                Some((c.c_off.saturating_sub(1), end.min(size)))
+            }
+            SpanIndex::GzipCopy(g) => match g.spans.get(i)? {
+                gz::GzSpan::Point(c) => {
+                    let end = g.spans[i + 1..]
+                        .iter()
+                        .find_map(|s| match s {
+                            gz::GzSpan::Point(n) => Some(n.c_off.saturating_add(GZ_SLACK)),
+                            gz::GzSpan::Copy { .. } => None,
+                        })
+                        .unwrap_or(size);
+                    Some((c.c_off.saturating_sub(1), end.min(size)))
+                }
+                gz::GzSpan::Copy { .. } => None,
+            },
+            SpanIndex::Zstd(z) => z.blob_range(i),
+        }
+    }
+
+    /// The blob byte ranges to read for uncompressed stream bytes `[start, end)`: the
+    /// compressed ranges of the spans holding them (the same range for plain blobs).
+    pub fn stream_to_blob(&self, start: u64, end: u64) -> Vec<(u64, u64)> {
+        let end = end.min(self.uncompressed_size);
+        if start >= end {
+            return Vec::new();
+        }
+        if self.compression == Compression::None {
+            return vec![(start, end)];
+        }
+        (self.span_of(start)..=self.span_of(end - 1))
+            .filter_map(|i| self.compressed_range(i))
+            .collect()
+    }
+
     /// Uncompressed range of span `i`.
     fn span_range(&self, i: usize) -> (u64, u64) {
         (self.span_start(i), self.span_start(i + 1))
@@ -462,8 +509,24 @@ impl<R: Read> Read for IndexingReader<R> {
     }
 }
 
+/// Where a blob's compressed bytes come from: a local file, or (a lazily pulled layer) a
+/// registry behind a chunk cache. The reader only ever asks for byte ranges.
+pub trait BlobBytes: Send + Sync {
+    /// Reads `buf.len()` bytes at `off` unless the blob ends first; returns the count.
+    fn read_full_at(&self, buf: &mut [u8], off: u64) -> io::Result<usize>;
+    /// Hint: the bytes `[start, end)` are about to be read (a remote source fetches what it
+    /// lacks of them in one request instead of one per read).
+    fn will_need(&self, _start: u64, _end: u64) {}
+}
+
+impl BlobBytes for File {
+    fn read_full_at(&self, buf: &mut [u8], off: u64) -> io::Result<usize> {
+        pread_full(self, off, buf)
+    }
+}
+
 /// Reads `buf.len()` bytes at `off` unless the file ends first; returns the count.
-fn pread_full(file: &File, mut off: u64, buf: &mut [u8]) -> io::Result<usize> {
+pub fn pread_full(file: &File, mut off: u64, buf: &mut [u8]) -> io::Result<usize> {
     let mut done = 0;
     while done < buf.len() {
         match file.read_at(&mut buf[done..], off) {
@@ -481,7 +544,7 @@ fn pread_full(file: &File, mut off: u64, buf: &mut [u8]) -> io::Result<usize> {
 
 /// Sequential compressed input from a file region, fed to a decoder in chunks.
 struct PreadInput<'a> {
-    file: &'a File,
+    file: &'a dyn BlobBytes,
     blob: &'a str,
     /// Absolute offset of `buf[start]`.
     pos: u64,
@@ -493,7 +556,7 @@ struct PreadInput<'a> {
 }
 
 impl<'a> PreadInput<'a> {
-    fn new(file: &'a File, blob: &'a str, pos: u64, limit: u64) -> Self {
+    fn new(file: &'a dyn BlobBytes, blob: &'a str, pos: u64, limit: u64) -> Self {
         let want = limit.saturating_sub(pos).min(READ_CHUNK as u64) as usize;
         PreadInput {
             file,
@@ -513,9 +576,12 @@ impl<'a> PreadInput<'a> {
                 .limit
                 .saturating_sub(self.pos)
                 .min(self.buf.len() as u64) as usize;
-            let n = pread_full(self.file, self.pos, &mut self.buf[..want]).map_err(|e| {
-                BlobError::io(format!("reading {} at offset {}", self.blob, self.pos), e)
-            })?;
+            let n = self
+                .file
+                .read_full_at(&mut self.buf[..want], self.pos)
+                .map_err(|e| {
+                    BlobError::io(format!("reading {} at offset {}", self.blob, self.pos), e)
+                })?;
             self.start = 0;
             self.end = n;
         }
@@ -565,7 +631,7 @@ pub struct BlobReader {
 
 struct Inner {
     name: String,
-    file: File,
+    file: Arc<dyn BlobBytes>,
     local: Option<File>,
     map: Arc<SpanMap>,
     cache: Arc<SpanCache>,
@@ -597,12 +663,24 @@ impl BlobReader {
         cache: Arc<SpanCache>,
     ) -> Result<Self> {
         let name = blob.display().to_string();
-        map.validate(&name)?;
         let file = File::open(blob).map_err(|e| BlobError::io(format!("opening {name}"), e))?;
         let len = file
             .metadata()
             .map_err(|e| BlobError::io(format!("stat {name}"), e))?
             .len();
+        Self::open_bytes(Arc::new(file), len, name, map, local_copy, cache)
+    }
+
+    /// As [`BlobReader::open`], over any source of the blob's bytes (`len` of them).
+    pub fn open_bytes(
+        file: Arc<dyn BlobBytes>,
+        len: u64,
+        name: String,
+        map: Arc<SpanMap>,
+        local_copy: Option<&Path>,
+        cache: Arc<SpanCache>,
+    ) -> Result<Self> {
+        map.validate(&name)?;
         if len != map.compressed_size {
             return Err(BlobError::BadMap {
                 blob: name,
@@ -671,7 +749,7 @@ impl BlobReader {
         let want = (size - offset).min(buf.len() as u64) as usize;
         let buf = &mut buf[..want];
         if map.compression == Compression::None {
-            return pread_full(&inner.file, offset, buf).map_err(|e| {
+            return inner.file.read_full_at(buf, offset).map_err(|e| {
                 BlobError::io(format!("reading {} at offset {offset}", inner.name), e)
             });
         }
@@ -756,6 +834,13 @@ impl Inner {
             .map_err(|_| BlobError::Internal(format!("span {idx} does not fit in memory")))?;
         let mut out = vec![0u8; len];
         let csize = self.map.compressed_size;
+        let range = self.map.compressed_range(idx);
+        if let Some((a, b)) = range {
+            self.file.will_need(a, b);
+        }
+        // Decoding stops at the span's end; reading no further keeps a remote source from
+        // fetching bytes of the next span.
+        let limit = range.map_or(csize, |(_, b)| b);
         match &self.map.index {
             SpanIndex::Plain => {
                 return Err(BlobError::Internal("plain blobs have no spans".into()));
@@ -765,17 +850,17 @@ impl Inner {
                     BlobError::Internal(format!("no checkpoint {idx} in {}", self.name))
                 })?;
                 gz::decode_span(
-                    &self.file,
+                    &*self.file,
                     &self.name,
                     p,
                     &mut out,
-                    csize,
+                    limit,
                     &self.decompressed,
                 )?
             }
             SpanIndex::GzipCopy(g) => match g.spans.get(idx) {
                 Some(gz::GzSpan::Point(p)) => gz::decode_span(
-                    &self.file,
+                    &*self.file,
                     &self.name,
                     p,
                     &mut out,
@@ -807,7 +892,7 @@ impl Inner {
                 }
             },
             SpanIndex::Zstd(z) => z.decode_span(
-                &self.file,
+                &*self.file,
                 self.local.as_ref(),
                 &self.name,
                 idx,

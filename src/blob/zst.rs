@@ -60,6 +60,15 @@ pub(super) struct ZstdIndex {
 }
 
 impl ZstdIndex {
+    /// Blob bytes span `i` decodes from, if it is read from the blob.
+    pub(super) fn blob_range(&self, i: usize) -> Option<(u64, u64)> {
+        let s = self.spans.get(i)?;
+        match s.src {
+            Source::LocalCopy => None,
+            Source::Blob | Source::BlobSkip(_) => Some((s.c_off, s.c_off.saturating_add(s.c_len))),
+        }
+    }
+
     pub(super) fn has_local_copy(&self) -> bool {
         self.local_copy_size > 0
     }
@@ -79,7 +88,7 @@ impl ZstdIndex {
 
     pub(super) fn decode_span(
         &self,
-        blob_file: &File,
+        blob_file: &dyn super::BlobBytes,
         local: Option<&File>,
         blob: &str,
         idx: usize,
@@ -94,8 +103,10 @@ impl ZstdIndex {
             Source::Blob => (blob_file, blob.to_string(), 0),
             Source::BlobSkip(skip) => (blob_file, blob.to_string(), skip),
             Source::LocalCopy => (
-                local.ok_or_else(|| BlobError::MissingLocalCopy {
-                    blob: blob.to_string(),
+                local.map(|f| f as &dyn super::BlobBytes).ok_or_else(|| {
+                    BlobError::MissingLocalCopy {
+                        blob: blob.to_string(),
+                    }
                 })?,
                 format!("local copy of {blob}"),
                 0,
@@ -115,7 +126,7 @@ fn zerr(blob: &str, offset: u64, code: usize) -> BlobError {
 
 /// Decodes the frames in `[start, end)` of `file`, drops `skip` bytes, fills `out` exactly.
 pub(super) fn decode_range(
-    file: &File,
+    file: &dyn super::BlobBytes,
     name: &str,
     start: u64,
     end: u64,

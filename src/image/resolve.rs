@@ -446,7 +446,9 @@ fn resolve_target(
     }
     let layers = manifest_layers(&manifest, &config, &what)?;
     for layer in &layers {
-        ctx.ingest(&layer.desc)?;
+        if !ctx.source.is_remote(&layer.desc.digest) {
+            ctx.ingest(&layer.desc)?;
+        }
         blobs.push(layer.desc.digest.clone());
     }
     blobs.sort();

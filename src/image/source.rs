@@ -15,6 +15,10 @@ pub trait ImageSource {
     fn open(&self, path: &str) -> Result<(Box<dyn Read + '_>, u64), ImageError>;
     fn exists(&self, path: &str) -> bool;
     fn describe(&self) -> String;
+    /// A layer blob the source serves remotely (a lazy pull): recorded, not copied in.
+    fn is_remote(&self, _digest: &crate::digest::Digest) -> bool {
+        false
+    }
 }
 
 pub fn open_source(path: &Path) -> Result<Box<dyn ImageSource>, ImageError> {

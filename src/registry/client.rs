@@ -384,6 +384,68 @@ impl Client {
         })
     }
 
+    /// The OCI referrers API (`GET /v2/<name>/referrers/<digest>`): the index of manifests
+    /// whose subject is `digest`, or `None` when the registry does not implement it (404:
+    /// clients then read the `sha256-<hex>` tag, the spec's fallback).
+    pub fn get_referrers(&self, digest: &Digest, artifact_type: &str) -> Result<Option<Vec<u8>>> {
+        let url = self.url(&format!(
+            "referrers/{digest}?artifactType={}",
+            percent_encode(artifact_type)
+        ));
+        let what = format!("referrers of {digest} on {}", self.endpoint.host);
+        let resp = self.request(
+            "GET",
+            &url,
+            &[(
+                "Accept",
+                "application/vnd.oci.image.index.v1+json".to_string(),
+            )],
+            Payload::Empty,
+        )?;
+        let status = resp.status().as_u16();
+        let content_type = header(&resp, "content-type").unwrap_or_default();
+        let bytes = read_small(resp, MAX_MANIFEST, &what)?;
+        match status {
+            200 if content_type.starts_with("application/vnd.oci.image.index.v1+json") => {
+                Ok(Some(bytes))
+            }
+            // Registries without the API answer 404, or route the path elsewhere.
+            200 | 404 | 405 => Ok(None),
+            s => Err(status_error(what, s, &bytes)),
+        }
+    }
+
+    /// A whole blob of at most `limit` bytes, digest checked.
+    pub fn get_small_blob(&self, digest: &Digest, limit: u64) -> Result<Vec<u8>> {
+        let what = format!("blob {digest} on {}", self.endpoint.host);
+        let (mut body, size) = self.get_blob_from(digest, 0)?;
+        if size.is_some_and(|s| s > limit) {
+            return Err(RegistryError::Invalid(format!(
+                "{what} is over the {limit}-byte limit"
+            )));
+        }
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(&mut std::io::Read::take(&mut body, limit + 1), &mut bytes)
+            .map_err(|e| RegistryError::Io {
+                context: format!("reading {what}"),
+                source: e,
+            })?;
+        if bytes.len() as u64 > limit {
+            return Err(RegistryError::Invalid(format!(
+                "{what} is over the {limit}-byte limit"
+            )));
+        }
+        let actual = Digest::sha256_of(&bytes);
+        if &actual != digest {
+            return Err(RegistryError::DigestMismatch {
+                what,
+                expected: digest.clone(),
+                actual,
+            });
+        }
+        Ok(bytes)
+    }
+
     /// HEAD a blob: its size when the registry has it.
     pub fn blob_size(&self, digest: &Digest) -> Result<Option<u64>> {
         let url = self.url(&format!("blobs/{digest}"));

@@ -4,9 +4,11 @@
 //!
 //! [`ImageSource`]: crate::image::source::ImageSource
 
+pub mod artifact;
 pub mod auth;
 pub mod blob;
 pub mod client;
+pub mod lazy;
 pub mod prefetch;
 pub mod pull;
 pub mod push;

@@ -2,15 +2,39 @@
 //! the recorded image and its indexes are identical): manifests and config first, then each
 //! layer blob streamed into the content store (digest checked) and indexed from the same
 //! stream as it downloads (`tee.rs`); the index is kept once the digest and diffID check.
+//!
+//! `pull --lazy`: layers that have a lazysnap index artifact (`artifact.rs`) are recorded from
+//! it and left in the registry (read by range on demand, `lazy.rs`); the bytes their access
+//! traces name are fetched before the pull returns, in one batch of range requests.
+
+use std::sync::Arc;
 
 use anyhow::Context as _;
-use tracing::info_span;
+use tracing::{info, info_span, warn};
 
-use super::source::{Connect, RegistrySource};
+use super::lazy::{RemoteBlob, RemoteInfo};
+use super::source::{Connect, Lazy, RegistrySource};
 use super::Reference;
+use crate::blob::SpanMap;
+use crate::digest::Digest;
 use crate::image::Platform;
 use crate::import::{import_source, Imported, Reporter};
+use crate::index::LayerIndex;
 use crate::root::Root;
+use crate::trace::Trace;
+
+/// Parallel range requests of a trace prefetch.
+const PREFETCH_PARALLEL: usize = 4;
+
+/// What a lazy pull left in the registry and fetched ahead.
+#[derive(Debug, Default, Clone)]
+pub struct LazyReport {
+    /// Layers recorded from an index artifact (not downloaded).
+    pub remote_layers: usize,
+    /// Chunks the access traces named, fetched before returning.
+    pub prefetched_chunks: usize,
+    pub prefetched_bytes: u64,
+}
 
 pub fn pull(
     root: &mut Root,
@@ -18,15 +42,19 @@ pub fn pull(
     name: Option<&str>,
     platform: Option<&Platform>,
     connect: &Connect,
+    lazy: Option<Lazy>,
     reporter: &mut dyn Reporter,
-) -> anyhow::Result<Imported> {
+) -> anyhow::Result<(Imported, LazyReport)> {
     let r = Reference::parse(reference)?;
-    let _span = info_span!("pull", reference = %r).entered();
+    let _span = info_span!("pull", reference = %r, lazy = lazy.is_some()).entered();
     let canonical = r.to_string();
     let name = name.unwrap_or(&canonical);
     let mut source = RegistrySource::connect(&r, connect, name)
         .with_context(|| format!("pulling {canonical}"))?;
     source.download_into(&root.path.clone(), &root.store.clone(), root.limits);
+    if let Some(l) = lazy {
+        source.set_lazy(l);
+    }
     let result = import_source(
         root,
         &source,
@@ -34,7 +62,7 @@ pub fn pull(
         platform,
         name,
         reporter,
-        &|blob| source.take_indexed(blob),
+        &|layer| source.take_indexed(layer),
     );
     // Indexers of a failed pull may still be writing: wait, then drop what they wrote.
     source.finish();
@@ -49,7 +77,109 @@ pub fn pull(
         let _ = crate::gc::remove_unreferenced_index_files(root);
     }
     let mut images = result.with_context(|| format!("pulling {canonical}"))?;
-    images
+    let img = images
         .pop()
-        .with_context(|| format!("{canonical} resolved to no image"))
+        .with_context(|| format!("{canonical} resolved to no image"))?;
+    let mut report = LazyReport {
+        remote_layers: source.remote_layers().len(),
+        ..LazyReport::default()
+    };
+    if report.remote_layers > 0 {
+        let (chunks, bytes) = prefetch_traces(root, &img.name);
+        report.prefetched_chunks = chunks;
+        report.prefetched_bytes = bytes;
+    }
+    Ok((img, report))
+}
+
+/// Fetches what the access traces of the image's remote layers name (all layers at once,
+/// [`PREFETCH_PARALLEL`] range requests at a time per layer). Best effort: a failure only
+/// means those reads fetch on demand. Returns (chunks, bytes) fetched.
+pub fn prefetch_traces(root: &Root, image: &str) -> (usize, u64) {
+    let _span = info_span!("prefetch_traces", image).entered();
+    let layers = match remote_layers_of(root, image) {
+        Ok(l) => l,
+        Err(e) => {
+            warn!(error = %e, "cannot prefetch");
+            return (0, 0);
+        }
+    };
+    let mut jobs = Vec::new();
+    for (digest, blob, index, map) in layers {
+        let Some(trace) = Trace::load(&root.path, &digest) else {
+            continue;
+        };
+        let mut chunks = Vec::new();
+        for (a, b) in trace.stream_ranges(&index) {
+            for (ca, cb) in map.stream_to_blob(a, b) {
+                chunks.extend(blob.chunks_of(ca, cb));
+            }
+        }
+        // Order of first need, each chunk once.
+        let mut seen = std::collections::HashSet::new();
+        chunks.retain(|c| seen.insert(*c));
+        jobs.push((blob, chunks));
+    }
+    let (mut n, mut bytes) = (0, 0);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = jobs
+            .iter()
+            .map(|(blob, chunks)| {
+                s.spawn(move || {
+                    let before = blob
+                        .stats
+                        .bytes_fetched
+                        .load(std::sync::atomic::Ordering::Relaxed);
+                    let got = blob.prefetch(chunks, PREFETCH_PARALLEL);
+                    let after = blob
+                        .stats
+                        .bytes_fetched
+                        .load(std::sync::atomic::Ordering::Relaxed);
+                    (got, after - before)
+                })
+            })
+            .collect();
+        for h in handles {
+            if let Ok((c, b)) = h.join() {
+                n += c;
+                bytes += b;
+            }
+        }
+    });
+    info!(chunks = n, bytes, "prefetched the traced ranges");
+    (n, bytes)
+}
+
+type RemoteLayer = (Digest, Arc<RemoteBlob>, LayerIndex, SpanMap);
+
+/// The image's layers whose blobs are still remote, opened for reading.
+fn remote_layers_of(root: &Root, image: &str) -> anyhow::Result<Vec<RemoteLayer>> {
+    let img = root
+        .meta
+        .image(image)?
+        .with_context(|| format!("image {image:?} not found"))?;
+    let mut out = Vec::new();
+    for l in &img.layers {
+        let digest = Digest::parse(&l.blob_digest)?;
+        let Some(blob) = root.meta.blob(&l.blob_digest)? else {
+            continue;
+        };
+        let Some(remote) = blob.remote.as_deref() else {
+            continue;
+        };
+        if root.store.contains(&digest) {
+            continue;
+        }
+        let info = RemoteInfo::load(&root.abs(remote), &digest)?;
+        let source = RemoteBlob::open(&root.store, &digest, info, root.chunk_cache()?)?;
+        let layer = root
+            .meta
+            .layer(&blob.diff_id)?
+            .with_context(|| format!("layer {} is not indexed", blob.diff_id))?;
+        let index = LayerIndex::load(&root.abs(&layer.index_path))?;
+        let map: SpanMap = postcard::from_bytes(&std::fs::read(root.abs(&blob.spans_path))?)
+            .context("corrupt span map")?;
+        out.push((digest, source, index, map));
+    }
+    Ok(out)
 }

@@ -11,11 +11,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use tracing::{info_span, warn};
+use tracing::{info, info_span, warn};
 
+use super::artifact::{discover, LayerArtifact};
 use super::auth::credentials_for;
 use super::blob::BlobStream;
 use super::client::{Client, Endpoint, Fetched};
+use super::lazy::RemoteInfo;
 use super::prefetch::Prefetcher;
 use super::reference::Reference;
 use super::retry::RetryPolicy;
@@ -89,6 +91,18 @@ pub struct RegistrySource {
     prefetch: RefCell<Option<Prefetcher>>,
     /// Indexers running on downloads, by blob.
     indexing: RefCell<HashMap<Digest, JoinHandle<anyhow::Result<Indexed>>>>,
+    /// `pull --lazy`: layers with an index artifact are recorded, not downloaded.
+    lazy: Option<Lazy>,
+    /// Layer index artifacts found for the manifests read (lazy pulls), by layer blob.
+    artifacts: RefCell<HashMap<Digest, LayerArtifact>>,
+}
+
+/// How a lazy pull records its layers.
+#[derive(Debug, Clone)]
+pub struct Lazy {
+    pub connect: Connect,
+    /// Download whole blobs in the background once mounted.
+    pub background: bool,
 }
 
 impl RegistrySource {
@@ -113,6 +127,8 @@ impl RegistrySource {
             limits: Limits::default(),
             prefetch: RefCell::default(),
             indexing: RefCell::default(),
+            lazy: None,
+            artifacts: RefCell::default(),
         };
         let top = src.fetch_manifest(&reference.manifest_ref())?;
         let index = serde_json::json!({
@@ -157,6 +173,7 @@ impl RegistrySource {
             }
         }
         if matches!(fetched.media_type.as_str(), OCI_MANIFEST | DOCKER_MANIFEST) {
+            self.discover_artifact(&fetched.digest);
             #[derive(serde::Deserialize)]
             struct Layer {
                 #[serde(rename = "mediaType")]
@@ -188,6 +205,50 @@ impl RegistrySource {
             .borrow_mut()
             .insert(fetched.digest.clone(), fetched.bytes.clone());
         Ok(fetched)
+    }
+
+    /// Lazy pulls: the index artifact of an image manifest, if the registry has one (else
+    /// its layers are downloaded as in a full pull).
+    fn discover_artifact(&self, manifest: &Digest) {
+        if self.lazy.is_none() {
+            return;
+        }
+        match self.first_ok(|c| discover(c, manifest)) {
+            Ok(Some(found)) => {
+                info!(manifest = %manifest, layers = found.len(), "found a lazysnap index artifact");
+                self.artifacts.borrow_mut().extend(found);
+            }
+            Ok(None) => {
+                info!(manifest = %manifest, "no lazysnap index artifact; downloading the layers")
+            }
+            Err(e) => {
+                warn!(manifest = %manifest, error = %e, "reading the index artifact failed; downloading the layers")
+            }
+        }
+    }
+
+    /// Makes this a lazy pull (call before resolving).
+    pub fn set_lazy(&mut self, lazy: Lazy) {
+        self.lazy = Some(lazy);
+        // The top manifest was read when connecting.
+        let fetched: Vec<(Digest, Vec<u8>)> = self
+            .manifests
+            .borrow()
+            .iter()
+            .map(|(d, b)| (d.clone(), b.clone()))
+            .collect();
+        for (digest, bytes) in fetched {
+            let is_image = serde_json::from_slice::<serde_json::Value>(&bytes)
+                .is_ok_and(|v| v.get("layers").is_some());
+            if is_image {
+                self.discover_artifact(&digest);
+            }
+        }
+    }
+
+    /// Layers recorded from an index artifact (their blobs stay in the registry).
+    pub fn remote_layers(&self) -> Vec<Digest> {
+        self.artifacts.borrow().keys().cloned().collect()
     }
 
     /// Runs `f` against each endpoint in order; the first success wins, else the origin's
@@ -233,8 +294,24 @@ impl RegistrySource {
             .unwrap_or_default()
     }
 
-    /// The index made while `blob` downloaded, if it was.
-    pub fn take_indexed(&self, blob: &Digest) -> Option<anyhow::Result<Indexed>> {
+    /// The index made while `layer` downloaded, if it was, or (lazy pulls) from its index
+    /// artifact.
+    pub fn take_indexed(&self, layer: &LayerDesc) -> Option<anyhow::Result<Indexed>> {
+        let blob = &layer.desc.digest;
+        if let (Some(lazy), Some(root)) = (&self.lazy, &self.index_into) {
+            if let Some(a) = self.artifacts.borrow().get(blob) {
+                let remote = RemoteInfo {
+                    reference: self.reference.to_string(),
+                    mirrors: lazy.connect.mirrors.clone(),
+                    insecure: lazy.connect.insecure,
+                    size: a.blob_size,
+                    chunk_size: a.chunk_size,
+                    chunk_hashes: a.chunk_hashes.clone(),
+                    background: lazy.background,
+                };
+                return Some(a.materialize(root, layer, remote));
+            }
+        }
         let from_stream = self.indexing.borrow_mut().remove(blob);
         let handle = match from_stream {
             Some(h) => h,
@@ -272,7 +349,11 @@ impl RegistrySource {
             }
             layers
                 .iter()
-                .filter(|l| &l.digest != opened && !store.contains(&l.digest))
+                .filter(|l| {
+                    &l.digest != opened
+                        && !store.contains(&l.digest)
+                        && !self.artifacts.borrow().contains_key(&l.digest)
+                })
                 .cloned()
                 .collect()
         };
@@ -375,6 +456,10 @@ impl ImageSource for RegistrySource {
 
     fn exists(&self, path: &str) -> bool {
         path == "index.json"
+    }
+
+    fn is_remote(&self, digest: &Digest) -> bool {
+        self.artifacts.borrow().contains_key(digest)
     }
 
     fn describe(&self) -> String {

@@ -1,0 +1,543 @@
+//! A layer blob that is still in the registry, read as if it were local: byte ranges come from
+//! the chunk cache or, for chunks not there yet, from HTTP Range requests (each chunk checked
+//! against the sha256 recorded when the layer was indexed, so a registry or mirror cannot
+//! feed different bytes). In the background the whole blob is downloaded into the content
+//! store (digest checked); from then on reads go to the local file.
+
+use std::collections::HashSet;
+use std::fs::File;
+use std::io::{self, Read};
+use std::num::NonZeroUsize;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use tracing::{debug, info, info_span, warn};
+
+use super::client::Client;
+use super::source::Connect;
+use super::{Reference, RegistryError};
+use crate::blob::{pread_full, BlobBytes};
+use crate::chunks::{sha256, ChunkCache, ChunkHash};
+use crate::digest::Digest;
+use crate::store::ContentStore;
+
+/// Compressed bytes per chunk of a lazily read blob (the unit fetched, cached and checked).
+pub const CHUNK_SIZE: u64 = 1 << 20;
+const MIN_CHUNK: u64 = 64 << 10;
+const MAX_CHUNK: u64 = 64 << 20;
+/// Chunks kept in memory per blob, so consecutive small reads of one chunk do not each read
+/// and hash it from disk.
+const HOT_CHUNKS: usize = 8;
+/// The background download yields to reads: it pauses while a read fetched within this.
+const YIELD_TO_READS: Duration = Duration::from_millis(300);
+
+pub fn remote_rel_path(blob: &Digest) -> String {
+    format!("index/{}.remote", blob.hex())
+}
+
+/// Where a lazily pulled blob lives and how to check it (the `.remote` file of a blob row).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RemoteInfo {
+    /// The image reference it was pulled by (its registry and repository serve the blob).
+    pub reference: String,
+    pub mirrors: Vec<String>,
+    pub insecure: bool,
+    pub size: u64,
+    pub chunk_size: u64,
+    pub chunk_hashes: Vec<ChunkHash>,
+    /// Download the whole blob in the background once it is mounted.
+    pub background: bool,
+}
+
+impl RemoteInfo {
+    pub fn validate(&self, blob: &Digest) -> Result<(), RegistryError> {
+        let bad = |m: String| RegistryError::Invalid(format!("remote blob {blob}: {m}"));
+        if !(MIN_CHUNK..=MAX_CHUNK).contains(&self.chunk_size) {
+            return Err(bad(format!("chunk size {} out of range", self.chunk_size)));
+        }
+        if self.chunk_hashes.len() as u64 != self.size.div_ceil(self.chunk_size) {
+            return Err(bad(format!(
+                "{} chunk hashes for {} bytes in chunks of {}",
+                self.chunk_hashes.len(),
+                self.size,
+                self.chunk_size
+            )));
+        }
+        Reference::parse(&self.reference)?;
+        Ok(())
+    }
+
+    pub fn load(path: &Path, blob: &Digest) -> anyhow::Result<Self> {
+        use anyhow::Context as _;
+        let data = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        let info: RemoteInfo = postcard::from_bytes(&data)
+            .with_context(|| format!("{} is corrupt", path.display()))?;
+        info.validate(blob)?;
+        Ok(info)
+    }
+
+    pub fn to_bytes(&self) -> Vec<u8> {
+        postcard::to_stdvec(self).unwrap_or_default()
+    }
+
+    pub fn connect(&self) -> Connect {
+        Connect {
+            mirrors: self.mirrors.clone(),
+            insecure: self.insecure,
+            ..Connect::default()
+        }
+    }
+}
+
+/// The sha256 of every `chunk_size` piece of a local blob.
+pub fn chunk_hashes(path: &Path, chunk_size: u64) -> io::Result<Vec<ChunkHash>> {
+    let mut f = File::open(path)?;
+    let mut buf = vec![0u8; chunk_size as usize];
+    let mut out = Vec::new();
+    loop {
+        let mut n = 0;
+        while n < buf.len() {
+            match f.read(&mut buf[n..])? {
+                0 => break,
+                k => n += k,
+            }
+        }
+        if n == 0 {
+            break;
+        }
+        out.push(sha256(&buf[..n]));
+        if n < buf.len() {
+            break;
+        }
+    }
+    Ok(out)
+}
+
+/// Counters of one remote blob (for logs, `df`-like reports and tests).
+#[derive(Debug, Default)]
+pub struct RemoteStats {
+    pub range_requests: AtomicU64,
+    pub bytes_fetched: AtomicU64,
+}
+
+pub struct RemoteBlob {
+    digest: Digest,
+    info: RemoteInfo,
+    clients: Vec<Client>,
+    cache: Arc<ChunkCache>,
+    blob_path: PathBuf,
+    local: OnceLock<File>,
+    /// Chunks some thread is fetching now (others wait for them instead of fetching too).
+    inflight: Mutex<HashSet<u64>>,
+    fetched: Condvar,
+    hot: Mutex<lru::LruCache<u64, Arc<Vec<u8>>>>,
+    /// When a read last had to fetch (the background download yields to reads).
+    last_demand: Mutex<Option<Instant>>,
+    pub stats: RemoteStats,
+}
+
+impl std::fmt::Debug for RemoteBlob {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RemoteBlob")
+            .field("digest", &self.digest)
+            .field("reference", &self.info.reference)
+            .finish()
+    }
+}
+
+fn io_err(e: RegistryError) -> io::Error {
+    match e {
+        RegistryError::Io { source, .. } => source,
+        other => io::Error::other(other.to_string()),
+    }
+}
+
+impl RemoteBlob {
+    pub fn open(
+        store: &ContentStore,
+        digest: &Digest,
+        info: RemoteInfo,
+        cache: Arc<ChunkCache>,
+    ) -> Result<Arc<Self>, RegistryError> {
+        info.validate(digest)?;
+        let reference = Reference::parse(&info.reference)?;
+        let clients = info.connect().clients(&reference)?;
+        Ok(Arc::new(Self {
+            digest: digest.clone(),
+            clients,
+            cache,
+            blob_path: store.blob_path(digest),
+            local: OnceLock::new(),
+            inflight: Mutex::new(HashSet::new()),
+            fetched: Condvar::new(),
+            hot: Mutex::new(lru::LruCache::new(
+                NonZeroUsize::new(HOT_CHUNKS).unwrap_or(NonZeroUsize::MIN),
+            )),
+            last_demand: Mutex::new(None),
+            stats: RemoteStats::default(),
+            info,
+        }))
+    }
+
+    pub fn size(&self) -> u64 {
+        self.info.size
+    }
+
+    /// The local blob once it is in the store (downloaded in the background, by another
+    /// process, or by a later full pull).
+    fn local(&self) -> Option<&File> {
+        if let Some(f) = self.local.get() {
+            return Some(f);
+        }
+        let f = File::open(&self.blob_path).ok()?;
+        if f.metadata().ok()?.len() != self.info.size {
+            return None;
+        }
+        Some(self.local.get_or_init(|| f))
+    }
+
+    fn chunk_count(&self) -> u64 {
+        self.info.chunk_hashes.len() as u64
+    }
+
+    /// `[start, end)` of chunk `i` in the blob.
+    fn chunk_range(&self, i: u64) -> (u64, u64) {
+        let start = i * self.info.chunk_size;
+        (start, (start + self.info.chunk_size).min(self.info.size))
+    }
+
+    fn hash(&self, i: u64) -> &ChunkHash {
+        &self.info.chunk_hashes[i as usize]
+    }
+
+    /// Chunks `first..=last` in one Range request, each checked; mirrors first, then the
+    /// origin; a chunk that does not match its hash is asked for at the next endpoint.
+    fn fetch_run(&self, first: u64, last: u64) -> Result<Vec<Vec<u8>>, RegistryError> {
+        let (start, _) = self.chunk_range(first);
+        let (_, end) = self.chunk_range(last);
+        let _span = info_span!("fetch_range", blob = %self.digest, start, end).entered();
+        *self.last_demand.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+        let mut last_err = None;
+        for c in &self.clients {
+            let data = match c.read_range(&self.digest, start, end - start) {
+                Ok(d) => d,
+                Err(e) => {
+                    warn!(endpoint = %c.endpoint.base, error = %e, "range request failed");
+                    last_err = Some(e);
+                    continue;
+                }
+            };
+            self.stats.range_requests.fetch_add(1, Ordering::Relaxed);
+            self.stats
+                .bytes_fetched
+                .fetch_add(data.len() as u64, Ordering::Relaxed);
+            let mut out = Vec::new();
+            let mut bad = None;
+            for i in first..=last {
+                let (a, b) = self.chunk_range(i);
+                let piece = &data[(a - start) as usize..(b - start) as usize];
+                if &sha256(piece) != self.hash(i) {
+                    bad = Some(i);
+                    break;
+                }
+                out.push(piece.to_vec());
+            }
+            match bad {
+                None => return Ok(out),
+                Some(i) => {
+                    warn!(endpoint = %c.endpoint.base, chunk = i, "chunk does not match its recorded sha256");
+                    last_err = Some(RegistryError::Invalid(format!(
+                        "blob {}: chunk {i} from {} does not match its recorded sha256",
+                        self.digest, c.endpoint.host
+                    )));
+                }
+            }
+        }
+        Err(last_err.unwrap_or_else(|| RegistryError::Invalid("no registry endpoint".into())))
+    }
+
+    /// Chunks `first..=last`, from memory, the cache, or (missing runs in one request each)
+    /// the registry.
+    fn chunks(&self, first: u64, last: u64) -> io::Result<Vec<Arc<Vec<u8>>>> {
+        let mut have: Vec<Option<Arc<Vec<u8>>>> = Vec::new();
+        {
+            let mut hot = self.hot.lock().unwrap_or_else(|p| p.into_inner());
+            for i in first..=last {
+                have.push(hot.get(&i).cloned());
+            }
+        }
+        for (k, i) in (first..=last).enumerate() {
+            if have[k].is_none() {
+                have[k] = self.cache.get(&self.digest, i, self.hash(i)).map(Arc::new);
+            }
+        }
+        // Claim the missing chunks nobody is fetching; wait for the others.
+        let mut mine = Vec::new();
+        let mut theirs = Vec::new();
+        {
+            let mut inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
+            for (k, i) in (first..=last).enumerate() {
+                if have[k].is_some() {
+                    continue;
+                }
+                if inflight.insert(i) {
+                    mine.push(i);
+                } else {
+                    theirs.push(i);
+                }
+            }
+        }
+        let result = self.fetch_claimed(&mine, first, &mut have);
+        {
+            let mut inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
+            for i in &mine {
+                inflight.remove(i);
+            }
+        }
+        self.fetched.notify_all();
+        result?;
+        if !theirs.is_empty() {
+            let mut inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
+            while theirs.iter().any(|i| inflight.contains(i)) {
+                inflight = self
+                    .fetched
+                    .wait(inflight)
+                    .unwrap_or_else(|p| p.into_inner());
+            }
+        }
+        // What others fetched (or what was evicted meanwhile) comes from the cache, else again.
+        for (k, i) in (first..=last).enumerate() {
+            if have[k].is_none() {
+                let data = match self.cache.get(&self.digest, i, self.hash(i)) {
+                    Some(d) => d,
+                    None => self
+                        .fetch_run(i, i)
+                        .map_err(io_err)?
+                        .pop()
+                        .unwrap_or_default(),
+                };
+                have[k] = Some(Arc::new(data));
+            }
+        }
+        let out: Vec<Arc<Vec<u8>>> = have.into_iter().flatten().collect();
+        let mut hot = self.hot.lock().unwrap_or_else(|p| p.into_inner());
+        for (k, c) in out.iter().enumerate() {
+            hot.put(first + k as u64, c.clone());
+        }
+        Ok(out)
+    }
+
+    /// Fetches the claimed chunks (runs of consecutive ones in one request each) into the
+    /// cache and `have` (indexed from `first`).
+    fn fetch_claimed(
+        &self,
+        mine: &[u64],
+        first: u64,
+        have: &mut [Option<Arc<Vec<u8>>>],
+    ) -> io::Result<()> {
+        let mut k = 0;
+        while k < mine.len() {
+            let mut j = k;
+            while j + 1 < mine.len() && mine[j + 1] == mine[j] + 1 {
+                j += 1;
+            }
+            let run = self.fetch_run(mine[k], mine[j]).map_err(io_err)?;
+            for (n, data) in run.into_iter().enumerate() {
+                let i = mine[k] + n as u64;
+                if let Err(e) = self.cache.put(&self.digest, i, &data) {
+                    warn!(blob = %self.digest, chunk = i, error = %e, "could not cache a chunk");
+                }
+                have[(i - first) as usize] = Some(Arc::new(data));
+            }
+            k = j + 1;
+        }
+        Ok(())
+    }
+
+    /// Fetches the given chunks not cached yet, `parallel` requests at a time, runs of
+    /// consecutive chunks in one request each (a trace's prefetch). Returns chunks fetched.
+    pub fn prefetch(self: &Arc<Self>, wanted: &[u64], parallel: usize) -> usize {
+        if self.local().is_some() {
+            return 0;
+        }
+        let mut missing: Vec<u64> = wanted
+            .iter()
+            .copied()
+            .filter(|&i| i < self.chunk_count() && !self.cache.contains(&self.digest, i))
+            .collect();
+        missing.sort_unstable();
+        missing.dedup();
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for i in missing {
+            match runs.last_mut() {
+                Some((_, b)) if *b + 1 == i => *b = i,
+                _ => runs.push((i, i)),
+            }
+        }
+        let runs = Mutex::new(runs.into_iter());
+        let done = AtomicU64::new(0);
+        std::thread::scope(|s| {
+            for _ in 0..parallel.max(1) {
+                s.spawn(|| loop {
+                    let next = runs.lock().unwrap_or_else(|p| p.into_inner()).next();
+                    let Some((a, b)) = next else { break };
+                    match self.chunks(a, b) {
+                        Ok(c) => {
+                            done.fetch_add(c.len() as u64, Ordering::Relaxed);
+                        }
+                        Err(e) => warn!(blob = %self.digest, error = %e, "prefetch failed"),
+                    }
+                });
+            }
+        });
+        done.load(Ordering::Relaxed) as usize
+    }
+
+    /// The chunks holding blob bytes `[start, end)`.
+    pub fn chunks_of(&self, start: u64, end: u64) -> std::ops::RangeInclusive<u64> {
+        let last = end.min(self.info.size).saturating_sub(1) / self.info.chunk_size;
+        start / self.info.chunk_size..=last
+    }
+
+    /// Downloads the whole blob into the store in the background (one process at a time per
+    /// blob: a lock file under the chunk cache), yielding to reads that fetch.
+    pub fn start_background(self: &Arc<Self>, store: ContentStore, lock_dir: PathBuf) {
+        if !self.info.background || self.local().is_some() {
+            return;
+        }
+        let this = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("lazysnap-fetch".into())
+            .spawn(move || {
+                let _span = info_span!("background_fetch", blob = %this.digest).entered();
+                match this.download(&store, &lock_dir) {
+                    Ok(true) => info!("blob downloaded; reads are local from now on"),
+                    Ok(false) => debug!("another process is downloading the blob"),
+                    Err(e) => {
+                        warn!(error = %e, "background download failed; reads keep fetching ranges")
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            warn!(error = %e, "could not start the background download");
+        }
+    }
+
+    fn download(&self, store: &ContentStore, lock_dir: &Path) -> anyhow::Result<bool> {
+        use anyhow::Context as _;
+        std::fs::create_dir_all(lock_dir)?;
+        let lock_path = lock_dir.join(format!("{}.fetch", self.digest.hex()));
+        let lock = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .with_context(|| format!("opening {}", lock_path.display()))?;
+        // SAFETY: flock on a valid fd we own.
+        if unsafe {
+            libc::flock(
+                std::os::fd::AsRawFd::as_raw_fd(&lock),
+                libc::LOCK_EX | libc::LOCK_NB,
+            )
+        } != 0
+        {
+            return Ok(false);
+        }
+        if self.local().is_some() {
+            return Ok(true);
+        }
+        let mut last = None;
+        for c in &self.clients {
+            let stream = match super::blob::BlobStream::open(c, &self.digest) {
+                Ok(s) => s,
+                Err(e) => {
+                    last = Some(e);
+                    continue;
+                }
+            };
+            let mut polite = Polite {
+                inner: stream,
+                blob: self,
+            };
+            store
+                .ingest(&self.digest, Some(self.info.size), &mut polite, &mut |_| {})
+                .with_context(|| format!("downloading {}", self.digest))?;
+            if self.local().is_none() {
+                anyhow::bail!("downloaded {} but cannot open it", self.digest);
+            }
+            self.cache.remove_blob(&self.digest);
+            self.hot.lock().unwrap_or_else(|p| p.into_inner()).clear();
+            return Ok(true);
+        }
+        Err(last.map_or_else(|| anyhow::anyhow!("no registry endpoint"), Into::into))
+    }
+}
+
+/// The background download's reader: waits while reads are fetching.
+struct Polite<'a, R> {
+    inner: R,
+    blob: &'a RemoteBlob,
+}
+
+impl<R: Read> Read for Polite<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            let last = *self
+                .blob
+                .last_demand
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            match last {
+                Some(t) if t.elapsed() < YIELD_TO_READS => std::thread::sleep(YIELD_TO_READS / 3),
+                _ => break,
+            }
+        }
+        let n = buf.len().min(256 << 10);
+        self.inner.read(&mut buf[..n])
+    }
+}
+
+impl BlobBytes for RemoteBlob {
+    fn read_full_at(&self, buf: &mut [u8], off: u64) -> io::Result<usize> {
+        if let Some(f) = self.local() {
+            return pread_full(f, off, buf);
+        }
+        if off >= self.info.size || buf.is_empty() {
+            return Ok(0);
+        }
+        let want = (self.info.size - off).min(buf.len() as u64) as usize;
+        let end = off + want as u64;
+        let range = self.chunks_of(off, end);
+        let first = *range.start();
+        let chunks = self.chunks(first, *range.end())?;
+        let mut done = 0;
+        for (k, c) in chunks.iter().enumerate() {
+            let (a, _) = self.chunk_range(first + k as u64);
+            let pos = off + done as u64;
+            let from = (pos - a) as usize;
+            if from >= c.len() {
+                break;
+            }
+            let n = (c.len() - from).min(want - done);
+            buf[done..done + n].copy_from_slice(&c[from..from + n]);
+            done += n;
+            if done == want {
+                break;
+            }
+        }
+        Ok(done)
+    }
+
+    fn will_need(&self, start: u64, end: u64) {
+        if self.local().is_some() || start >= end || start >= self.info.size {
+            return;
+        }
+        let r = self.chunks_of(start, end);
+        if let Err(e) = self.chunks(*r.start(), *r.end()) {
+            debug!(blob = %self.digest, error = %e, "fetching ahead failed; the read will retry");
+        }
+    }
+}
