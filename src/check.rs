@@ -267,7 +267,12 @@ fn check_blobs(
 ) -> Result<()> {
     // digest -> (expected size if known, who needs it)
     let mut wanted: BTreeMap<String, (Option<u64>, Vec<String>)> = BTreeMap::new();
+    // Lazily pulled blobs: digest -> their remote record (the blob may never be local).
+    let mut remote: BTreeMap<String, String> = BTreeMap::new();
     for b in root.meta.blobs()? {
+        if let Some(r) = &b.remote {
+            remote.insert(b.digest.clone(), r.clone());
+        }
         let e = wanted.entry(b.digest.clone()).or_default();
         e.0 = Some(b.size);
         e.1.push(format!("layer {}", b.diff_id));
@@ -293,10 +298,21 @@ fn check_blobs(
         let md = match std::fs::metadata(&path) {
             Ok(m) => m,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                let detail = match remote.get(digest) {
+                    Some(rel) => match crate::registry::lazy::RemoteInfo::load(&root.abs(rel), &d) {
+                        // Still in the registry, as recorded: nothing missing.
+                        Ok(_) => continue,
+                        Err(e) => format!(
+                            "lazily pulled, but its remote record is unusable ({e:#}); needed by {}",
+                            users.join(", ")
+                        ),
+                    },
+                    None => format!("needed by {}", users.join(", ")),
+                };
                 problems.push(Problem {
                     kind: ProblemKind::BlobMissing,
                     subject: digest.clone(),
-                    detail: format!("needed by {}", users.join(", ")),
+                    detail,
                 });
                 continue;
             }

@@ -44,6 +44,10 @@ pub struct DiskUsage {
     pub span_maps: Count,
     /// Local seekable copies (`index/<blob>.seekable.zst`).
     pub local_copies: Count,
+    /// Remote records of lazily pulled blobs (`index/<blob>.remote`).
+    pub remote_records: Count,
+    /// Chunks of lazily pulled blobs fetched so far (`chunks/`).
+    pub chunk_cache: Count,
     /// Upper directories of active snapshots (and views), all together.
     pub uppers: Count,
     /// Per snapshot with an upper directory.
@@ -80,6 +84,8 @@ pub fn disk_usage(root: &mut Root) -> Result<DiskUsage, CheckError> {
                 du.local_copies.add(len);
             } else if name.ends_with(".spans") {
                 du.span_maps.add(len);
+            } else if name.ends_with(".remote") {
+                du.remote_records.add(len);
             } else {
                 du.indexes.add(len);
             }
@@ -90,6 +96,9 @@ pub fn disk_usage(root: &mut Root) -> Result<DiskUsage, CheckError> {
             du.temp.add(e.metadata().map(|m| m.len()).unwrap_or(0));
         }
     }
+    let chunks = tree_size(&root.path.join(crate::chunks::DIR));
+    du.chunk_cache.files = chunks.files;
+    du.chunk_cache.bytes = chunks.bytes;
     for name in ["meta.db", "meta.db-wal", "meta.db-shm"] {
         let p = root.path.join(name);
         if p.exists() {
@@ -121,6 +130,8 @@ pub fn disk_usage(root: &mut Root) -> Result<DiskUsage, CheckError> {
         du.indexes,
         du.span_maps,
         du.local_copies,
+        du.remote_records,
+        du.chunk_cache,
         du.uppers,
         du.temp,
         du.metadata,
@@ -168,6 +179,8 @@ impl DiskUsage {
         line(&mut s, "layer indexes", &self.indexes);
         line(&mut s, "span maps", &self.span_maps);
         line(&mut s, "local seekable copies", &self.local_copies);
+        line(&mut s, "remote blob records", &self.remote_records);
+        line(&mut s, "chunk cache (lazy pulls)", &self.chunk_cache);
         line(&mut s, "snapshot upper dirs", &self.uppers);
         if verbose {
             for u in &self.snapshots {

@@ -29,8 +29,37 @@ pub fn collect(root: &mut Root) -> anyhow::Result<GcStats> {
     let (files, bytes) = remove_unreferenced_index_files(root)?;
     stats.index_files_removed += files;
     stats.bytes_freed += bytes;
+    stats.bytes_freed += remove_unneeded_chunks(root, &live);
     root.store.clean_ingest()?;
     Ok(stats)
+}
+
+/// Removes the cached chunks and access traces of blobs that are local now or no longer
+/// referenced. Returns bytes freed.
+fn remove_unneeded_chunks(root: &Root, live: &std::collections::HashSet<String>) -> u64 {
+    let mut freed = 0;
+    for (hex, bytes) in crate::chunks::cached_blobs(&root.path) {
+        let Ok(d) = crate::digest::Digest::parse(&format!("sha256:{hex}")) else {
+            continue;
+        };
+        if root.store.contains(&d) || !live.contains(d.as_str()) {
+            if std::fs::remove_dir_all(root.path.join(crate::chunks::DIR).join(&hex)).is_ok() {
+                freed += bytes;
+            }
+        }
+    }
+    if let Ok(rd) = std::fs::read_dir(root.path.join(crate::trace::DIR)) {
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(hex) = name.strip_suffix(".json") else {
+                continue;
+            };
+            if !live.contains(&format!("sha256:{hex}")) {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+    freed
 }
 
 /// Removes files under `index/` that no metadata row references (left by a failed or

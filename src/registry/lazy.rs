@@ -470,6 +470,7 @@ impl RemoteBlob {
             }
             self.cache.remove_blob(&self.digest);
             self.hot.lock().unwrap_or_else(|p| p.into_inner()).clear();
+            let _ = std::fs::remove_file(&lock_path);
             return Ok(true);
         }
         Err(last.map_or_else(|| anyhow::anyhow!("no registry endpoint"), Into::into))
