@@ -42,10 +42,13 @@ fn remove_unneeded_chunks(root: &Root, live: &std::collections::HashSet<String>)
         let Ok(d) = crate::digest::Digest::parse(&format!("sha256:{hex}")) else {
             continue;
         };
-        if root.store.contains(&d) || !live.contains(d.as_str()) {
-            if std::fs::remove_dir_all(root.path.join(crate::chunks::DIR).join(&hex)).is_ok() {
-                freed += bytes;
-            }
+        let dir = root.path.join(crate::chunks::DIR);
+        if (root.store.contains(&d) || !live.contains(d.as_str()))
+            && std::fs::remove_dir_all(dir.join(&hex)).is_ok()
+        {
+            freed += bytes;
+            // The background download's lock file (a live download holds its blob's row).
+            let _ = std::fs::remove_file(dir.join(format!("{hex}.fetch")));
         }
     }
     if let Ok(rd) = std::fs::read_dir(root.path.join(crate::trace::DIR)) {
