@@ -16,6 +16,10 @@ Prints the port it listens on (127.0.0.1) as its first line, then serves until k
                 Basic when given). Tokens are checked here; the upstream registry is open.
 --fail-first N  answers the first N blob GETs with --fail-status (default 503; 429 sends
                 Retry-After: 1): a client must back off and retry
+--cut-ranges    the first answer to each distinct Range request of a blob sends half its body,
+                then drops the connection (a lazy read must ask again)
+--corrupt-ranges  flips one byte of the first answer to each distinct Range request of a blob
+                (a lazy read must notice by the chunk's sha256 and ask again)
 --no-ranges     drops Range headers (a registry that always answers 200 with the whole blob)
 --log FILE      appends one line per request: METHOD PATH RANGE-HEADER
 """
@@ -32,6 +36,8 @@ import threading
 args = None
 tokens = set()
 cut_done = set()
+range_cut = set()
+range_corrupt = set()
 failed = [0]
 lock = threading.Lock()
 HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade",
@@ -127,6 +133,15 @@ class Handler(http.server.BaseHTTPRequestHandler):
                     cut = args.cut_after
         total = int(resp.getheader("Content-Length") or 0)
         flip = total // 2 if (is_blob and args.corrupt and resp.status == 200 and total > 65536) else None
+        if is_blob and resp.status == 206 and total > 1:
+            key = (self.path, self.headers.get("Range"))
+            with lock:
+                if args.cut_ranges and key not in range_cut:
+                    range_cut.add(key)
+                    cut = total // 2
+                elif args.corrupt_ranges and key not in range_corrupt:
+                    range_corrupt.add(key)
+                    flip = total // 2
         sent = 0
         while True:
             chunk = resp.read(65536)
@@ -170,6 +185,8 @@ def main():
     p.add_argument("--fail-first", type=int, default=0)
     p.add_argument("--fail-status", type=int, default=503)
     p.add_argument("--no-ranges", action="store_true")
+    p.add_argument("--cut-ranges", action="store_true")
+    p.add_argument("--corrupt-ranges", action="store_true")
     p.add_argument("--log")
     args = p.parse_args()
     srv = Server(("127.0.0.1", 0), Handler)

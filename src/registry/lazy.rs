@@ -221,7 +221,9 @@ impl RemoteBlob {
         let _span = info_span!("fetch_range", blob = %self.digest, start, end).entered();
         *self.last_demand.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
         let mut last_err = None;
-        for c in &self.clients {
+        // Each endpoint twice: a bad answer may be a one-off (a flipped bit on the way).
+        let attempts = self.clients.iter().flat_map(|c| [c, c]);
+        for c in attempts {
             let data = match c.read_range(&self.digest, start, end - start) {
                 Ok(d) => d,
                 Err(e) => {
