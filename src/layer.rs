@@ -91,12 +91,19 @@ impl IndexedLayer {
         self.index.nodes.get(id as usize)
     }
 
-    fn read_plain(&self, data_offset: u64, offset: u64, buf: &mut [u8]) -> io::Result<usize> {
+    /// Reads stored bytes of an entry whose data spans `data_offset..data_end` of the stream.
+    fn read_plain(
+        &self,
+        data_offset: u64,
+        data_end: u64,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> io::Result<usize> {
         let mut done = 0;
         while done < buf.len() {
             let n = self
                 .reader
-                .read_at(data_offset + offset + done as u64, &mut buf[done..])
+                .read_within(data_offset + offset + done as u64, &mut buf[done..], data_end)
                 .map_err(|e| {
                     warn!(blob = %self.name, offset = data_offset + offset, error = %e, "read failed");
                     io::Error::other(e.to_string())
@@ -265,11 +272,12 @@ impl LayerTree for IndexedLayer {
         }
         let extents = self.index.sparse.get(n.sparse.as_range()).unwrap_or(&[]);
         if extents.is_empty() {
-            return self.read_plain(n.data_offset, offset, buf);
+            return self.read_plain(n.data_offset, n.data_offset + n.size, offset, buf);
         }
         // Sparse: zeros except in the extents, whose data is stored back to back.
         buf.fill(0);
         let end = offset + want as u64;
+        let stored_len: u64 = extents.iter().map(|e| e.1).sum();
         let mut stored = 0u64;
         for &(ext_off, ext_len) in extents {
             let ext_end = ext_off + ext_len;
@@ -277,7 +285,12 @@ impl LayerTree for IndexedLayer {
                 let from = offset.max(ext_off);
                 let to = end.min(ext_end);
                 let dst = &mut buf[(from - offset) as usize..(to - offset) as usize];
-                let got = self.read_plain(n.data_offset, stored + (from - ext_off), dst)?;
+                let got = self.read_plain(
+                    n.data_offset,
+                    n.data_offset + stored_len,
+                    stored + (from - ext_off),
+                    dst,
+                )?;
                 if got < dst.len() {
                     return Err(io::Error::new(
                         io::ErrorKind::UnexpectedEof,

@@ -821,3 +821,468 @@ fn pull_applies_the_layer_size_limit() {
     assert!(ok(&root, &["images", "--json"]).trim() == "[]");
     assert!(store_is_empty(&root), "a refused pull left files behind");
 }
+
+// ---- lazy pulls (`pull --lazy`, `index push`, chunk cache, traces) ----
+
+/// `layout` pushed by skopeo as `repo` and given its index artifact by a builder root that
+/// pulled it fully (`index push`). Returns the builder root.
+fn push_with_index(tmp: &Path, reg: &Registry, layout: &str, repo: &str) -> PathBuf {
+    let reference = format!("{}/{repo}", reg.addr);
+    skopeo_push(&common::testdata().join(layout), &reference, None, false);
+    let builder = tmp.join(format!("builder-{}", repo.replace([':', '/'], "-")));
+    ok(&builder, &["pull", &reference]);
+    let out = ok(&builder, &["index", "push", &reference]);
+    assert!(out.contains("layers indexed"), "{out}");
+    builder
+}
+
+/// Blob requests in a proxy log: (whole-blob GETs, Range GETs).
+fn blob_requests(log: &Path) -> (Vec<String>, Vec<String>) {
+    let text = fs::read_to_string(log).unwrap_or_default();
+    let blobs: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("GET ") && l.contains("/blobs/sha256:"))
+        .collect();
+    let (ranged, whole): (Vec<&str>, Vec<&str>) =
+        blobs.into_iter().partition(|l| l.contains(" bytes="));
+    (
+        whole.into_iter().map(String::from).collect(),
+        ranged.into_iter().map(String::from).collect(),
+    )
+}
+
+/// Layer blobs (by hex) an image names.
+fn layer_hexes(root: &Path, name: &str) -> Vec<String> {
+    let v = inspect(root, name);
+    v["Chain"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|l| l["blob"].as_str())
+                .map(|d| d.trim_start_matches("sha256:").to_string())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn df_json(root: &Path) -> serde_json::Value {
+    serde_json::from_str(&ok(root, &["df", "--json"])).unwrap()
+}
+
+#[test]
+fn lazy_pull_mounts_before_download_and_equals_umoci() {
+    if !prerequisites() || !common::can_mount() {
+        return;
+    }
+    let data = common::testdata();
+    let tmp = tempfile::tempdir().unwrap();
+    let reg = Registry::start(&tmp.path().join("reg"), None);
+    let builder = push_with_index(tmp.path(), &reg, "debian-gzip", "lazy/debian:gzip");
+    let layers = layer_hexes(&builder, &format!("{}/lazy/debian:gzip", reg.addr));
+    assert_eq!(layers.len(), 3, "{layers:?}");
+
+    let log = tmp.path().join("proxy.log");
+    let proxy = Proxy::start(&reg.addr, &["--log", log.to_str().unwrap()]);
+    let reference = format!("{}/lazy/debian:gzip", proxy.addr);
+    let node = tmp.path().join("node");
+    let out = ok(
+        &node,
+        &[
+            "pull",
+            "--lazy",
+            "--no-background-fetch",
+            &reference,
+            "--name",
+            "lz",
+        ],
+    );
+    assert!(out.contains("3 of 3 layers left in the registry"), "{out}");
+    // Only manifests, the config and the small index artifact came over; no layer blob.
+    let (whole, ranged) = blob_requests(&log);
+    assert!(
+        ranged.is_empty(),
+        "range reads before any mount: {ranged:?}"
+    );
+    for l in &layers {
+        assert!(
+            !whole.iter().any(|w| w.contains(l)),
+            "layer {l} downloaded: {whole:?}"
+        );
+        assert!(!node.join("content/blobs/sha256").join(l).exists());
+    }
+    // Same image as a full pull records.
+    assert_eq!(
+        identity(&inspect(&node, "lz")),
+        identity(&inspect(
+            &builder,
+            &format!("{}/lazy/debian:gzip", reg.addr)
+        ))
+    );
+    assert!(ok(&node, &["check"]).contains("consistent"));
+
+    // The mount reads ranges on demand: the whole tree equals umoci's unpack.
+    {
+        let _m = Mounted::new(&node, "lz", &tmp.path().join("mnt"));
+        let os = fs::read_to_string(tmp.path().join("mnt/etc/os-release")).unwrap();
+        assert!(os.contains("ID="), "{os}");
+        common::assert_trees_equal(
+            &tmp.path().join("mnt"),
+            &common::reference_tree(&data.join("debian-gzip"), common::TAG),
+        );
+    }
+    let (whole, ranged) = blob_requests(&log);
+    assert!(!ranged.is_empty(), "no range requests in the proxy log");
+    for l in &layers {
+        assert!(
+            !whole.iter().any(|w| w.contains(l)),
+            "layer {l} downloaded: {whole:?}"
+        );
+        assert!(!node.join("content/blobs/sha256").join(l).exists());
+    }
+    let df = df_json(&node);
+    assert!(
+        df["chunk_cache"]["bytes"].as_u64().unwrap() > 1 << 20,
+        "{df}"
+    );
+    assert!(ok(&node, &["check"]).contains("consistent"));
+
+    // Single-frame zstd layers cannot be entered mid-stream: their index is not pushed and a
+    // lazy pull downloads them; the image is still complete and right.
+    let zb = push_with_index(tmp.path(), &reg, "debian-zstd", "lazy/debian:zstd");
+    let zref = format!("{}/lazy/debian:zstd", reg.addr);
+    let out = ok(&zb, &["index", "push", &zref]);
+    assert!(out.contains("only readable after download"), "{out}");
+    let node2 = tmp.path().join("node2");
+    ok(&node2, &["pull", "--lazy", &zref, "--name", "zs"]);
+    let _m = Mounted::new(&node2, "zs", &tmp.path().join("mnt-zs"));
+    common::assert_trees_equal(
+        &tmp.path().join("mnt-zs"),
+        &common::reference_tree(&data.join("debian-zstd"), common::TAG),
+    );
+}
+
+#[test]
+fn lazy_reads_survive_dropped_and_corrupted_range_answers() {
+    if !prerequisites() || !common::can_mount() {
+        return;
+    }
+    let data = common::testdata();
+    let tmp = tempfile::tempdir().unwrap();
+    let reg = Registry::start(&tmp.path().join("reg"), None);
+    push_with_index(tmp.path(), &reg, "debian-gzip", "flaky/debian:gzip");
+    // Every distinct range is first cut off halfway, then answered with a flipped byte,
+    // then answered right: reads retry the range and reject the bad chunk by its sha256.
+    let log = tmp.path().join("proxy.log");
+    let proxy = Proxy::start(
+        &reg.addr,
+        &[
+            "--cut-ranges",
+            "--corrupt-ranges",
+            "--log",
+            log.to_str().unwrap(),
+        ],
+    );
+    let node = tmp.path().join("node");
+    ok(
+        &node,
+        &[
+            "pull",
+            "--lazy",
+            "--no-background-fetch",
+            &format!("{}/flaky/debian:gzip", proxy.addr),
+            "--name",
+            "fl",
+        ],
+    );
+    let _m = Mounted::new(&node, "fl", &tmp.path().join("mnt"));
+    common::assert_trees_equal(
+        &tmp.path().join("mnt"),
+        &common::reference_tree(&data.join("debian-gzip"), common::TAG),
+    );
+    let (_, ranged) = blob_requests(&log);
+    let distinct: std::collections::HashSet<&String> = ranged.iter().collect();
+    assert!(
+        ranged.len() >= 3 * distinct.len(),
+        "each range asked for at least three times: {} requests, {} distinct",
+        ranged.len(),
+        distinct.len()
+    );
+}
+
+#[test]
+fn chunk_cache_is_bounded_persistent_and_reused() {
+    if !prerequisites() || !common::can_mount() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let reg = Registry::start(&tmp.path().join("reg"), None);
+    push_with_index(tmp.path(), &reg, "debian-gzip", "cache/debian:gzip");
+    let log = tmp.path().join("proxy.log");
+    let proxy = Proxy::start(&reg.addr, &["--log", log.to_str().unwrap()]);
+    let node = tmp.path().join("node");
+    let reference = format!("{}/cache/debian:gzip", proxy.addr);
+    ok(
+        &node,
+        &[
+            "pull",
+            "--lazy",
+            "--no-background-fetch",
+            &reference,
+            "--name",
+            "c",
+        ],
+    );
+    let budget: u64 = 8 << 20;
+    let mount = |dir: &str| {
+        let d = tmp.path().join(dir);
+        fs::create_dir_all(&d).unwrap();
+        let out = Command::new(common::lazysnap_bin())
+            .arg("--root")
+            .arg(&node)
+            .args(["mount", "c", d.to_str().unwrap()])
+            .env("LAZYSNAP_CHUNK_CACHE_BYTES", budget.to_string())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Mounted {
+            root: node.clone(),
+            dir: d,
+        }
+    };
+    let hash_tree = |dir: &Path| {
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg("find . -type f -print0 | sort -z | xargs -0 sha256sum | sha256sum")
+            .current_dir(dir)
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let python = "usr/bin/python3.11";
+    let all = hash_tree(&mount("mnt1").dir);
+    // Read by a new process last, so its chunks are the most recently used.
+    let py = fs::read(mount("mnt1b").dir.join(python)).unwrap();
+    // Over the whole 30+ MiB image the cache stayed within its budget.
+    let cached = df_json(&node)["chunk_cache"]["bytes"].as_u64().unwrap();
+    assert!(
+        cached <= budget,
+        "chunk cache holds {cached} bytes, budget {budget}"
+    );
+    assert!(cached > budget / 2, "chunk cache holds only {cached} bytes");
+    // A new mount (a new process) reads python from the cache without asking the registry.
+    let before = blob_requests(&log).1.len();
+    {
+        let m = mount("mnt2");
+        assert!(fs::read(m.dir.join(python)).unwrap() == py);
+    }
+    assert_eq!(
+        blob_requests(&log).1.len(),
+        before,
+        "python was fetched again"
+    );
+    // Evicted chunks are fetched again; the tree is the same.
+    let m = mount("mnt3");
+    assert_eq!(hash_tree(&m.dir), all);
+    assert!(blob_requests(&log).1.len() > before);
+}
+
+#[test]
+fn background_fetch_completes_the_blobs() {
+    if !prerequisites() || !common::can_mount() {
+        return;
+    }
+    let data = common::testdata();
+    let tmp = tempfile::tempdir().unwrap();
+    let reg = Registry::start(&tmp.path().join("reg"), None);
+    let builder = push_with_index(tmp.path(), &reg, "debian-gzip", "bg/debian:gzip");
+    let reference = format!("{}/bg/debian:gzip", reg.addr);
+    let layers = layer_hexes(&builder, &reference);
+    let node = tmp.path().join("node");
+    ok(&node, &["pull", "--lazy", &reference, "--name", "bg"]);
+    let m = Mounted::new(&node, "bg", &tmp.path().join("mnt"));
+    fs::read(m.dir.join("etc/os-release")).unwrap();
+    let blobs = node.join("content/blobs/sha256");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !layers.iter().all(|l| blobs.join(l).exists()) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "layers not downloaded in the background within 60 s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    // Digest-checked blobs in the store; the chunks they replace are gone.
+    let out = ok(&node, &["check", "--verify-digests"]);
+    assert!(out.contains("consistent"), "{out}");
+    for l in &layers {
+        assert!(!node.join("chunks").join(l).exists(), "chunks of {l} kept");
+    }
+    common::assert_trees_equal(
+        &m.dir,
+        &common::reference_tree(&data.join("debian-gzip"), common::TAG),
+    );
+}
+
+#[test]
+fn trace_of_the_first_run_is_prefetched_by_later_pulls() {
+    if !prerequisites() || !common::can_mount() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let reg = Registry::start(&tmp.path().join("reg"), None);
+    let builder = push_with_index(tmp.path(), &reg, "debian-gzip", "tr/debian:gzip");
+    let reference = format!("{}/tr/debian:gzip", reg.addr);
+    let node = tmp.path().join("node");
+    ok(
+        &node,
+        &[
+            "pull",
+            "--lazy",
+            "--no-background-fetch",
+            &reference,
+            "--name",
+            "t",
+        ],
+    );
+    // The "container's" first run reads these, in this order.
+    let read = [
+        "/usr/share/lazysnap/os-release",
+        "/usr/bin/python3.11",
+        "/usr/bin/sort",
+        "/usr/lib/python3.11/os.py",
+    ];
+    {
+        let m = Mounted::new(&node, "t", &tmp.path().join("mnt"));
+        for p in read {
+            fs::read(m.dir.join(p.trim_start_matches('/'))).unwrap();
+        }
+        // The trace is written every second while mounted.
+        std::thread::sleep(std::time::Duration::from_millis(1500));
+    }
+    let v: serde_json::Value = serde_json::from_str(&ok(&node, &["trace", "t", "--json"])).unwrap();
+    let mut seen: Vec<String> = Vec::new();
+    for layer in v.as_array().unwrap() {
+        let files: Vec<String> = layer["files"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| f.as_str().unwrap().to_string())
+            .collect();
+        // Within each layer, in the order read.
+        let order: Vec<&str> = read
+            .iter()
+            .copied()
+            .filter(|p| files.iter().any(|f| f == p))
+            .collect();
+        assert_eq!(files, order, "trace of layer {}", layer["layer"]);
+        seen.extend(files);
+    }
+    seen.sort();
+    let mut want: Vec<String> = read.iter().map(|s| s.to_string()).collect();
+    want.sort();
+    assert_eq!(seen, want, "traced files");
+
+    // The trace travels with the index artifact (the builder ran the same image).
+    for e in fs::read_dir(node.join("traces")).unwrap() {
+        let e = e.unwrap();
+        fs::create_dir_all(builder.join("traces")).unwrap();
+        fs::copy(e.path(), builder.join("traces").join(e.file_name())).unwrap();
+    }
+    ok(&builder, &["index", "push", &reference]);
+
+    // Another node's lazy pull fetches the traced ranges before it returns ...
+    let log = tmp.path().join("proxy.log");
+    let proxy = Proxy::start(&reg.addr, &["--log", log.to_str().unwrap()]);
+    let node2 = tmp.path().join("node2");
+    let out = ok(
+        &node2,
+        &[
+            "pull",
+            "--lazy",
+            "--no-background-fetch",
+            &format!("{}/tr/debian:gzip", proxy.addr),
+            "--name",
+            "t",
+        ],
+    );
+    let (_, ranged) = blob_requests(&log);
+    assert!(!ranged.is_empty(), "nothing prefetched: {out}");
+    assert!(!out.contains(" 0 B prefetched"), "{out}");
+    // ... so the first run reads those files without asking the registry.
+    let m = Mounted::new(&node2, "t", &tmp.path().join("mnt2"));
+    for p in read {
+        fs::read(m.dir.join(p.trim_start_matches('/'))).unwrap();
+    }
+    assert_eq!(
+        blob_requests(&log).1.len(),
+        ranged.len(),
+        "traced files fetched again"
+    );
+    // What was not traced is fetched on demand.
+    common::assert_trees_equal(
+        &m.dir,
+        &common::reference_tree(&common::testdata().join("debian-gzip"), common::TAG),
+    );
+    assert!(blob_requests(&log).1.len() > ranged.len());
+}
+
+#[test]
+fn lazy_pull_with_basic_auth_reads_with_the_callers_credentials() {
+    if !prerequisites() || !common::can_mount() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let reg = Registry::start(&tmp.path().join("reg"), Some("lazy:secret"));
+    let reference = format!("{}/auth/debian:gzip", reg.addr);
+    skopeo_push(
+        &common::testdata().join("debian-gzip"),
+        &reference,
+        Some("lazy:secret"),
+        false,
+    );
+    let cfg = docker_config(&tmp.path().join("docker"), &reg.addr, "lazy:secret");
+    let env = [("DOCKER_CONFIG", cfg.as_path())];
+    let builder = tmp.path().join("builder");
+    let run = |root: &Path, args: &[&str]| {
+        let out = lazysnap_env(root, args, &env);
+        assert!(
+            out.status.success(),
+            "lazysnap {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    run(&builder, &["pull", &reference]);
+    run(&builder, &["index", "push", &reference]);
+    let node = tmp.path().join("node");
+    // Without credentials the registry refuses.
+    assert!(!lazysnap(&node, &["pull", "--lazy", &reference])
+        .status
+        .success());
+    let out = run(
+        &node,
+        &[
+            "pull",
+            "--lazy",
+            "--no-background-fetch",
+            &reference,
+            "--name",
+            "a",
+        ],
+    );
+    assert!(out.contains("3 of 3 layers left"), "{out}");
+    let mnt = tmp.path().join("mnt");
+    fs::create_dir_all(&mnt).unwrap();
+    run(&node, &["mount", "a", mnt.to_str().unwrap()]);
+    let _m = Mounted {
+        root: node.clone(),
+        dir: mnt.clone(),
+    };
+    let py = fs::read(mnt.join("usr/bin/python3.11")).unwrap();
+    let refs = common::reference_tree(&common::testdata().join("debian-gzip"), common::TAG);
+    assert!(py == fs::read(refs.join("usr/bin/python3.11")).unwrap());
+}

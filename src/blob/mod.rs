@@ -514,6 +514,11 @@ impl<R: Read> Read for IndexingReader<R> {
 pub trait BlobBytes: Send + Sync {
     /// Reads `buf.len()` bytes at `off` unless the blob ends first; returns the count.
     fn read_full_at(&self, buf: &mut [u8], off: u64) -> io::Result<usize>;
+    /// Whether reading costs a network round trip (read-ahead then stays inside the file
+    /// being read instead of guessing at the next one).
+    fn is_remote(&self) -> bool {
+        false
+    }
     /// Hint: the bytes `[start, end)` are about to be read (a remote source fetches what it
     /// lacks of them in one request instead of one per read).
     fn will_need(&self, _start: u64, _end: u64) {}
@@ -737,6 +742,12 @@ impl BlobReader {
 
     /// Reads uncompressed bytes `[offset, offset+buf.len())` (short only at end of stream).
     pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<usize> {
+        self.read_within(offset, buf, u64::MAX)
+    }
+
+    /// As [`BlobReader::read_at`], for a read inside an entry that ends at stream offset
+    /// `entry_end`: on a remote blob, read-ahead does not go past it.
+    pub fn read_within(&self, offset: u64, buf: &mut [u8], entry_end: u64) -> Result<usize> {
         let inner = &self.inner;
         let _span =
             tracing::trace_span!("blob_read_at", blob = %inner.name, offset, len = buf.len())
@@ -761,7 +772,16 @@ impl BlobReader {
             // nobody read): read ahead.
             if offset >= prev && offset - prev <= SEQUENTIAL_GAP {
                 let last = map.span_of(end - 1);
-                Inner::prefetch(inner, last + 1..last + 1 + PREFETCH_AHEAD);
+                let mut ahead = last + 1..last + 1 + PREFETCH_AHEAD;
+                if inner.file.is_remote() {
+                    let limit = if entry_end > end {
+                        map.span_of(entry_end.min(size) - 1) + 1
+                    } else {
+                        0
+                    };
+                    ahead.end = ahead.end.min(limit);
+                }
+                Inner::prefetch(inner, ahead);
             }
         }
         let mut done = 0;

@@ -49,8 +49,16 @@ pub fn image_view(root: &Root, name: &str) -> anyhow::Result<ImageView> {
     let mut size = 0;
     for b in &img.blobs {
         let d = Digest::parse(b)?;
+        // A lazily pulled layer counts with the size its descriptor gives, as containerd's.
+        let recorded = img
+            .layers
+            .iter()
+            .find(|l| &l.blob_digest == b)
+            .map(|l| l.size);
         size += std::fs::metadata(root.store.blob_path(&d))
             .map(|m| m.len())
+            .ok()
+            .or(recorded)
             .unwrap_or(0);
     }
     let mut chain = Vec::new();

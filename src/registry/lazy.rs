@@ -534,6 +534,10 @@ impl BlobBytes for RemoteBlob {
         Ok(done)
     }
 
+    fn is_remote(&self) -> bool {
+        self.local.get().is_none()
+    }
+
     fn will_need(&self, start: u64, end: u64) {
         if self.local().is_some() || start >= end || start >= self.info.size {
             return;
