@@ -240,6 +240,7 @@ fn write_layout(
         if dst.exists() {
             continue;
         }
+        crate::registry::lazy::ensure_local(root, d)?;
         // A hardlink when on the same filesystem, else a copy.
         if fs::hard_link(&src, &dst).is_err() {
             fs::copy(&src, &dst).with_context(|| format!("copying blob {d}"))?;

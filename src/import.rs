@@ -187,6 +187,7 @@ pub fn unpack_image(
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     for l in &layers {
+        crate::registry::lazy::ensure_local(root, &l.desc.digest)?;
         if !root.store.contains(&l.desc.digest) {
             anyhow::bail!(
                 "layer blob {} of {name} is missing from the content store",

@@ -945,6 +945,14 @@ fn lazy_pull_mounts_before_download_and_equals_umoci() {
         "{df}"
     );
     assert!(ok(&node, &["check"]).contains("consistent"));
+    // Export needs the blobs: they are downloaded (digest checked), byte-identical.
+    let out_dir = tmp.path().join("exported");
+    ok(&node, &["export", "lz", out_dir.to_str().unwrap()]);
+    for l in &layers {
+        let ours = fs::read(out_dir.join("blobs/sha256").join(l)).unwrap();
+        assert!(ours == fs::read(data.join("debian-gzip/blobs/sha256").join(l)).unwrap());
+    }
+    assert!(ok(&node, &["check", "--verify-digests"]).contains("consistent"));
 
     // Single-frame zstd layers cannot be entered mid-stream: their index is not pushed and a
     // lazy pull downloads them; the image is still complete and right.

@@ -415,7 +415,7 @@ impl RemoteBlob {
             .name("lazysnap-fetch".into())
             .spawn(move || {
                 let _span = info_span!("background_fetch", blob = %this.digest).entered();
-                match this.download(&store, &lock_dir) {
+                match this.download(&store, &lock_dir, false) {
                     Ok(true) => info!("blob downloaded; reads are local from now on"),
                     Ok(false) => debug!("another process is downloading the blob"),
                     Err(e) => {
@@ -428,7 +428,14 @@ impl RemoteBlob {
         }
     }
 
-    fn download(&self, store: &ContentStore, lock_dir: &Path) -> anyhow::Result<bool> {
+    /// Downloads the whole blob into the store unless it is there. With `wait`, waits for a
+    /// download another process is running; without, leaves it to that process (false).
+    pub fn download(
+        &self,
+        store: &ContentStore,
+        lock_dir: &Path,
+        wait: bool,
+    ) -> anyhow::Result<bool> {
         use anyhow::Context as _;
         std::fs::create_dir_all(lock_dir)?;
         let lock_path = lock_dir.join(format!("{}.fetch", self.digest.hex()));
@@ -439,13 +446,19 @@ impl RemoteBlob {
             .open(&lock_path)
             .with_context(|| format!("opening {}", lock_path.display()))?;
         // SAFETY: flock on a valid fd we own.
-        if unsafe {
-            libc::flock(
-                std::os::fd::AsRawFd::as_raw_fd(&lock),
-                libc::LOCK_EX | libc::LOCK_NB,
-            )
-        } != 0
-        {
+        let how = if wait {
+            libc::LOCK_EX
+        } else {
+            libc::LOCK_EX | libc::LOCK_NB
+        };
+        if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), how) } != 0 {
+            if wait {
+                anyhow::bail!(
+                    "locking {}: {}",
+                    lock_path.display(),
+                    io::Error::last_os_error()
+                );
+            }
             return Ok(false);
         }
         if self.local().is_some() {
@@ -477,6 +490,25 @@ impl RemoteBlob {
         }
         Err(last.map_or_else(|| anyhow::anyhow!("no registry endpoint"), Into::into))
     }
+}
+
+/// Makes a lazily pulled blob local (for `push`, `export`, re-indexing): downloads it into the
+/// store, digest checked, unless it is there. A blob that is neither local nor remote is left
+/// for the caller to report.
+pub fn ensure_local(root: &crate::root::Root, digest: &Digest) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    if root.store.contains(digest) {
+        return Ok(());
+    }
+    let Some(rel) = root.meta.blob(digest.as_str())?.and_then(|b| b.remote) else {
+        return Ok(());
+    };
+    let _span = info_span!("ensure_local", blob = %digest).entered();
+    let info = RemoteInfo::load(&root.abs(&rel), digest)?;
+    let blob = RemoteBlob::open(&root.store, digest, info, root.chunk_cache()?)?;
+    blob.download(&root.store, &root.path.join(crate::chunks::DIR), true)
+        .with_context(|| format!("downloading lazily pulled blob {digest}"))?;
+    Ok(())
 }
 
 /// The background download's reader: waits while reads are fetching.

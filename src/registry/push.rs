@@ -43,6 +43,7 @@ pub fn push(root: &Root, name: &str, reference: &str, connect: &Connect) -> anyh
     let (mut uploaded, mut present, mut bytes) = (0, 0, 0);
     for (d, size) in &blobs {
         let path = root.store.blob_path(d);
+        super::lazy::ensure_local(root, d)?;
         if !path.is_file() {
             bail!("blob {d} of image {name} is not in the content store");
         }
