@@ -22,6 +22,22 @@ pub struct IndexedLayer {
     tracer: Option<Arc<crate::trace::Recorder>>,
 }
 
+/// The index a blob is read with: its own when its span map is laid out on an eStargz TOC,
+/// else its layer's.
+pub fn index_path_of(
+    root: &Root,
+    blob: &crate::meta::BlobRow,
+    layer: &crate::meta::LayerRow,
+) -> anyhow::Result<std::path::PathBuf> {
+    if let Some(rel) = &blob.remote {
+        let digest = crate::digest::Digest::parse(&blob.digest)?;
+        if let Some(own) = RemoteInfo::load(&root.abs(rel), &digest)?.toc_index {
+            return Ok(root.abs(&own));
+        }
+    }
+    Ok(root.abs(&layer.index_path))
+}
+
 impl IndexedLayer {
     pub fn new(index: LayerIndex, reader: BlobReader, name: String) -> Self {
         Self {
@@ -42,7 +58,16 @@ impl IndexedLayer {
             .meta
             .layer(&blob.diff_id)?
             .with_context(|| format!("layer {} is not indexed", blob.diff_id))?;
-        let index = LayerIndex::load(&root.abs(&layer.index_path))
+        let digest = crate::digest::Digest::parse(&chain.blob_digest)?;
+        let remote = match blob.remote.as_deref() {
+            Some(rel) => Some(RemoteInfo::load(&root.abs(rel), &digest)?),
+            None => None,
+        };
+        let index_path = match remote.as_ref().and_then(|r| r.toc_index.as_deref()) {
+            Some(own) => root.abs(own),
+            None => root.abs(&layer.index_path),
+        };
+        let index = LayerIndex::load(&index_path)
             .with_context(|| format!("loading the index of layer {}", layer.diff_id))?;
         let spans_path = root.abs(&blob.spans_path);
         let spans = std::fs::read(&spans_path)
@@ -50,13 +75,15 @@ impl IndexedLayer {
         let map: SpanMap = postcard::from_bytes(&spans)
             .with_context(|| format!("span map {} is corrupt", spans_path.display()))?;
         let local = blob.local_copy.as_deref().map(|p| root.abs(p));
-        let digest = crate::digest::Digest::parse(&chain.blob_digest)?;
         let path = root.store.blob_path(&digest);
         let mut tracer = None;
-        let reader = match blob.remote.as_deref() {
+        let span_digests = remote
+            .as_ref()
+            .filter(|r| !r.span_digests.is_empty())
+            .map(|r| Arc::new(r.span_digests.clone()));
+        let mut reader = match remote {
             // Lazily pulled and not downloaded yet: ranges from the registry.
-            Some(remote) if !path.is_file() => {
-                let info = RemoteInfo::load(&root.abs(remote), &digest)?;
+            Some(info) if !path.is_file() => {
                 let source = RemoteBlob::open(&root.store, &digest, info, root.chunk_cache()?)
                     .with_context(|| format!("opening remote blob {digest}"))?;
                 source.start_background(root.store.clone(), root.path.join(crate::chunks::DIR));
@@ -74,6 +101,9 @@ impl IndexedLayer {
             _ => BlobReader::open(&path, Arc::new(map), local.as_deref(), cache),
         }
         .with_context(|| format!("opening blob {}", chain.blob_digest))?;
+        if let Some(d) = span_digests {
+            reader.set_span_digests(d);
+        }
         let mut layer = Self::new(index, reader, chain.blob_digest.clone());
         layer.tracer = tracer;
         Ok(layer)

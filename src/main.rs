@@ -973,7 +973,13 @@ fn show_trace(root: &Root, name: &str, reset: bool, json: bool) -> anyhow::Resul
             continue;
         };
         if let Some(layer) = root.meta.layer(&l.diff_id)? {
-            let index = lazysnap::index::LayerIndex::load(&root.abs(&layer.index_path))?;
+            let blob = root
+                .meta
+                .blob(&l.blob_digest)?
+                .with_context(|| format!("blob {} is not indexed", l.blob_digest))?;
+            let index = lazysnap::index::LayerIndex::load(&lazysnap::layer::index_path_of(
+                root, &blob, &layer,
+            )?)?;
             let paths = node_paths(&index);
             trace.paths = trace
                 .files

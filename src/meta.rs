@@ -548,7 +548,8 @@ fn referenced_files_in(conn: &Connection) -> Result<std::collections::HashSet<St
     let mut stmt = conn.prepare(
         "SELECT index_path FROM layers UNION SELECT spans_path FROM blobs
          UNION SELECT local_copy FROM blobs WHERE local_copy IS NOT NULL
-         UNION SELECT remote FROM blobs WHERE remote IS NOT NULL",
+         UNION SELECT remote FROM blobs WHERE remote IS NOT NULL
+         UNION SELECT replace(remote, '.remote', '.tocindex') FROM blobs WHERE remote IS NOT NULL",
     )?;
     let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
     Ok(rows.collect::<rusqlite::Result<_>>()?)
@@ -953,8 +954,15 @@ fn insert_committed(
 
 fn insert_layer_blob(tx: &Transaction<'_>, layer: &LayerRow, blob: &BlobRow) -> Result<()> {
     tx.execute(
-        "INSERT OR IGNORE INTO layers (diff_id, uncompressed_size, entries, index_path)
-         VALUES (?1, ?2, ?3, ?4)",
+        // A layer first known only from an eStargz TOC has that blob's own index; an index of
+        // the tar stream (made from any blob of the layer) replaces it as the layer's.
+        "INSERT INTO layers (diff_id, uncompressed_size, entries, index_path)
+         VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT(diff_id) DO UPDATE SET
+             uncompressed_size = excluded.uncompressed_size,
+             entries = excluded.entries,
+             index_path = excluded.index_path
+         WHERE layers.index_path LIKE '%.tocindex' AND excluded.index_path NOT LIKE '%.tocindex'",
         params![
             layer.diff_id,
             layer.uncompressed_size,

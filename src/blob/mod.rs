@@ -254,6 +254,35 @@ impl SpanMap {
             .collect()
     }
 
+    /// The map of a multi-member gzip blob entered at member starts: `points` are (uncompressed
+    /// offset, offset of the member's raw deflate data), ascending, as an eStargz TOC gives
+    /// them. The uncompressed offsets may be a layout of the caller's choosing as long as the
+    /// layer index uses the same one.
+    pub fn gzip_members(
+        compressed_size: u64,
+        uncompressed_size: u64,
+        points: &[(u64, u64)],
+        span_size: u64,
+    ) -> SpanMap {
+        SpanMap {
+            compression: Compression::Gzip,
+            compressed_size,
+            uncompressed_size,
+            span_size,
+            index: SpanIndex::Gzip(
+                points
+                    .iter()
+                    .map(|&(u_off, c_off)| gz::Checkpoint {
+                        u_off,
+                        c_off,
+                        bits: 0,
+                        window: Vec::new(),
+                    })
+                    .collect(),
+            ),
+        }
+    }
+
     /// Uncompressed range of span `i`.
     fn span_range(&self, i: usize) -> (u64, u64) {
         (self.span_start(i), self.span_start(i + 1))
@@ -519,6 +548,9 @@ pub trait BlobBytes: Send + Sync {
     fn is_remote(&self) -> bool {
         false
     }
+    /// The bytes `[start, end)` turned out bad (a span failed its digest): drop any cached
+    /// copy so the next read fetches them again.
+    fn invalidate(&self, _start: u64, _end: u64) {}
     /// Hint: the bytes `[start, end)` are about to be read (a remote source fetches what it
     /// lacks of them in one request instead of one per read).
     fn will_need(&self, _start: u64, _end: u64) {}
@@ -648,6 +680,9 @@ struct Inner {
     /// Set when the `BlobReader` is dropped: read-ahead still running caches nothing more.
     closed: AtomicBool,
     prefetch: bool,
+    /// sha256 of each span's uncompressed bytes, where known (eStargz chunk digests): a
+    /// span that does not match is read again once, then an error.
+    span_digests: Option<Arc<Vec<Option<[u8; 32]>>>>,
 }
 
 impl std::fmt::Debug for BlobReader {
@@ -715,8 +750,16 @@ impl BlobReader {
                 last_end: AtomicU64::new(u64::MAX),
                 closed: AtomicBool::new(false),
                 prefetch: true,
+                span_digests: None,
             }),
         })
+    }
+
+    /// Checks every span with a digest against it after decoding.
+    pub fn set_span_digests(&mut self, digests: Arc<Vec<Option<[u8; 32]>>>) {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.span_digests = Some(digests);
+        }
     }
 
     /// Turns background read-ahead of spans on or off (on by default). Off, a read
@@ -820,7 +863,34 @@ impl BlobReader {
 impl Inner {
     fn span(&self, idx: usize) -> Result<SpanData> {
         self.cache
-            .get_or_load((self.id, idx), &self.closed, || self.load_span(idx))
+            .get_or_load((self.id, idx), &self.closed, || self.load_checked_span(idx))
+    }
+
+    /// [`Inner::load_span`], checked against the span's digest when there is one; a mismatch
+    /// drops the source's copy of those bytes (a remote chunk cache) and reads once more.
+    fn load_checked_span(&self, idx: usize) -> Result<SpanData> {
+        let Some(want) = self
+            .span_digests
+            .as_ref()
+            .and_then(|d| d.get(idx).copied().flatten())
+        else {
+            return self.load_span(idx);
+        };
+        use sha2::Digest as _;
+        for attempt in 0..2 {
+            let data = self.load_span(idx)?;
+            if <[u8; 32]>::from(sha2::Sha256::digest(&data[..])) == want {
+                return Ok(data);
+            }
+            tracing::warn!(blob = %self.name, idx, attempt, "span does not match its recorded sha256");
+            if let Some((a, b)) = self.map.compressed_range(idx) {
+                self.file.invalidate(a, b);
+            }
+        }
+        Err(BlobError::BadMap {
+            blob: self.name.clone(),
+            msg: format!("span {idx} does not match its recorded sha256"),
+        })
     }
 
     /// Queues background decompression of the spans in `range` not cached or loading yet.

@@ -82,6 +82,21 @@ pub fn build_index<R: Read>(reader: R) -> Result<BuiltLayer, BuildError> {
     })
 }
 
+/// Builds an index from entries known without reading the stream (an eStargz TOC): the same
+/// layer rules as [`build_index`]; `stats` are the caller's.
+pub fn build_index_from_entries(
+    entries: impl IntoIterator<Item = TarEntry>,
+    stats: LayerStats,
+) -> Result<BuiltLayer, BuildError> {
+    let mut tree = Tree::new();
+    for e in entries {
+        tree.apply(e)?;
+    }
+    Ok(BuiltLayer {
+        index: tree.finish(stats),
+    })
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Child {
     Node(usize),

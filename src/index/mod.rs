@@ -4,6 +4,7 @@
 
 pub mod builder;
 pub mod tar;
+pub mod toc;
 
 use std::path::Path;
 

@@ -26,6 +26,11 @@ use crate::store::write_atomic;
 use crate::trace::{Access, Trace};
 use crate::unpack::{index_rel_path, spans_rel_path, Indexed};
 
+/// Where the index of a TOC-laid-out blob lives (see [`LayerArtifact::toc`]).
+pub fn toc_index_rel_path(blob: &Digest) -> String {
+    format!("index/{}.tocindex", blob.hex())
+}
+
 pub const ARTIFACT_TYPE: &str = "application/vnd.lazysnap.index.v1";
 pub const LAYER_MEDIA_TYPE: &str = "application/vnd.lazysnap.layer-index.v1+postcard+zstd";
 /// On each layer descriptor of the artifact: the image layer blob it indexes.
@@ -47,6 +52,11 @@ pub struct LayerArtifact {
     pub chunk_size: u64,
     pub chunk_hashes: Vec<ChunkHash>,
     pub trace: Vec<Access>,
+    /// sha256 of each span's uncompressed bytes, where known (eStargz chunk digests).
+    pub span_digests: Vec<Option<ChunkHash>>,
+    /// The index and span map are laid out on the blob's gzip members (from an eStargz
+    /// TOC), not on the tar stream: the index belongs to this blob alone.
+    pub toc: bool,
 }
 
 impl LayerArtifact {
@@ -62,7 +72,12 @@ impl LayerArtifact {
             .meta
             .layer(&blob.diff_id)?
             .with_context(|| format!("layer {} is not indexed", blob.diff_id))?;
-        let index = std::fs::read(root.abs(&layer.index_path))
+        let remote = match &blob.remote {
+            Some(rel) => Some(RemoteInfo::load(&root.abs(rel), &digest)?),
+            None => None,
+        };
+        let index_path = crate::layer::index_path_of(root, blob, &layer)?;
+        let index = std::fs::read(&index_path)
             .with_context(|| format!("reading the index of {}", blob.diff_id))?;
         let spans = std::fs::read(root.abs(&blob.spans_path))
             .with_context(|| format!("reading the span map of {}", blob.digest))?;
@@ -81,6 +96,11 @@ impl LayerArtifact {
             trace: Trace::load(&root.path, &digest)
                 .map(|t| t.files)
                 .unwrap_or_default(),
+            span_digests: remote
+                .as_ref()
+                .map(|r| r.span_digests.clone())
+                .unwrap_or_default(),
+            toc: remote.as_ref().is_some_and(|r| r.toc_index.is_some()),
         }))
     }
 
@@ -115,7 +135,7 @@ impl LayerArtifact {
         &self,
         root_path: &Path,
         layer: &LayerDesc,
-        remote: RemoteInfo,
+        mut remote: RemoteInfo,
     ) -> anyhow::Result<Indexed> {
         let digest = &layer.desc.digest;
         if self.blob != digest.as_str() || self.blob_size != layer.desc.size {
@@ -126,7 +146,11 @@ impl LayerArtifact {
                 layer.desc.size
             );
         }
-        let index_rel = index_rel_path(&layer.diff_id);
+        let index_rel = if self.toc {
+            toc_index_rel_path(digest)
+        } else {
+            index_rel_path(&layer.diff_id)
+        };
         let index_abs = root_path.join(&index_rel);
         let index = LayerIndex::from_bytes(&self.index, &index_abs)?;
         if index.stats.diff_id != layer.diff_id.as_str() {
@@ -144,8 +168,18 @@ impl LayerArtifact {
         if map.has_local_copy() {
             bail!("the span map of layer {digest} needs a local copy; it cannot be read remotely");
         }
+        if self.toc {
+            remote.toc_index = Some(index_rel.clone());
+            if self.span_digests.len() != map.span_count() {
+                bail!(
+                    "layer {digest}: {} span digests for {} spans",
+                    self.span_digests.len(),
+                    map.span_count()
+                );
+            }
+        }
         remote.validate(digest)?;
-        if !index_abs.is_file() {
+        if self.toc || !index_abs.is_file() {
             write_atomic(&index_abs, &self.index)?;
         }
         let spans_rel = spans_rel_path(digest);

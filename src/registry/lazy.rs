@@ -47,9 +47,17 @@ pub struct RemoteInfo {
     pub insecure: bool,
     pub size: u64,
     pub chunk_size: u64,
+    /// sha256 of every chunk; empty when the spans are checked instead (`span_digests`).
     pub chunk_hashes: Vec<ChunkHash>,
     /// Download the whole blob in the background once it is mounted.
     pub background: bool,
+    /// sha256 of each span's uncompressed bytes (eStargz chunk digests), checked on decode.
+    #[serde(default)]
+    pub span_digests: Vec<Option<ChunkHash>>,
+    /// The blob's own layer index (relative to the root) when its span map is laid out on it
+    /// rather than on the tar stream (an eStargz TOC), so no other blob may share it.
+    #[serde(default)]
+    pub toc_index: Option<String>,
 }
 
 impl RemoteInfo {
@@ -58,7 +66,10 @@ impl RemoteInfo {
         if !(MIN_CHUNK..=MAX_CHUNK).contains(&self.chunk_size) {
             return Err(bad(format!("chunk size {} out of range", self.chunk_size)));
         }
-        if self.chunk_hashes.len() as u64 != self.size.div_ceil(self.chunk_size) {
+        let checked_by_spans = self.chunk_hashes.is_empty() && !self.span_digests.is_empty();
+        if !checked_by_spans
+            && self.chunk_hashes.len() as u64 != self.size.div_ceil(self.chunk_size)
+        {
             return Err(bad(format!(
                 "{} chunk hashes for {} bytes in chunks of {}",
                 self.chunk_hashes.len(),
@@ -200,7 +211,7 @@ impl RemoteBlob {
     }
 
     fn chunk_count(&self) -> u64 {
-        self.info.chunk_hashes.len() as u64
+        self.info.size.div_ceil(self.info.chunk_size)
     }
 
     /// `[start, end)` of chunk `i` in the blob.
@@ -209,8 +220,9 @@ impl RemoteBlob {
         (start, (start + self.info.chunk_size).min(self.info.size))
     }
 
-    fn hash(&self, i: u64) -> &ChunkHash {
-        &self.info.chunk_hashes[i as usize]
+    /// The chunk's recorded sha256 (none when spans are checked instead).
+    fn hash(&self, i: u64) -> Option<&ChunkHash> {
+        self.info.chunk_hashes.get(i as usize)
     }
 
     /// Chunks `first..=last` in one Range request, each checked; mirrors first, then the
@@ -241,7 +253,7 @@ impl RemoteBlob {
             for i in first..=last {
                 let (a, b) = self.chunk_range(i);
                 let piece = &data[(a - start) as usize..(b - start) as usize];
-                if &sha256(piece) != self.hash(i) {
+                if self.hash(i).is_some_and(|h| &sha256(piece) != h) {
                     bad = Some(i);
                     break;
                 }
@@ -568,6 +580,17 @@ impl BlobBytes for RemoteBlob {
 
     fn is_remote(&self) -> bool {
         self.local.get().is_none()
+    }
+
+    fn invalidate(&self, start: u64, end: u64) {
+        if self.local.get().is_some() || start >= self.info.size {
+            return;
+        }
+        let mut hot = self.hot.lock().unwrap_or_else(|p| p.into_inner());
+        for i in self.chunks_of(start, end) {
+            hot.pop(&i);
+            self.cache.remove(&self.digest, i);
+        }
     }
 
     fn will_need(&self, start: u64, end: u64) {

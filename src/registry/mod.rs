@@ -8,6 +8,7 @@ pub mod artifact;
 pub mod auth;
 pub mod blob;
 pub mod client;
+pub mod estargz;
 pub mod lazy;
 pub mod prefetch;
 pub mod pull;

@@ -176,7 +176,7 @@ fn remote_layers_of(root: &Root, image: &str) -> anyhow::Result<Vec<RemoteLayer>
             .meta
             .layer(&blob.diff_id)?
             .with_context(|| format!("layer {} is not indexed", blob.diff_id))?;
-        let index = LayerIndex::load(&root.abs(&layer.index_path))?;
+        let index = LayerIndex::load(&crate::layer::index_path_of(root, &blob, &layer)?)?;
         let map: SpanMap = postcard::from_bytes(&std::fs::read(root.abs(&blob.spans_path))?)
             .context("corrupt span map")?;
         out.push((digest, source, index, map));

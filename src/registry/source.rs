@@ -17,6 +17,7 @@ use super::artifact::{discover, LayerArtifact};
 use super::auth::credentials_for;
 use super::blob::BlobStream;
 use super::client::{Client, Endpoint, Fetched};
+use super::estargz::{fetch_toc, FetchedToc, TOC_DIGEST_ANNOTATION, UNCOMPRESSED_SIZE_ANNOTATION};
 use super::lazy::RemoteInfo;
 use super::prefetch::Prefetcher;
 use super::reference::Reference;
@@ -95,6 +96,8 @@ pub struct RegistrySource {
     lazy: Option<Lazy>,
     /// Layer index artifacts found for the manifests read (lazy pulls), by layer blob.
     artifacts: RefCell<HashMap<Digest, LayerArtifact>>,
+    /// eStargz TOCs of layers no artifact covers (lazy pulls), by layer blob.
+    tocs: RefCell<HashMap<Digest, FetchedToc>>,
 }
 
 /// How a lazy pull records its layers.
@@ -129,6 +132,7 @@ impl RegistrySource {
             indexing: RefCell::default(),
             lazy: None,
             artifacts: RefCell::default(),
+            tocs: RefCell::default(),
         };
         let top = src.fetch_manifest(&reference.manifest_ref())?;
         let index = serde_json::json!({
@@ -173,7 +177,7 @@ impl RegistrySource {
             }
         }
         if matches!(fetched.media_type.as_str(), OCI_MANIFEST | DOCKER_MANIFEST) {
-            self.discover_artifact(&fetched.digest);
+            self.discover_artifact(&fetched.digest, &fetched.bytes);
             #[derive(serde::Deserialize)]
             struct Layer {
                 #[serde(rename = "mediaType")]
@@ -209,7 +213,8 @@ impl RegistrySource {
 
     /// Lazy pulls: the index artifact of an image manifest, if the registry has one (else
     /// its layers are downloaded as in a full pull).
-    fn discover_artifact(&self, manifest: &Digest) {
+    /// eStargz layers it does not cover are read from their TOC.
+    fn discover_artifact(&self, manifest: &Digest, bytes: &[u8]) {
         if self.lazy.is_none() {
             return;
         }
@@ -218,11 +223,60 @@ impl RegistrySource {
                 info!(manifest = %manifest, layers = found.len(), "found a lazysnap index artifact");
                 self.artifacts.borrow_mut().extend(found);
             }
-            Ok(None) => {
-                info!(manifest = %manifest, "no lazysnap index artifact; downloading the layers")
-            }
+            Ok(None) => info!(manifest = %manifest, "no lazysnap index artifact"),
             Err(e) => {
-                warn!(manifest = %manifest, error = %e, "reading the index artifact failed; downloading the layers")
+                warn!(manifest = %manifest, error = %e, "reading the index artifact failed")
+            }
+        }
+        #[derive(serde::Deserialize)]
+        struct Layer {
+            #[serde(rename = "mediaType")]
+            media_type: String,
+            digest: String,
+            size: u64,
+            #[serde(default)]
+            annotations: HashMap<String, String>,
+        }
+        #[derive(serde::Deserialize)]
+        struct Manifest {
+            #[serde(default)]
+            layers: Vec<Layer>,
+        }
+        let Ok(m) = serde_json::from_slice::<Manifest>(bytes) else {
+            return;
+        };
+        for l in m.layers {
+            let (Ok(digest), Some(toc_digest)) = (
+                Digest::parse(&l.digest),
+                l.annotations
+                    .get(TOC_DIGEST_ANNOTATION)
+                    .and_then(|d| Digest::parse(d).ok()),
+            ) else {
+                continue;
+            };
+            if self.artifacts.borrow().contains_key(&digest)
+                || layer_compression(&l.media_type) != Some(crate::blob::Compression::Gzip)
+            {
+                continue;
+            }
+            let desc = Desc {
+                media_type: l.media_type,
+                digest: digest.clone(),
+                size: l.size,
+            };
+            let unc = l
+                .annotations
+                .get(UNCOMPRESSED_SIZE_ANNOTATION)
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0);
+            match self.first_ok(|c| fetch_toc(c, &desc, &toc_digest, unc)) {
+                Ok(t) => {
+                    info!(layer = %digest, toc_bytes = t.json.len(), "eStargz layer: read by its TOC");
+                    self.tocs.borrow_mut().insert(digest, t);
+                }
+                Err(e) => {
+                    warn!(layer = %digest, error = %e, "eStargz TOC unusable; the layer is downloaded")
+                }
             }
         }
     }
@@ -241,14 +295,17 @@ impl RegistrySource {
             let is_image = serde_json::from_slice::<serde_json::Value>(&bytes)
                 .is_ok_and(|v| v.get("layers").is_some());
             if is_image {
-                self.discover_artifact(&digest);
+                self.discover_artifact(&digest, &bytes);
             }
         }
     }
 
-    /// Layers recorded from an index artifact (their blobs stay in the registry).
+    /// Layers recorded from an index artifact or an eStargz TOC (their blobs stay in the
+    /// registry).
     pub fn remote_layers(&self) -> Vec<Digest> {
-        self.artifacts.borrow().keys().cloned().collect()
+        let mut v: Vec<Digest> = self.artifacts.borrow().keys().cloned().collect();
+        v.extend(self.tocs.borrow().keys().cloned());
+        v
     }
 
     /// Runs `f` against each endpoint in order; the first success wins, else the origin's
@@ -299,6 +356,13 @@ impl RegistrySource {
     pub fn take_indexed(&self, layer: &LayerDesc) -> Option<anyhow::Result<Indexed>> {
         let blob = &layer.desc.digest;
         if let (Some(lazy), Some(root)) = (&self.lazy, &self.index_into) {
+            if let Some(t) = self.tocs.borrow().get(blob) {
+                let a = match toc_artifact(t, layer) {
+                    Ok(a) => a,
+                    Err(e) => return Some(Err(e)),
+                };
+                self.artifacts.borrow_mut().insert(blob.clone(), a);
+            }
             if let Some(a) = self.artifacts.borrow().get(blob) {
                 let remote = RemoteInfo {
                     reference: self.reference.to_string(),
@@ -308,6 +372,8 @@ impl RegistrySource {
                     chunk_size: a.chunk_size,
                     chunk_hashes: a.chunk_hashes.clone(),
                     background: lazy.background,
+                    span_digests: a.span_digests.clone(),
+                    toc_index: None,
                 };
                 return Some(a.materialize(root, layer, remote));
             }
@@ -459,10 +525,36 @@ impl ImageSource for RegistrySource {
     }
 
     fn is_remote(&self, digest: &Digest) -> bool {
-        self.artifacts.borrow().contains_key(digest)
+        self.artifacts.borrow().contains_key(digest) || self.tocs.borrow().contains_key(digest)
     }
 
     fn describe(&self) -> String {
         self.reference.to_string()
     }
+}
+
+/// The layer artifact an eStargz TOC amounts to (index and span map laid out on its members).
+fn toc_artifact(t: &FetchedToc, layer: &LayerDesc) -> anyhow::Result<LayerArtifact> {
+    use anyhow::Context as _;
+    let toc = crate::index::toc::Toc {
+        json: &t.json,
+        blob_size: t.blob_size,
+        toc_offset: t.toc_offset,
+        toc_member: &t.member,
+    };
+    let laid = crate::index::toc::layout(&toc, layer.diff_id.as_str(), t.uncompressed_size)
+        .with_context(|| format!("eStargz TOC of layer {}", layer.desc.digest))?;
+    Ok(LayerArtifact {
+        version: 1,
+        blob: layer.desc.digest.to_string(),
+        blob_size: layer.desc.size,
+        diff_id: layer.diff_id.to_string(),
+        index: laid.index.to_bytes(),
+        spans: postcard::to_stdvec(&laid.map)?,
+        chunk_size: super::lazy::CHUNK_SIZE,
+        chunk_hashes: Vec::new(),
+        trace: Vec::new(),
+        span_digests: laid.span_digests,
+        toc: true,
+    })
 }
