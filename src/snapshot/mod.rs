@@ -410,6 +410,10 @@ impl Snapshotter {
         let Some(blob) = self.scan.find(&content, chain) else {
             return Ok(None);
         };
+        if !blob.path.is_file() {
+            // client.Pull's unpacker (CRI, nerdctl) prepares before it fetches the layer.
+            return Ok(None);
+        }
         // The parent must be the chain below, or the layer would land on the wrong stack.
         let parent_chain = if parent.is_empty() {
             None
