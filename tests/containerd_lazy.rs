@@ -578,3 +578,97 @@ fn an_image_without_an_index_artifact_is_fetched_by_containerd() {
     assert_program_output(&out);
     eprintln!("rpull without an index artifact: {secs:.2}s");
 }
+
+/// Serves nothing: the remote-snapshot path never mounts.
+struct NoMounts;
+
+impl lazysnap::snapshot::Mounter for NoMounts {
+    fn mount(
+        &self,
+        _: &lazysnap::root::Root,
+        _: &lazysnap::snapshot::MountSpec,
+    ) -> anyhow::Result<()> {
+        Ok(())
+    }
+    fn unmount(&self, _: &Path) -> anyhow::Result<()> {
+        Ok(())
+    }
+    fn is_mounted(&self, _: &Path) -> bool {
+        false
+    }
+}
+
+/// A chain lazysnap already has (here: imported, so its own unpack snapshots hold the chain
+/// IDs as names) is reused for a remote-snapshot Prepare without any blob: the snapshot gets
+/// a free name, the ref label and containerd's parent, and containerd's Walk finds it by label
+/// and parent; asked again, the same snapshot answers. A chain on another parent is not
+/// taken: that Prepare is an ordinary one.
+#[test]
+fn remote_snapshot_labels_reuse_a_chain_lazysnap_has() {
+    use lazysnap::snapshot::{SnapshotError, Snapshotter};
+    use std::collections::BTreeMap;
+    let dir = tempfile::tempdir().unwrap();
+    let mut root = lazysnap::root::Root::open(dir.path()).unwrap();
+    let imported = lazysnap::import::import(
+        &mut root,
+        &common::image("debian-gzip"),
+        Some("img"),
+        None,
+        &mut lazysnap::import::NoProgress,
+    )
+    .unwrap();
+    let top = imported[0].chain_id.clone().unwrap();
+    let chains: Vec<String> = root
+        .meta
+        .chain_stack(top.as_str())
+        .unwrap()
+        .into_iter()
+        .map(|c| c.chain_id)
+        .collect();
+    assert_eq!(chains.len(), 3);
+    let mut sn = Snapshotter::new(root, Box::new(NoMounts));
+    let labels = |chain: &str| {
+        BTreeMap::from([
+            ("containerd.io/snapshot.ref".to_string(), chain.to_string()),
+            (
+                "containerd.io/snapshot/cri.layer-digest".to_string(),
+                format!("sha256:{}", "0".repeat(64)),
+            ),
+        ])
+    };
+    // containerd's metadata store, after AlreadyExists: the committed snapshot with the ref
+    // label and the parent it asked for.
+    let found = |sn: &Snapshotter, chain: &str, parent: &str| -> Vec<String> {
+        let filter = format!(r#"labels."containerd.io/snapshot.ref"=={chain},parent=="{parent}""#);
+        let mut names = Vec::new();
+        sn.walk(&[filter], &mut |i| {
+            if i.kind == lazysnap::snapshot::Kind::Committed {
+                names.push(i.name.clone());
+            }
+        })
+        .unwrap();
+        names
+    };
+    let mut parent = String::new();
+    for (n, chain) in chains.iter().enumerate() {
+        for attempt in 0..2 {
+            let key = format!("ns/{n}{attempt}/extract-{n} {chain}");
+            match sn.prepare(&key, &parent, &labels(chain)) {
+                Err(SnapshotError::AlreadyExists(_)) => {}
+                other => panic!("layer {n}: {other:?}"),
+            }
+            let names = found(&sn, chain, &parent);
+            assert_eq!(names, vec![format!("{chain}~1")], "layer {n}");
+        }
+        parent = format!("{chain}~1");
+    }
+    // The top chain asked for on the bottom layer: not that chain; an ordinary Prepare.
+    let mounts = sn
+        .prepare(
+            &format!("ns/9/extract-9 {}", chains[2]),
+            &format!("{}~1", chains[0]),
+            &labels(&chains[2]),
+        )
+        .unwrap();
+    assert_eq!(mounts.len(), 1);
+}
