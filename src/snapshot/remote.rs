@@ -17,6 +17,7 @@ use crate::image::resolve::{manifest_layers, parse_config, parse_manifest};
 use crate::image::LayerDesc;
 use crate::registry::artifact::{discover, LayerArtifact};
 use crate::registry::lazy::RemoteInfo;
+use crate::registry::retry::RetryPolicy;
 use crate::registry::source::Connect;
 use crate::registry::{Client, Reference, RegistryError};
 
@@ -28,7 +29,8 @@ pub const LABEL_MANIFEST_DIGEST: &str = "containerd.io/snapshot/cri.manifest-dig
 const MAX_CONFIG: u64 = 16 << 20;
 /// Images resolved and kept (their artifacts hold every layer's index).
 const KEEP_IMAGES: usize = 4;
-/// How long "this image has no index artifact" is believed (an artifact may be pushed later).
+/// How long "this image has no index artifact" (or "its registry failed") is believed: an
+/// artifact may be pushed later.
 const NEGATIVE_TTL: Duration = Duration::from_secs(60);
 
 /// How `serve` reaches registries for lazy layers.
@@ -100,7 +102,9 @@ impl Resolver {
             None => false,
         };
         if !fresh {
-            let resolved = self.resolve(image_ref, manifest)?;
+            // A failure is remembered like a missing artifact: containerd fetches the image's
+            // layers, and its other layers do not wait for the registry again.
+            let resolved = self.resolve(image_ref, manifest);
             if self.images.len() >= KEEP_IMAGES {
                 // The oldest goes.
                 if let Some(old) = self
@@ -112,8 +116,12 @@ impl Resolver {
                     self.images.remove(&old);
                 }
             }
-            self.images
-                .insert(manifest.clone(), (Instant::now(), resolved));
+            let (kept, result) = match resolved {
+                Ok(r) => (r, Ok(())),
+                Err(e) => (None, Err(e)),
+            };
+            self.images.insert(manifest.clone(), (Instant::now(), kept));
+            result?;
         }
         let Some((_, Some(img))) = self.images.get_mut(manifest) else {
             return Ok(None);
@@ -156,7 +164,15 @@ impl Resolver {
         let _span =
             info_span!("resolve_lazy", reference = %reference, manifest = %manifest).entered();
         let connect = self.config.connect(&reference);
-        let clients = connect.clients(&reference)?;
+        // containerd's fetch is the fallback: one retry, not the full budget.
+        let clients = Connect {
+            retry: RetryPolicy {
+                retries: connect.retry.retries.min(1),
+                ..connect.retry
+            },
+            ..connect.clone()
+        }
+        .clients(&reference)?;
         let fetched = first_ok(&clients, |c| c.get_manifest(manifest.as_str()))
             .with_context(|| format!("reading manifest {manifest} of {reference}"))?;
         let what = format!("manifest {manifest} of {reference}");
