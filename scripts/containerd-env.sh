@@ -8,14 +8,23 @@
 #   scripts/containerd-env.sh stop  [DIR]   # SIGTERM both, waits, unmounts leftovers
 #   scripts/containerd-env.sh status [DIR]
 #   scripts/containerd-env.sh restart-snapshotter [DIR]   # SIGTERM + start `lazysnap serve` again
+#   scripts/containerd-env.sh rpull REF [DIR]  # pull REF lazily (tools/rpull: client.Pull + cri.* labels)
 #
 # Then: ctr -a DIR/containerd.sock -n test images import --snapshotter lazysnap IMAGE.tar
+# rpull pulls into namespace $CONTAINERD_NAMESPACE (default "default"); layers with a lazysnap
+# index artifact (`lazysnap index push`) are not fetched, mounts read them from the registry.
+# $LAZYSNAP_SERVE_ARGS adds arguments to `lazysnap serve` (e.g. --no-background-fetch).
 # The lazysnap binary: $LAZYSNAP_BIN, else target/{release,debug}/lazysnap, else PATH.
 # Needs root (containerd, FUSE mounts), Debian's containerd and runc.
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cmd=${1:-}
+if [[ $cmd == rpull ]]; then
+    ref=${2:-}
+    [[ -n $ref ]] || { echo "usage: $0 rpull REF [DIR]" >&2; exit 2; }
+    shift
+fi
 dir=${2:-${CONTAINERD_ENV_DIR:-$here/target/containerd-env}}
 START_TIMEOUT=${START_TIMEOUT:-30}
 STOP_TIMEOUT=${STOP_TIMEOUT:-30}
@@ -104,8 +113,10 @@ sock_ready() { python3 -c 'import socket,sys; s=socket.socket(socket.AF_UNIX); s
 start_lazysnap() {
     local bin
     bin=$(lazysnap_bin)
+    local extra=()
+    read -r -a extra <<<"${LAZYSNAP_SERVE_ARGS:-}"
     LAZYSNAP_LOG=${LAZYSNAP_LOG:-info} setsid "$bin" --root "$lroot" serve --address "$lsock" \
-        --containerd-content "$content" >>"$dir/lazysnap.log" 2>&1 </dev/null &
+        --containerd-content "$content" "${extra[@]}" >>"$dir/lazysnap.log" 2>&1 </dev/null &
     echo $! >"$dir/lazysnap.pid"
     if ! wait_for "$START_TIMEOUT" "$dir/lazysnap.pid" sock_ready "$lsock"; then
         tail -20 "$dir/lazysnap.log" >&2 || true
@@ -220,11 +231,35 @@ status() {
     alive "$dir/lazysnap.pid" && echo "lazysnap: running (pid $(cat "$dir/lazysnap.pid"))" || echo "lazysnap: stopped"
 }
 
+# tools/rpull, built (Go, GOPATH mode against Debian's containerd sources) when missing or
+# older than its source: $RPULL_BIN, else target/go/rpull.
+rpull_bin() {
+    if [[ -n ${RPULL_BIN:-} ]]; then echo "$RPULL_BIN"; return; fi
+    local bin=$here/target/go/rpull src=$here/tools/rpull/main.go
+    if [[ ! -x $bin || $src -nt $bin ]]; then
+        command -v go >/dev/null || die "go is not installed (apt-get install golang-go golang-github-containerd-containerd-dev)"
+        mkdir -p "$here/target/go"
+        (cd "$here" && GO111MODULE=off GOPATH=${GOPATH:-/usr/share/gocode} GOFLAGS= \
+            GOCACHE=${GOCACHE:-$here/target/go-build-cache} go build -o "$bin" ./tools/rpull) >&2 \
+            || die "building tools/rpull failed"
+    fi
+    echo "$bin"
+}
+
+rpull() {
+    setup_paths
+    alive "$dir/containerd.pid" || die "not running in $dir"
+    local bin
+    bin=$(rpull_bin)
+    "$bin" -a "$csock" -n "${CONTAINERD_NAMESPACE:-default}" -snapshotter lazysnap "$ref"
+}
+
 case $cmd in
     start) start ;;
     stop) stop ;;
     env) setup_paths; print_env ;;
     status) status ;;
     restart-snapshotter) restart_snapshotter ;;
-    *) die "usage: $0 start|stop|env|status|restart-snapshotter [DIR]" ;;
+    rpull) rpull ;;
+    *) die "usage: $0 start|stop|env|status|restart-snapshotter [DIR] | rpull REF [DIR]" ;;
 esac

@@ -291,6 +291,23 @@ enum Command {
         /// remote-snapshot labels find layer blobs
         #[arg(long, default_value = lazysnap::service::diff::DEFAULT_CONTAINERD_CONTENT)]
         containerd_content: PathBuf,
+        /// Do not set layers up from lazysnap index artifacts for remote-snapshot pulls
+        /// (client.Pull with the cri.* labels: CRI, nerdctl, tools/rpull); containerd then
+        /// fetches every layer
+        #[arg(long)]
+        no_lazy_pull: bool,
+        /// For lazily pulled layers: a mirror tried before the image's registry
+        /// (HOST[:PORT] or http(s)://HOST[:PORT]; repeatable)
+        #[arg(long = "registry-mirror")]
+        registry_mirrors: Vec<String>,
+        /// A registry (HOST[:PORT]) spoken to over plain HTTP (loopback ones are anyway;
+        /// repeatable)
+        #[arg(long = "insecure-registry")]
+        insecure_registries: Vec<String>,
+        /// Lazily pulled layers are never downloaded whole; mounts fetch only the ranges
+        /// they read
+        #[arg(long)]
+        no_background_fetch: bool,
     },
 }
 
@@ -650,6 +667,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             threads,
             containerd_content,
             in_process_mounts,
+            no_lazy_pull,
+            registry_mirrors,
+            insecure_registries,
+            no_background_fetch,
         } => {
             lazysnap::service::serve::run(lazysnap::service::serve::ServeOptions {
                 root: root_path,
@@ -658,6 +679,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 threads,
                 containerd_content: Some(containerd_content),
                 in_process_mounts,
+                remote: (!no_lazy_pull).then_some(lazysnap::snapshot::remote::RemoteConfig {
+                    mirrors: registry_mirrors,
+                    insecure_registries,
+                    background: !no_background_fetch,
+                }),
             })?;
         }
         Command::Check {

@@ -6,12 +6,15 @@
 
 use std::io::Read;
 
-use tracing::info_span;
+use std::collections::{HashMap, HashSet};
+
+use tracing::{info, info_span, warn};
 
 use super::client::Client;
 use super::RegistryError;
 use crate::digest::Digest;
-use crate::image::Desc;
+use crate::image::{layer_compression, Desc, LayerDesc};
+use crate::registry::artifact::LayerArtifact;
 
 pub const TOC_DIGEST_ANNOTATION: &str = "containerd.io/snapshot/stargz/toc.digest";
 pub const UNCOMPRESSED_SIZE_ANNOTATION: &str = "io.containers.estargz.uncompressed-size";
@@ -102,5 +105,93 @@ pub fn fetch_toc(
         toc_offset,
         blob_size: size,
         uncompressed_size,
+    })
+}
+
+/// The TOCs of a manifest's eStargz layers (gzip, with a `toc.digest` annotation) other than
+/// `covered`, fetched with `fetch`; a layer whose TOC cannot be had is left out (downloaded).
+pub fn estargz_tocs(
+    manifest: &[u8],
+    covered: &HashSet<Digest>,
+    fetch: impl Fn(&Desc, &Digest, u64) -> Result<FetchedToc, RegistryError>,
+) -> HashMap<Digest, FetchedToc> {
+    #[derive(serde::Deserialize)]
+    struct Layer {
+        #[serde(rename = "mediaType")]
+        media_type: String,
+        digest: String,
+        size: u64,
+        #[serde(default)]
+        annotations: HashMap<String, String>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Manifest {
+        #[serde(default)]
+        layers: Vec<Layer>,
+    }
+    let mut out = HashMap::new();
+    let Ok(m) = serde_json::from_slice::<Manifest>(manifest) else {
+        return out;
+    };
+    for l in m.layers {
+        let (Ok(digest), Some(toc_digest)) = (
+            Digest::parse(&l.digest),
+            l.annotations
+                .get(TOC_DIGEST_ANNOTATION)
+                .and_then(|d| Digest::parse(d).ok()),
+        ) else {
+            continue;
+        };
+        if covered.contains(&digest)
+            || layer_compression(&l.media_type) != Some(crate::blob::Compression::Gzip)
+        {
+            continue;
+        }
+        let unc = l
+            .annotations
+            .get(UNCOMPRESSED_SIZE_ANNOTATION)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        let desc = Desc {
+            media_type: l.media_type,
+            digest: digest.clone(),
+            size: l.size,
+        };
+        match fetch(&desc, &toc_digest, unc) {
+            Ok(t) => {
+                info!(layer = %digest, toc_bytes = t.json.len(), "eStargz layer: read by its TOC");
+                out.insert(digest, t);
+            }
+            Err(e) => {
+                warn!(layer = %digest, error = %e, "eStargz TOC unusable; the layer is downloaded")
+            }
+        }
+    }
+    out
+}
+
+/// The layer artifact an eStargz TOC amounts to (index and span map laid out on its members).
+pub fn toc_artifact(t: &FetchedToc, layer: &LayerDesc) -> anyhow::Result<LayerArtifact> {
+    use anyhow::Context as _;
+    let toc = crate::index::toc::Toc {
+        json: &t.json,
+        blob_size: t.blob_size,
+        toc_offset: t.toc_offset,
+        toc_member: &t.member,
+    };
+    let laid = crate::index::toc::layout(&toc, layer.diff_id.as_str(), t.uncompressed_size)
+        .with_context(|| format!("eStargz TOC of layer {}", layer.desc.digest))?;
+    Ok(LayerArtifact {
+        version: 1,
+        blob: layer.desc.digest.to_string(),
+        blob_size: layer.desc.size,
+        diff_id: layer.diff_id.to_string(),
+        index: laid.index.to_bytes(),
+        spans: postcard::to_stdvec(&laid.map)?,
+        chunk_size: super::lazy::CHUNK_SIZE,
+        chunk_hashes: Vec::new(),
+        trace: Vec::new(),
+        span_digests: laid.span_digests,
+        toc: true,
     })
 }

@@ -17,7 +17,7 @@ use super::artifact::{discover, LayerArtifact};
 use super::auth::credentials_for;
 use super::blob::BlobStream;
 use super::client::{Client, Endpoint, Fetched};
-use super::estargz::{fetch_toc, FetchedToc, TOC_DIGEST_ANNOTATION, UNCOMPRESSED_SIZE_ANNOTATION};
+use super::estargz::{estargz_tocs, fetch_toc, toc_artifact, FetchedToc};
 use super::lazy::RemoteInfo;
 use super::prefetch::Prefetcher;
 use super::reference::Reference;
@@ -228,57 +228,11 @@ impl RegistrySource {
                 warn!(manifest = %manifest, error = %e, "reading the index artifact failed")
             }
         }
-        #[derive(serde::Deserialize)]
-        struct Layer {
-            #[serde(rename = "mediaType")]
-            media_type: String,
-            digest: String,
-            size: u64,
-            #[serde(default)]
-            annotations: HashMap<String, String>,
-        }
-        #[derive(serde::Deserialize)]
-        struct Manifest {
-            #[serde(default)]
-            layers: Vec<Layer>,
-        }
-        let Ok(m) = serde_json::from_slice::<Manifest>(bytes) else {
-            return;
-        };
-        for l in m.layers {
-            let (Ok(digest), Some(toc_digest)) = (
-                Digest::parse(&l.digest),
-                l.annotations
-                    .get(TOC_DIGEST_ANNOTATION)
-                    .and_then(|d| Digest::parse(d).ok()),
-            ) else {
-                continue;
-            };
-            if self.artifacts.borrow().contains_key(&digest)
-                || layer_compression(&l.media_type) != Some(crate::blob::Compression::Gzip)
-            {
-                continue;
-            }
-            let desc = Desc {
-                media_type: l.media_type,
-                digest: digest.clone(),
-                size: l.size,
-            };
-            let unc = l
-                .annotations
-                .get(UNCOMPRESSED_SIZE_ANNOTATION)
-                .and_then(|s| s.parse().ok())
-                .unwrap_or(0);
-            match self.first_ok(|c| fetch_toc(c, &desc, &toc_digest, unc)) {
-                Ok(t) => {
-                    info!(layer = %digest, toc_bytes = t.json.len(), "eStargz layer: read by its TOC");
-                    self.tocs.borrow_mut().insert(digest, t);
-                }
-                Err(e) => {
-                    warn!(layer = %digest, error = %e, "eStargz TOC unusable; the layer is downloaded")
-                }
-            }
-        }
+        let covered: HashSet<Digest> = self.artifacts.borrow().keys().cloned().collect();
+        let tocs = estargz_tocs(bytes, &covered, |desc, toc, unc| {
+            self.first_ok(|c| fetch_toc(c, desc, toc, unc))
+        });
+        self.tocs.borrow_mut().extend(tocs);
     }
 
     /// Makes this a lazy pull (call before resolving).
@@ -531,30 +485,4 @@ impl ImageSource for RegistrySource {
     fn describe(&self) -> String {
         self.reference.to_string()
     }
-}
-
-/// The layer artifact an eStargz TOC amounts to (index and span map laid out on its members).
-fn toc_artifact(t: &FetchedToc, layer: &LayerDesc) -> anyhow::Result<LayerArtifact> {
-    use anyhow::Context as _;
-    let toc = crate::index::toc::Toc {
-        json: &t.json,
-        blob_size: t.blob_size,
-        toc_offset: t.toc_offset,
-        toc_member: &t.member,
-    };
-    let laid = crate::index::toc::layout(&toc, layer.diff_id.as_str(), t.uncompressed_size)
-        .with_context(|| format!("eStargz TOC of layer {}", layer.desc.digest))?;
-    Ok(LayerArtifact {
-        version: 1,
-        blob: layer.desc.digest.to_string(),
-        blob_size: layer.desc.size,
-        diff_id: layer.diff_id.to_string(),
-        index: laid.index.to_bytes(),
-        spans: postcard::to_stdvec(&laid.map)?,
-        chunk_size: super::lazy::CHUNK_SIZE,
-        chunk_hashes: Vec::new(),
-        trace: Vec::new(),
-        span_digests: laid.span_digests,
-        toc: true,
-    })
 }

@@ -34,6 +34,8 @@ pub struct ServeOptions {
     pub containerd_content: Option<PathBuf>,
     /// Serve filesystems from this process instead of one detached daemon per snapshot.
     pub in_process_mounts: bool,
+    /// Lazy layers for remote-snapshot pulls (None: containerd fetches every layer).
+    pub remote: Option<crate::snapshot::remote::RemoteConfig>,
 }
 
 /// How long a stop waits for clients to close their connections.
@@ -93,10 +95,12 @@ pub async fn serve(
     };
     let in_process = opts.in_process_mounts;
     let containerd_content = opts.containerd_content.clone();
+    let remote = opts.remote.clone();
     let sn = tokio::task::spawn_blocking(move || -> anyhow::Result<Snapshotter> {
         let root = Root::open(&root_path)?;
         let mut sn = Snapshotter::new(root, mounter);
         sn.containerd_content = containerd_content;
+        sn.remote = remote.map(crate::snapshot::remote::Resolver::new);
         reattach(&mut sn);
         Ok(sn)
     })

@@ -352,30 +352,44 @@ pub fn upper_is_empty(upper: &Path) -> anyhow::Result<bool> {
     }
 }
 
+/// Puts a blob of containerd's content store into lazysnap's: hardlinked when on the same
+/// filesystem, else copied (digest checked).
+fn store_external_blob(root: &Root, blob: &Path, digest: &Digest) -> anyhow::Result<()> {
+    let target = root.store.blob_path(digest);
+    if std::fs::hard_link(blob, &target).is_ok() {
+        // The link must survive a crash as a renamed blob does.
+        crate::store::sync_dir(root.store.blobs_dir())?;
+    } else {
+        let mut f = File::open(blob).with_context(|| format!("opening {}", blob.display()))?;
+        root.store.ingest(digest, None, &mut f, &mut |_| {})?;
+    }
+    Ok(())
+}
+
 /// Brings a layer blob from outside (containerd's content store) into ours — a hardlink when
 /// on the same filesystem, else a verified copy — and indexes it.
+/// A blob lazysnap has indexed already is not indexed again; when it was pulled lazily, the
+/// blob is still taken into the store, so reads stop going to the registry.
 pub fn index_external_blob(
     root: &mut Root,
     blob: &Path,
     digest: &Digest,
     media_type: &str,
 ) -> anyhow::Result<crate::unpack::Indexed> {
+    let target = root.store.blob_path(digest);
     if let Some(b) = root.meta.blob(digest.as_str())? {
         if let Some(l) = root.meta.layer(&b.diff_id)? {
             if root.abs(&l.index_path).is_file() && root.abs(&b.spans_path).is_file() {
+                if !target.is_file() && blob.is_file() {
+                    // A lazily pulled blob, now fetched by containerd: reads become local.
+                    store_external_blob(root, blob, digest)?;
+                }
                 return Ok(crate::unpack::Indexed { layer: l, blob: b });
             }
         }
     }
-    let target = root.store.blob_path(digest);
     if !target.is_file() {
-        if std::fs::hard_link(blob, &target).is_ok() {
-            // The link must survive a crash as a renamed blob does.
-            crate::store::sync_dir(root.store.blobs_dir())?;
-        } else {
-            let mut f = File::open(blob).with_context(|| format!("opening {}", blob.display()))?;
-            root.store.ingest(digest, None, &mut f, &mut |_| {})?;
-        }
+        store_external_blob(root, blob, digest)?;
     }
     let size = std::fs::metadata(&target)?.len();
     let mut magic = [0u8; 4];

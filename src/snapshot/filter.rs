@@ -60,9 +60,9 @@ impl Filter {
 fn cond_matches(c: &Cond, info: &Info) -> bool {
     let value: Option<String> = match c.field.first().map(String::as_str) {
         Some("name") if c.field.len() == 1 => Some(info.name.clone()),
-        Some("parent") if c.field.len() == 1 => {
-            (!info.parent.is_empty()).then(|| info.parent.clone())
-        }
+        // containerd's adaptors (metadata, snapshots/storage) always report parent as present:
+        // its metadata store walks the backend with `parent==""` for a bottom layer.
+        Some("parent") if c.field.len() == 1 => Some(info.parent.clone()),
         Some("kind") if c.field.len() == 1 => Some(info.kind.as_str().to_string()),
         Some("labels") if c.field.len() == 2 => info.labels.get(&c.field[1]).cloned(),
         _ => None,
@@ -210,6 +210,11 @@ mod tests {
         assert!(f(&["name==zz", "name==b"]).matches(&b));
         assert!(f(&["name~=^[ab]$"]).matches(&b));
         assert!(f(&["name!=a"]).matches(&b));
+        // parent is always present ("" without one), as in containerd's adaptors: its
+        // metadata store walks a remote snapshotter with `parent==""` for a bottom layer.
+        assert!(f(&[r#"parent=="""#]).matches(&a) && !f(&[r#"parent=="""#]).matches(&b));
+        assert!(f(&["parent"]).matches(&a));
+        assert!(!f(&[r#"parent!="""#]).matches(&a) && f(&[r#"parent!="""#]).matches(&b));
         assert!(Filter::parse(&["bogus==1".to_string()]).is_err());
     }
 }

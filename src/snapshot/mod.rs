@@ -6,6 +6,7 @@
 pub mod commit;
 pub mod content_scan;
 pub mod filter;
+pub mod remote;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -279,6 +280,8 @@ pub struct Snapshotter {
     /// named by remote-snapshot labels are found.
     pub containerd_content: Option<PathBuf>,
     scan: content_scan::ContentScan,
+    /// Lazy layers from lazysnap index artifacts for the remote-snapshot labels (`serve`).
+    pub remote: Option<remote::Resolver>,
 }
 
 impl Snapshotter {
@@ -289,6 +292,7 @@ impl Snapshotter {
             compression: Compression::Zstd,
             containerd_content: None,
             scan: content_scan::ContentScan::default(),
+            remote: None,
         }
     }
 
@@ -382,7 +386,7 @@ impl Snapshotter {
             // committed under the name the unpacker wants; AlreadyExists tells containerd to
             // skip fetching and applying it.
             return Err(SnapshotError::AlreadyExists(format!(
-                "snapshot {target} (prepared from its layer blob)"
+                "snapshot {target} (prepared without fetching its layer)"
             )));
         }
         if let Some(mounts) = self.prepare_extraction(key, parent, labels)? {
@@ -410,6 +414,10 @@ impl Snapshotter {
         let Some(blob) = self.scan.find(&content, chain) else {
             return Ok(None);
         };
+        if !blob.path.is_file() {
+            // client.Pull's unpacker (CRI, nerdctl) prepares before it fetches the layer.
+            return Ok(None);
+        }
         // The parent must be the chain below, or the layer would land on the wrong stack.
         let parent_chain = if parent.is_empty() {
             None
@@ -439,35 +447,39 @@ impl Snapshotter {
         }]))
     }
 
-    /// When `labels` name a target snapshot and a layer blob present in containerd's content
-    /// store, makes that committed snapshot from the blob and returns its name.
+    /// containerd's remote-snapshot protocol: `labels` name the committed snapshot the
+    /// unpacker is about to make (`containerd.io/snapshot.ref` = its chain ID) and, from
+    /// `AppendInfoHandlerWrapper` (CRI, nerdctl, `tools/rpull`), the image, manifest and layer.
+    /// When that snapshot can be made here without containerd fetching the layer, it is made
+    /// (committed on `parent`, labelled with the ref so containerd's Walk finds it) and its
+    /// name returned; the caller answers AlreadyExists. In order: a snapshot made earlier for
+    /// this ref and parent; the chain already known to lazysnap (pulled, imported, unpacked
+    /// before); the layer blob in containerd's content store (indexed); the layer's lazysnap
+    /// index artifact in the registry (recorded lazily: the blob stays there). Otherwise
+    /// `None`: containerd fetches and applies the layer as usual.
     fn remote_layer(
         &mut self,
         parent: &str,
         labels: &BTreeMap<String, String>,
     ) -> Result<Option<String>> {
-        let (Some(target), Some(layer), Some(content)) = (
-            labels.get(LABEL_SNAPSHOT_REF),
-            labels.get(LABEL_LAYER_DIGEST),
-            self.containerd_content.clone(),
-        ) else {
+        let Some(target) = labels.get(LABEL_SNAPSHOT_REF) else {
             return Ok(None);
         };
-        if self.root.meta.snapshot(target)?.is_some() {
-            return Ok(Some(target.clone()));
-        }
-        let Ok(digest) = crate::digest::Digest::parse(layer) else {
+        if crate::digest::Digest::parse(target).is_err() {
             return Ok(None);
+        }
+        let _span = info_span!("remote_layer", target, parent).entered();
+        if let Some(name) = self.snapshot_for_ref(target, parent)? {
+            return Ok(Some(name));
+        }
+        let parent_chain = if parent.is_empty() {
+            None
+        } else {
+            match self.root.meta.snapshot(parent)? {
+                Some(p) if p.kind == "committed" => p.chain_id,
+                _ => return Ok(None),
+            }
         };
-        let blob = content.join("blobs/sha256").join(digest.hex());
-        if !blob.is_file() {
-            // Not fetched yet: let containerd fetch and apply it the ordinary way.
-            return Ok(None);
-        }
-        let media_type = labels
-            .get(LABEL_LAYER_MEDIA_TYPE)
-            .cloned()
-            .unwrap_or_default();
         let mut inherited: BTreeMap<String, String> = labels
             .iter()
             .filter(|(k, _)| crate::meta::inheritable_label(k))
@@ -475,8 +487,172 @@ impl Snapshotter {
             .collect();
         // containerd finds the snapshot by Walk with labels."containerd.io/snapshot.ref".
         inherited.insert(LABEL_SNAPSHOT_REF.to_string(), target.clone());
-        self.commit_blob(target, parent, &blob, &digest, &media_type, &inherited)?;
-        Ok(Some(target.clone()))
+        if let Some(made) = self.known_chain(target, parent_chain.as_deref())? {
+            return self.commit_ref(target, parent, &made, &inherited).map(Some);
+        }
+        let Some(layer) = labels
+            .get(LABEL_LAYER_DIGEST)
+            .and_then(|l| crate::digest::Digest::parse(l).ok())
+        else {
+            return Ok(None);
+        };
+        if let Some(content) = self.containerd_content.clone() {
+            let blob = content.join("blobs/sha256").join(layer.hex());
+            if blob.is_file() {
+                let media_type = labels
+                    .get(LABEL_LAYER_MEDIA_TYPE)
+                    .cloned()
+                    .unwrap_or_default();
+                let _writing = self.root.writer_lock()?;
+                let indexed =
+                    commit::index_external_blob(&mut self.root, &blob, &layer, &media_type)?;
+                let made =
+                    commit::chain_from_indexed(&self.root, indexed, parent_chain.as_deref())?;
+                if made.chain.chain_id != *target {
+                    warn!(blob = %layer, chain = made.chain.chain_id, "the layer blob does not make the chain containerd expects; leaving it to containerd");
+                    return Ok(None);
+                }
+                return self.commit_ref(target, parent, &made, &inherited).map(Some);
+            }
+        }
+        let (Some(image_ref), Some(manifest)) = (
+            labels.get(remote::LABEL_IMAGE_REF),
+            labels
+                .get(remote::LABEL_MANIFEST_DIGEST)
+                .and_then(|m| crate::digest::Digest::parse(m).ok()),
+        ) else {
+            return Ok(None);
+        };
+        match self.lazy_layer(
+            target,
+            parent,
+            parent_chain.as_deref(),
+            image_ref,
+            &manifest,
+            &layer,
+            &inherited,
+        ) {
+            Ok(made) => Ok(made),
+            Err(e) => {
+                warn!(image = image_ref, layer = %layer, error = %format!("{e:#}"), "cannot set the layer up lazily; containerd fetches it");
+                Ok(None)
+            }
+        }
+    }
+
+    /// A committed snapshot made earlier for remote-snapshot ref `target` on `parent`.
+    fn snapshot_for_ref(&self, target: &str, parent: &str) -> Result<Option<String>> {
+        Ok(self
+            .root
+            .meta
+            .snapshots()?
+            .into_iter()
+            .find(|r| {
+                r.kind == "committed"
+                    && r.parent.as_deref().unwrap_or("") == parent
+                    && r.labels.get(LABEL_SNAPSHOT_REF).map(String::as_str) == Some(target)
+            })
+            .map(|r| r.key))
+    }
+
+    /// Chain `chain` on `parent_chain` as lazysnap has it recorded, when its layer can be
+    /// read (index and span map present, the blob in the store or remote).
+    fn known_chain(&self, chain: &str, parent_chain: Option<&str>) -> Result<Option<commit::Made>> {
+        let meta = &self.root.meta;
+        let Some(c) = meta.chain(chain)? else {
+            return Ok(None);
+        };
+        if c.parent.as_deref() != parent_chain {
+            return Ok(None);
+        }
+        let (Some(layer), Some(blob)) = (meta.layer(&c.diff_id)?, meta.blob(&c.blob_digest)?)
+        else {
+            return Ok(None);
+        };
+        let readable = self.root.abs(&layer.index_path).is_file()
+            && self.root.abs(&blob.spans_path).is_file()
+            && match crate::digest::Digest::parse(&blob.digest) {
+                Ok(d) if self.root.store.contains(&d) => true,
+                Ok(_) => blob
+                    .remote
+                    .as_deref()
+                    .is_some_and(|r| self.root.abs(r).is_file()),
+                Err(_) => false,
+            };
+        Ok(readable.then_some(commit::Made {
+            layer,
+            blob,
+            chain: c,
+        }))
+    }
+
+    /// The layer from its lazysnap index artifact: index and span map written, the blob left
+    /// in the registry (mounts read it by range), committed as `target`'s snapshot.
+    #[allow(clippy::too_many_arguments)]
+    fn lazy_layer(
+        &mut self,
+        target: &str,
+        parent: &str,
+        parent_chain: Option<&str>,
+        image_ref: &str,
+        manifest: &crate::digest::Digest,
+        layer: &crate::digest::Digest,
+        labels: &BTreeMap<String, String>,
+    ) -> anyhow::Result<Option<String>> {
+        let Some(resolver) = self.remote.as_mut() else {
+            return Ok(None);
+        };
+        let Some(lazy) = resolver.layer(image_ref, manifest, layer)? else {
+            return Ok(None);
+        };
+        // The chain the layer makes must be the one containerd asks for (its diffID is the
+        // image config's, which the artifact's index is checked against).
+        let ids = match parent_chain {
+            None => vec![lazy.layer.diff_id.clone()],
+            Some(p) => vec![crate::digest::Digest::parse(p)?, lazy.layer.diff_id.clone()],
+        };
+        let chain = crate::digest::Digest::chain_ids(&ids).pop();
+        if chain.as_ref().map(|c| c.as_str()) != Some(target) {
+            anyhow::bail!("layer {layer} on {parent:?} does not make chain {target}");
+        }
+        let _writing = self.root.writer_lock()?;
+        let indexed = lazy
+            .artifact
+            .materialize(&self.root.path, &lazy.layer, lazy.remote)?;
+        let made = commit::chain_from_indexed(&self.root, indexed, parent_chain)?;
+        let name = self.commit_ref(target, parent, &made, labels)?;
+        tracing::info!(layer = %layer, snapshot = name, "layer recorded from its index artifact; the blob stays in the registry");
+        Ok(Some(name))
+    }
+
+    /// Records `made` and the committed snapshot for remote-snapshot ref `target` on
+    /// `parent`: named `target` when that name is free (containerd finds it by label and
+    /// parent, not by name). Returns its name.
+    fn commit_ref(
+        &mut self,
+        target: &str,
+        parent: &str,
+        made: &commit::Made,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<String> {
+        let mut name = target.to_string();
+        let mut n = 1;
+        while self.root.meta.snapshot(&name)?.is_some() {
+            name = format!("{target}~{n}");
+            n += 1;
+        }
+        let record = crate::meta::CommitRecord {
+            layer: &made.layer,
+            blob: &made.blob,
+            chain: &made.chain,
+        };
+        self.root.meta.commit_layer(
+            &name,
+            (!parent.is_empty()).then_some(parent),
+            labels,
+            &record,
+        )?;
+        Ok(name)
     }
 
     pub fn view(
@@ -629,49 +805,6 @@ impl Snapshotter {
         let diff = crate::digest::Digest::parse(&indexed.layer.diff_id)
             .map_err(|e| SnapshotError::Internal(e.into()))?;
         Ok((diff, indexed.layer.uncompressed_size))
-    }
-
-    /// The remote-snapshot path: makes committed `name` on `parent` straight from a layer blob
-    /// (indexed, not extracted). AlreadyExists if `name` exists.
-    pub fn commit_blob(
-        &mut self,
-        name: &str,
-        parent: &str,
-        blob: &Path,
-        blob_digest: &crate::digest::Digest,
-        media_type: &str,
-        labels: &BTreeMap<String, String>,
-    ) -> Result<Info> {
-        let _span = info_span!("commit_blob", name, parent, blob = %blob_digest).entered();
-        if self.root.meta.snapshot(name)?.is_some() {
-            return Err(SnapshotError::AlreadyExists(format!("snapshot {name}")));
-        }
-        let parent_chain = if parent.is_empty() {
-            None
-        } else {
-            let p = self.row(parent)?;
-            if p.kind != "committed" {
-                return Err(SnapshotError::FailedPrecondition(format!(
-                    "parent {parent} is not a committed snapshot"
-                )));
-            }
-            p.chain_id
-        };
-        let _writing = self.root.writer_lock()?;
-        let indexed = commit::index_external_blob(&mut self.root, blob, blob_digest, media_type)?;
-        let made = commit::chain_from_indexed(&self.root, indexed, parent_chain.as_deref())?;
-        let record = crate::meta::CommitRecord {
-            layer: &made.layer,
-            blob: &made.blob,
-            chain: &made.chain,
-        };
-        let row = self.root.meta.commit_layer(
-            name,
-            (!parent.is_empty()).then_some(parent),
-            labels,
-            &record,
-        )?;
-        Ok(Info::from(&row))
     }
 
     pub fn remove(&mut self, key: &str) -> Result<()> {

@@ -1,0 +1,674 @@
+//! [containerd] Lazy pulls through containerd: a registry on loopback (scripts/registry-env.sh)
+//! with the test image pushed by skopeo and its lazysnap index artifact pushed by `lazysnap
+//! index push` from a builder root; a private containerd on `lazysnap serve`
+//! (scripts/containerd-env.sh) pulls it with tools/rpull (containerd's client.Pull with
+//! unpack and the remote-snapshot labels, as CRI and nerdctl pull), through
+//! scripts/registry-proxy.py, whose request log shows what was fetched:
+//!
+//! * rpull fetches no layer blob (containerd's content store holds the manifest and config
+//!   only), `ctr run` starts a shell and python3 from the image while most of its bytes are
+//!   still in the registry (range requests only; background download off), and a plain
+//!   `ctr images pull` of the same image in another namespace still fetches, unpacks and runs
+//!   (and lazysnap takes the now local blobs into its store);
+//! * an image without an index artifact falls back to containerd fetching its layers.
+//!
+//! Root, /dev/fuse, containerd, runc, ctr, docker-registry, skopeo, go and containerd's Go
+//! source are prerequisites (CI=true: missing = failure). Every command runs under `timeout`;
+//! environments, proxies and registries are stopped when the test ends, also on failure.
+
+mod common;
+
+use std::collections::{BTreeSet, HashMap};
+use std::io::{BufRead as _, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Instant;
+
+/// Seconds any single command may take.
+const CMD_TIMEOUT: u64 = 300;
+const GOCODE: &str = "/usr/share/gocode";
+
+fn prerequisites() -> bool {
+    // Hermetic credentials: the machine's ~/.docker/config.json is not read (by lazysnap, the
+    // server the environment starts, or rpull).
+    static EMPTY_CONFIG: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    EMPTY_CONFIG.get_or_init(|| {
+        let d = std::env::temp_dir().join(format!("lazysnap-ctrd-lazy-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        std::env::set_var("DOCKER_CONFIG", &d);
+        d
+    });
+    common::require(common::is_root(), "root (containerd, FUSE mounts)")
+        && common::require(common::have_dev_fuse(), "/dev/fuse")
+        && common::require(
+            common::have_cmd("containerd"),
+            "containerd (apt-get install containerd)",
+        )
+        && common::require(common::have_cmd("runc"), "runc (apt-get install runc)")
+        && common::require(common::have_cmd("ctr"), "ctr (Debian's containerd package)")
+        && common::require(common::have_cmd("timeout"), "timeout (coreutils)")
+        && common::require(
+            common::have_cmd("docker-registry"),
+            "docker-registry (scripts/install-deps.sh)",
+        )
+        && common::require(
+            common::have_cmd("skopeo"),
+            "skopeo (scripts/install-deps.sh)",
+        )
+        && common::require(
+            common::have_cmd("go"),
+            "go (Debian golang-go; scripts/install-deps.sh)",
+        )
+        && common::require(
+            Path::new(GOCODE)
+                .join("src/github.com/containerd/containerd/pkg/snapshotters")
+                .is_dir(),
+            "containerd's Go source (Debian golang-github-containerd-containerd-dev)",
+        )
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn run_timeout(prog: &str, args: &[&str], envs: &[(&str, &str)]) -> Output {
+    let mut c = Command::new("timeout");
+    c.arg("-k")
+        .arg("10")
+        .arg(CMD_TIMEOUT.to_string())
+        .arg(prog)
+        .args(args);
+    for (k, v) in envs {
+        c.env(k, v);
+    }
+    c.output()
+        .unwrap_or_else(|e| panic!("cannot run {prog}: {e}"))
+}
+
+fn check(what: &str, out: Output) -> String {
+    assert!(
+        out.status.success(),
+        "{what} failed ({}):\n--- stdout\n{}\n--- stderr\n{}",
+        out.status,
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    text(&out.stdout)
+}
+
+/// tools/rpull, built once per run (GOPATH mode against Debian's containerd sources, as the
+/// conformance suite is built).
+fn rpull_bin() -> PathBuf {
+    static BIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        let out_dir = common::repo_root().join("target/go");
+        let _lock = common::FileLock::acquire(&out_dir.join(".build.lock"));
+        let bin = out_dir.join("rpull");
+        let cache = std::env::var_os("GOCACHE")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| common::repo_root().join("target/go-build-cache"));
+        let t = Instant::now();
+        let out = Command::new("go")
+            .args(["build", "-o", bin.to_str().unwrap(), "./tools/rpull"])
+            .current_dir(common::repo_root())
+            .env("GO111MODULE", "off")
+            .env("GOPATH", GOCODE)
+            .env("GOCACHE", &cache)
+            .env("GOFLAGS", "")
+            .output()
+            .expect("running go build");
+        check("go build ./tools/rpull", out);
+        eprintln!("built tools/rpull in {:.1}s", t.elapsed().as_secs_f64());
+        bin
+    })
+    .clone()
+}
+
+/// A registry (scripts/registry-env.sh), stopped when dropped.
+struct Registry {
+    dir: PathBuf,
+    addr: String,
+}
+
+impl Registry {
+    fn start(dir: &Path) -> Registry {
+        let script = common::scripts_dir().join("registry-env.sh");
+        let out = run_timeout(
+            "bash",
+            &[script.to_str().unwrap(), "start", dir.to_str().unwrap()],
+            &[],
+        );
+        let addr = check("registry-env.sh start", out).trim().to_string();
+        Registry {
+            dir: dir.to_path_buf(),
+            addr,
+        }
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let script = common::scripts_dir().join("registry-env.sh");
+        let _ = run_timeout(
+            "bash",
+            &[script.to_str().unwrap(), "stop", self.dir.to_str().unwrap()],
+            &[],
+        );
+    }
+}
+
+/// scripts/registry-proxy.py in front of `upstream`, logging every request; killed when
+/// dropped.
+struct Proxy {
+    child: Child,
+    addr: String,
+    log: PathBuf,
+}
+
+/// One request of the proxy's log.
+#[derive(Debug)]
+struct Request {
+    method: String,
+    path: String,
+    /// `(first, last)` byte of a `Range: bytes=first-last` header.
+    range: Option<(u64, Option<u64>)>,
+}
+
+impl Proxy {
+    fn start(upstream: &str, log: &Path) -> Proxy {
+        let mut child = Command::new("python3")
+            .arg(common::scripts_dir().join("registry-proxy.py"))
+            .arg(upstream)
+            .arg("--log")
+            .arg(log)
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("starting registry-proxy.py");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let port: u16 = line.trim().parse().expect("proxy port");
+        Proxy {
+            child,
+            addr: format!("127.0.0.1:{port}"),
+            log: log.to_path_buf(),
+        }
+    }
+
+    /// The requests logged since the last call (the log is emptied).
+    fn take_requests(&self) -> Vec<Request> {
+        let body = std::fs::read_to_string(&self.log).unwrap_or_default();
+        std::fs::write(&self.log, "").unwrap();
+        body.lines()
+            .filter_map(|l| {
+                let mut parts = l.split(' ');
+                let (method, path, range) = (parts.next()?, parts.next()?, parts.next()?);
+                let range = range.strip_prefix("bytes=").and_then(|r| {
+                    let (a, b) = r.split_once('-')?;
+                    Some((a.parse().ok()?, b.parse().ok()))
+                });
+                Some(Request {
+                    method: method.to_string(),
+                    path: path.to_string(),
+                    range,
+                })
+            })
+            .collect()
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// What the requests fetched of the blobs in `sizes`: (whole-blob GETs, bytes by range).
+fn fetched(requests: &[Request], sizes: &HashMap<String, u64>) -> (Vec<String>, u64) {
+    let mut whole = Vec::new();
+    let mut ranged = 0;
+    for r in requests.iter().filter(|r| r.method == "GET") {
+        let Some((_, digest)) = r.path.rsplit_once("/blobs/") else {
+            continue;
+        };
+        let Some(size) = sizes.get(digest) else {
+            continue;
+        };
+        match r.range {
+            None => whole.push(digest.to_string()),
+            Some((a, b)) => ranged += b.map_or(*size, |b| b.min(size - 1) + 1) - a,
+        }
+    }
+    (whole, ranged)
+}
+
+/// The layer blobs of the single-manifest OCI layout `layout`: digest → size, and the
+/// manifest's and config's digests.
+fn layout_layers(layout: &Path) -> (HashMap<String, u64>, String, String) {
+    let read = |d: &str| -> serde_json::Value {
+        let hex = d.strip_prefix("sha256:").unwrap_or(d);
+        serde_json::from_slice(&std::fs::read(layout.join("blobs/sha256").join(hex)).unwrap())
+            .unwrap()
+    };
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap()).unwrap();
+    let manifest_digest = index["manifests"][0]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let manifest = read(&manifest_digest);
+    let layers = manifest["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| {
+            (
+                l["digest"].as_str().unwrap().to_string(),
+                l["size"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    let config = manifest["config"]["digest"].as_str().unwrap().to_string();
+    (layers, manifest_digest, config)
+}
+
+/// A private containerd + `lazysnap serve` (scripts/containerd-env.sh).
+struct CtrEnv {
+    dir: PathBuf,
+    serve_args: String,
+    _lock: common::FileLock,
+}
+
+impl CtrEnv {
+    fn start(serve_args: &str) -> CtrEnv {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        // Two containerds at once would fight over two cores: one environment at a time.
+        let lock = common::FileLock::acquire(&common::testdata().join(".containerd.lock"));
+        // Short: unix socket paths are limited to 108 bytes.
+        let dir = PathBuf::from(format!(
+            "/tmp/lzs-ctrl-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        ));
+        let env = CtrEnv {
+            dir,
+            serve_args: serve_args.to_string(),
+            _lock: lock,
+        };
+        env.script(&["stop"]); // leftovers of an earlier run with the same pid
+        let _ = std::fs::remove_dir_all(&env.dir);
+        let out = env.script(&["start"]);
+        if !out.status.success() {
+            env.dump_logs();
+        }
+        check("containerd-env.sh start", out);
+        env
+    }
+
+    /// containerd-env.sh VERB... DIR.
+    fn script(&self, args: &[&str]) -> Output {
+        let script = common::scripts_dir().join("containerd-env.sh");
+        let bin = common::lazysnap_bin();
+        let rpull = rpull_bin();
+        let mut all = vec![script.to_str().unwrap()];
+        all.extend_from_slice(args);
+        all.push(self.dir.to_str().unwrap());
+        run_timeout(
+            "bash",
+            &all,
+            &[
+                ("LAZYSNAP_BIN", bin.to_str().unwrap()),
+                ("LAZYSNAP_SERVE_ARGS", &self.serve_args),
+                ("RPULL_BIN", rpull.to_str().unwrap()),
+                ("LAZYSNAP_LOG", "info"),
+            ],
+        )
+    }
+
+    fn dump_logs(&self) {
+        for log in ["containerd.log", "lazysnap.log", "lazysnap/logs/mount.log"] {
+            let body = std::fs::read_to_string(self.dir.join(log)).unwrap_or_default();
+            let tail: Vec<&str> = body.lines().rev().take(40).collect();
+            eprintln!("--- last lines of {log}:");
+            for l in tail.iter().rev() {
+                eprintln!("{l}");
+            }
+        }
+    }
+
+    fn ctr(&self, ns: &str, args: &[&str]) -> String {
+        let sock = self.dir.join("containerd.sock");
+        let mut all = vec!["-a", sock.to_str().unwrap(), "-n", ns];
+        all.extend_from_slice(args);
+        let out = run_timeout("ctr", &all, &[]);
+        if !out.status.success() {
+            self.dump_logs();
+        }
+        check(&format!("ctr {args:?}"), out)
+    }
+
+    /// `containerd-env.sh rpull REF` into namespace `ns`; returns its output and seconds.
+    fn rpull(&self, ns: &str, reference: &str) -> (String, f64) {
+        let t = Instant::now();
+        let script = common::scripts_dir().join("containerd-env.sh");
+        let bin = common::lazysnap_bin();
+        let rpull = rpull_bin();
+        let out = run_timeout(
+            "bash",
+            &[
+                script.to_str().unwrap(),
+                "rpull",
+                reference,
+                self.dir.to_str().unwrap(),
+            ],
+            &[
+                ("LAZYSNAP_BIN", bin.to_str().unwrap()),
+                ("RPULL_BIN", rpull.to_str().unwrap()),
+                ("CONTAINERD_NAMESPACE", ns),
+            ],
+        );
+        let secs = t.elapsed().as_secs_f64();
+        if !out.status.success() {
+            self.dump_logs();
+        }
+        (check(&format!("rpull {reference}"), out), secs)
+    }
+
+    /// `ctr run --rm` of `cmd`; returns stdout and seconds.
+    fn run(&self, ns: &str, image: &str, id: &str, cmd: &[&str]) -> (String, f64) {
+        let mut args = vec!["run", "--rm", "--snapshotter", "lazysnap", image, id];
+        args.extend_from_slice(cmd);
+        let t = Instant::now();
+        let out = self.ctr(ns, &args);
+        (out, t.elapsed().as_secs_f64())
+    }
+
+    fn lazysnap_root(&self) -> PathBuf {
+        self.dir.join("lazysnap")
+    }
+
+    fn df(&self) -> serde_json::Value {
+        serde_json::from_str(&common::ok(&self.lazysnap_root(), &["df", "--json"])).unwrap()
+    }
+}
+
+impl Drop for CtrEnv {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.dump_logs();
+        }
+        let out = self.script(&["stop"]);
+        if !out.status.success() {
+            eprintln!("containerd-env.sh stop failed: {}", text(&out.stderr));
+            return;
+        }
+        let mounted = std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap_or_default()
+            .contains(self.dir.to_str().unwrap());
+        if mounted {
+            eprintln!(
+                "mounts are left under {}; not removing it",
+                self.dir.display()
+            );
+        } else {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// The registry with `layout` pushed as `repo:tag` (skopeo), and with `indexed` its lazysnap
+/// index artifact pushed from a builder root (full pull, then `index push`).
+fn publish(reg: &Registry, work: &Path, layout: &Path, repo_tag: &str, indexed: bool) -> String {
+    let reference = format!("{}/{repo_tag}", reg.addr);
+    check(
+        "skopeo copy",
+        run_timeout(
+            "skopeo",
+            &[
+                "copy",
+                "-q",
+                "--dest-tls-verify=false",
+                &format!("oci:{}:latest", layout.display()),
+                &format!("docker://{reference}"),
+            ],
+            &[],
+        ),
+    );
+    if indexed {
+        let builder = work.join("builder");
+        common::ok(&builder, &["pull", &reference]);
+        let out = common::ok(&builder, &["index", "push", &reference]);
+        assert!(out.contains("3 layers indexed"), "{out}");
+    }
+    reference
+}
+
+fn content_digests(env: &CtrEnv, ns: &str) -> BTreeSet<String> {
+    env.ctr(ns, &["content", "ls", "-q"])
+        .lines()
+        .map(|l| l.trim().to_string())
+        .filter(|l| !l.is_empty())
+        .collect()
+}
+
+const PROGRAM: &str = "cat /etc/os-release; python3 --version";
+
+fn assert_program_output(out: &str) {
+    assert!(out.contains("ID=lazysnap"), "{out}");
+    assert!(out.contains("Python 3."), "{out}");
+}
+
+#[test]
+fn rpull_is_lazy_and_a_container_starts_before_the_image_is_fetched() {
+    if !prerequisites() {
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let reg = Registry::start(&work.path().join("registry"));
+    let layout = common::image("debian-gzip");
+    publish(&reg, work.path(), &layout, "lazy/debian:gzip", true);
+    let (layers, manifest, config) = layout_layers(&layout);
+    let total: u64 = layers.values().sum();
+    let proxy = Proxy::start(&reg.addr, &work.path().join("proxy.log"));
+    // Through the proxy, so its log shows every byte containerd and lazysnap fetch.
+    let reference = format!("{}/lazy/debian:gzip", proxy.addr);
+    // No background download: what is fetched is what the container read.
+    let env = CtrEnv::start("--no-background-fetch");
+
+    let (out, pull_secs) = env.rpull("lazy", &reference);
+    assert!(out.contains("pulled"), "{out}");
+    let requests = proxy.take_requests();
+    let (whole, ranged) = fetched(&requests, &layers);
+    assert!(
+        whole.is_empty() && ranged == 0,
+        "rpull fetched layer blobs: whole {whole:?}, {ranged} bytes by range; requests: {requests:#?}"
+    );
+    assert_eq!(
+        content_digests(&env, "lazy"),
+        BTreeSet::from([manifest.clone(), config.clone()]),
+        "containerd's content store should hold the manifest and config only"
+    );
+    let df = env.df();
+    assert_eq!(df["remote_records"]["files"], 3, "{df:#}");
+    assert_eq!(df["blobs"]["files"], 0, "{df:#}");
+    let snaps = common::ok(
+        &env.lazysnap_root(),
+        &[
+            "snapshot",
+            "ls",
+            "--filter",
+            r#"labels."containerd.io/snapshot.ref""#,
+        ],
+    );
+    assert_eq!(snaps.lines().skip(1).count(), 3, "{snaps}");
+
+    let (out, run_secs) = env.run("lazy", &reference, "lazy1", &["bash", "-c", PROGRAM]);
+    assert_program_output(&out);
+    let requests = proxy.take_requests();
+    let (whole, ranged) = fetched(&requests, &layers);
+    assert!(
+        whole.is_empty(),
+        "layer blobs were downloaded whole while the container ran: {whole:?}"
+    );
+    let cached = env.df()["chunk_cache"]["bytes"].as_u64().unwrap();
+    eprintln!(
+        "rpull {pull_secs:.2}s (no layer bytes fetched); first `ctr run` {run_secs:.2}s, \
+         {ranged} of {total} layer bytes fetched by range ({:.0}%), chunk cache {cached} bytes",
+        100.0 * ranged as f64 / total as f64
+    );
+    assert!(ranged > 0, "the container read nothing from the registry?");
+    assert!(
+        ranged * 2 < total,
+        "{ranged} of {total} layer bytes fetched to start the container"
+    );
+    assert_eq!(cached, ranged, "the chunk cache holds what was fetched");
+
+    // A second run reads from the chunk cache.
+    let (out, _) = env.run("lazy", &reference, "lazy2", &["bash", "-c", PROGRAM]);
+    assert_program_output(&out);
+    let (whole, again) = fetched(&proxy.take_requests(), &layers);
+    assert!(whole.is_empty() && again == 0, "{whole:?} {again}");
+
+    // `ctr images pull` (no remote-snapshot labels) still fetches and unpacks, as before; the
+    // blobs it fetched are taken into lazysnap's store (reads of the lazy layers go local).
+    let t = Instant::now();
+    env.ctr(
+        "plain",
+        &["images", "pull", "--snapshotter", "lazysnap", &reference],
+    );
+    let plain_secs = t.elapsed().as_secs_f64();
+    let (whole, _) = fetched(&proxy.take_requests(), &layers);
+    assert_eq!(
+        whole.iter().collect::<BTreeSet<_>>(),
+        layers.keys().collect::<BTreeSet<_>>(),
+        "ctr images pull fetches every layer"
+    );
+    let (out, _) = env.run("plain", &reference, "plain1", &["bash", "-c", PROGRAM]);
+    assert_program_output(&out);
+    assert_eq!(env.df()["blobs"]["files"], 3);
+    eprintln!("ctr images pull {plain_secs:.2}s");
+}
+
+#[test]
+fn an_image_without_an_index_artifact_is_fetched_by_containerd() {
+    if !prerequisites() {
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let reg = Registry::start(&work.path().join("registry"));
+    let layout = common::image("debian-zstd");
+    publish(&reg, work.path(), &layout, "plain/debian:zstd", false);
+    let (layers, _, _) = layout_layers(&layout);
+    let proxy = Proxy::start(&reg.addr, &work.path().join("proxy.log"));
+    let reference = format!("{}/plain/debian:zstd", proxy.addr);
+    let env = CtrEnv::start("");
+
+    let (_, secs) = env.rpull("fallback", &reference);
+    let (whole, _) = fetched(&proxy.take_requests(), &layers);
+    assert_eq!(
+        whole.iter().collect::<BTreeSet<_>>(),
+        layers.keys().collect::<BTreeSet<_>>(),
+        "without an index artifact containerd fetches every layer"
+    );
+    assert_eq!(env.df()["remote_records"]["files"], 0);
+    let (out, _) = env.run("fallback", &reference, "fb1", &["bash", "-c", PROGRAM]);
+    assert_program_output(&out);
+    eprintln!("rpull without an index artifact: {secs:.2}s");
+}
+
+/// Serves nothing: the remote-snapshot path never mounts.
+struct NoMounts;
+
+impl lazysnap::snapshot::Mounter for NoMounts {
+    fn mount(
+        &self,
+        _: &lazysnap::root::Root,
+        _: &lazysnap::snapshot::MountSpec,
+    ) -> anyhow::Result<()> {
+        Ok(())
+    }
+    fn unmount(&self, _: &Path) -> anyhow::Result<()> {
+        Ok(())
+    }
+    fn is_mounted(&self, _: &Path) -> bool {
+        false
+    }
+}
+
+/// A chain lazysnap already has (here: imported, so its own unpack snapshots hold the chain
+/// IDs as names) is reused for a remote-snapshot Prepare without any blob: the snapshot gets
+/// a free name, the ref label and containerd's parent, and containerd's Walk finds it by label
+/// and parent; asked again, the same snapshot answers. A chain on another parent is not
+/// taken: that Prepare is an ordinary one.
+#[test]
+fn remote_snapshot_labels_reuse_a_chain_lazysnap_has() {
+    use lazysnap::snapshot::{SnapshotError, Snapshotter};
+    use std::collections::BTreeMap;
+    let dir = tempfile::tempdir().unwrap();
+    let mut root = lazysnap::root::Root::open(dir.path()).unwrap();
+    let imported = lazysnap::import::import(
+        &mut root,
+        &common::image("debian-gzip"),
+        Some("img"),
+        None,
+        &mut lazysnap::import::NoProgress,
+    )
+    .unwrap();
+    let top = imported[0].chain_id.clone().unwrap();
+    let chains: Vec<String> = root
+        .meta
+        .chain_stack(top.as_str())
+        .unwrap()
+        .into_iter()
+        .map(|c| c.chain_id)
+        .collect();
+    assert_eq!(chains.len(), 3);
+    let mut sn = Snapshotter::new(root, Box::new(NoMounts));
+    let labels = |chain: &str| {
+        BTreeMap::from([
+            ("containerd.io/snapshot.ref".to_string(), chain.to_string()),
+            (
+                "containerd.io/snapshot/cri.layer-digest".to_string(),
+                format!("sha256:{}", "0".repeat(64)),
+            ),
+        ])
+    };
+    // containerd's metadata store, after AlreadyExists: the committed snapshot with the ref
+    // label and the parent it asked for.
+    let found = |sn: &Snapshotter, chain: &str, parent: &str| -> Vec<String> {
+        let filter = format!(r#"labels."containerd.io/snapshot.ref"=={chain},parent=="{parent}""#);
+        let mut names = Vec::new();
+        sn.walk(&[filter], &mut |i| {
+            if i.kind == lazysnap::snapshot::Kind::Committed {
+                names.push(i.name.clone());
+            }
+        })
+        .unwrap();
+        names
+    };
+    let mut parent = String::new();
+    for (n, chain) in chains.iter().enumerate() {
+        for attempt in 0..2 {
+            let key = format!("ns/{n}{attempt}/extract-{n} {chain}");
+            match sn.prepare(&key, &parent, &labels(chain)) {
+                Err(SnapshotError::AlreadyExists(_)) => {}
+                other => panic!("layer {n}: {other:?}"),
+            }
+            let names = found(&sn, chain, &parent);
+            assert_eq!(names, vec![format!("{chain}~1")], "layer {n}");
+        }
+        parent = format!("{chain}~1");
+    }
+    // The top chain asked for on the bottom layer: not that chain; an ordinary Prepare.
+    let mounts = sn
+        .prepare(
+            &format!("ns/9/extract-9 {}", chains[2]),
+            &format!("{}~1", chains[0]),
+            &labels(&chains[2]),
+        )
+        .unwrap();
+    assert_eq!(mounts.len(), 1);
+}
