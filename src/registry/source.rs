@@ -259,6 +259,8 @@ impl RegistrySource {
     pub fn remote_layers(&self) -> Vec<Digest> {
         let mut v: Vec<Digest> = self.artifacts.borrow().keys().cloned().collect();
         v.extend(self.tocs.borrow().keys().cloned());
+        v.sort();
+        v.dedup();
         v
     }
 
