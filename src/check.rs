@@ -600,6 +600,10 @@ fn rebuild_derived(
                 anyhow::bail!("the blob is missing");
             }
             let digest = Digest::parse(&b.digest)?;
+            // A lazily pulled blob is downloaded to index it; it is then an ordinary one.
+            if b.remote.is_some() {
+                crate::registry::lazy::ensure_local(root, &digest)?;
+            }
             let diff_id = Digest::parse(&b.diff_id)?;
             let compression = crate::image::parse_compression(&b.compression)
                 .ok_or_else(|| anyhow::anyhow!("unknown compression {}", b.compression))?;
@@ -626,6 +630,10 @@ fn rebuild_derived(
                 Arc::new(crate::unpack::UnpackProgress::default()),
                 &root.limits,
             )?;
+            if b.remote.is_some() {
+                root.meta.make_local(&indexed.layer, &indexed.blob)?;
+                return Ok(());
+            }
             if indexed.layer.index_path != layer.index_path
                 || indexed.blob.spans_path != b.spans_path
                 || indexed.blob.local_copy != b.local_copy

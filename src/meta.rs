@@ -900,6 +900,19 @@ impl Meta {
 }
 
 impl Meta {
+    /// A lazily pulled blob indexed again from its downloaded bytes: its row names the new
+    /// span map and no remote record (its own TOC index, if it had one, gives way).
+    pub fn make_local(&mut self, layer: &LayerRow, blob: &BlobRow) -> Result<()> {
+        self.write(|tx| {
+            insert_layer_blob(tx, layer, blob)?;
+            tx.execute(
+                "UPDATE blobs SET spans_path = ?2, local_copy = ?3, remote = NULL WHERE digest = ?1",
+                params![blob.digest, blob.spans_path, blob.local_copy],
+            )?;
+            Ok(())
+        })
+    }
+
     /// Records an indexed layer blob as applied to active snapshot `key`, in one transaction.
     pub fn set_applied(&mut self, key: &str, layer: &LayerRow, blob: &BlobRow) -> Result<()> {
         self.write(|tx| {
