@@ -1294,3 +1294,117 @@ fn lazy_pull_with_basic_auth_reads_with_the_callers_credentials() {
     let refs = common::reference_tree(&common::testdata().join("debian-gzip"), common::TAG);
     assert!(py == fs::read(refs.join("usr/bin/python3.11")).unwrap());
 }
+
+/// Differences left once mtimes that an eStargz TOC can only give in whole seconds are set
+/// aside (the expected time has a fraction and lies within a second of the actual one).
+fn beyond_toc_precision(diffs: Vec<String>) -> Vec<String> {
+    let parse = |t: &str| -> Option<(i64, i64)> {
+        let (s, n) = t.trim().split_once('.')?;
+        Some((s.parse().ok()?, n.parse().ok()?))
+    };
+    diffs
+        .into_iter()
+        .filter(|d| {
+            let Some((_, rest)) = d.split_once(": mtime: actual ") else {
+                return true;
+            };
+            let Some((a, e)) = rest.split_once(", expected ") else {
+                return true;
+            };
+            match (parse(a), parse(e)) {
+                (Some(a), Some(e)) => {
+                    let ns = |t: (i64, i64)| i128::from(t.0) * 1_000_000_000 + i128::from(t.1);
+                    !(e.1 != 0 && a.1 == 0 && (ns(a) - ns(e)).abs() < 1_000_000_000)
+                }
+                _ => true,
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn estargz_layers_are_read_by_their_toc_without_an_artifact() {
+    if !prerequisites() || !common::can_mount() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let reg = Registry::start(&tmp.path().join("reg"), None);
+    for (layout, repo) in [("debian-estargz", "es/debian"), ("edge-estargz", "es/edge")] {
+        let image = common::testdata().join(layout);
+        skopeo_push(&image, &format!("{}/{repo}:1", reg.addr), None, false);
+        let log = tmp.path().join(format!("{layout}.log"));
+        let proxy = Proxy::start(&reg.addr, &["--log", log.to_str().unwrap()]);
+        let node = tmp.path().join(format!("node-{layout}"));
+        let reference = format!("{}/{repo}:1", proxy.addr);
+        // No `index push`: the TOCs are the index.
+        let out = ok(
+            &node,
+            &[
+                "pull",
+                "--lazy",
+                "--no-background-fetch",
+                &reference,
+                "--name",
+                "es",
+            ],
+        );
+        let v = inspect(&node, "es");
+        let n = v["Chain"].as_array().unwrap().len();
+        assert!(
+            out.contains(&format!("{n} of {n} layers left in the registry")),
+            "{out}"
+        );
+        let (whole, _) = blob_requests(&log);
+        for l in layer_hexes(&node, "es") {
+            assert!(
+                !whole.iter().any(|w| w.contains(&l)),
+                "{l} downloaded: {whole:?}"
+            );
+        }
+        let mnt = tmp.path().join(format!("mnt-{layout}"));
+        let _m = Mounted::new(&node, "es", &mnt);
+        let diffs = beyond_toc_precision(common::compare_trees(
+            &mnt,
+            &common::reference_tree(&image, common::TAG),
+        ));
+        assert!(
+            diffs.is_empty(),
+            "{layout}: {} differences: {:#?}",
+            diffs.len(),
+            &diffs[..diffs.len().min(40)]
+        );
+        let (whole, ranged) = blob_requests(&log);
+        assert!(!ranged.is_empty());
+        for l in layer_hexes(&node, "es") {
+            assert!(
+                !whole.iter().any(|w| w.contains(&l)),
+                "{l} downloaded: {whole:?}"
+            );
+        }
+        assert!(ok(&node, &["check"]).contains("consistent"));
+    }
+
+    // A chunk that fails its chunkDigest is fetched again; the tree is still right.
+    let image = common::testdata().join("debian-estargz");
+    let proxy = Proxy::start(&reg.addr, &["--corrupt-ranges"]);
+    let node = tmp.path().join("node-corrupt");
+    let out = ok(
+        &node,
+        &[
+            "pull",
+            "--lazy",
+            "--no-background-fetch",
+            &format!("{}/es/debian:1", proxy.addr),
+            "--name",
+            "es",
+        ],
+    );
+    assert!(out.contains("3 of 3 layers left in the registry"), "{out}");
+    let mnt = tmp.path().join("mnt-corrupt");
+    let _m = Mounted::new(&node, "es", &mnt);
+    let diffs = beyond_toc_precision(common::compare_trees(
+        &mnt,
+        &common::reference_tree(&image, common::TAG),
+    ));
+    assert!(diffs.is_empty(), "{:#?}", &diffs[..diffs.len().min(40)]);
+}
