@@ -180,6 +180,17 @@ impl SpanMap {
         }
     }
 
+    /// Uncompressed bytes of the largest span (a read decodes at least one whole span).
+    pub fn largest_span(&self) -> u64 {
+        (0..self.span_count())
+            .map(|i| {
+                let (a, b) = self.span_range(i);
+                b - a
+            })
+            .max()
+            .unwrap_or(0)
+    }
+
     /// The span size the map was built with.
     pub fn span_size(&self) -> u64 {
         self.span_size

@@ -79,9 +79,19 @@ impl LayerArtifact {
         let index_path = crate::layer::index_path_of(root, blob, &layer)?;
         let index = std::fs::read(&index_path)
             .with_context(|| format!("reading the index of {}", blob.diff_id))?;
-        let spans = std::fs::read(root.abs(&blob.spans_path))
-            .with_context(|| format!("reading the span map of {}", blob.digest))?;
         let path = root.store.blob_path(&digest);
+        let toc = remote.as_ref().is_some_and(|r| r.toc_index.is_some());
+        let spans = if toc {
+            std::fs::read(root.abs(&blob.spans_path))
+                .with_context(|| format!("reading the span map of {}", blob.digest))?
+        } else {
+            match remote_span_map(&path, &blob.compression)
+                .with_context(|| format!("mapping {} for remote reads", blob.digest))?
+            {
+                Some(map) => postcard::to_stdvec(&map)?,
+                None => return Ok(None),
+            }
+        };
         let hashes = chunk_hashes(&path, CHUNK_SIZE)
             .with_context(|| format!("hashing {}", path.display()))?;
         Ok(Some(Self {
@@ -100,7 +110,7 @@ impl LayerArtifact {
                 .as_ref()
                 .map(|r| r.span_digests.clone())
                 .unwrap_or_default(),
-            toc: remote.as_ref().is_some_and(|r| r.toc_index.is_some()),
+            toc,
         }))
     }
 
@@ -214,6 +224,34 @@ impl LayerArtifact {
             },
         })
     }
+}
+
+/// Uncompressed bytes per span in a pushed index: finer than a local index's, because over a
+/// network a read costs the compressed bytes of every span it touches (gzip checkpoints are
+/// 32 KiB each, so the artifact grows; it is fetched once).
+pub const ARTIFACT_SPAN_SIZE: u64 = 1 << 20;
+
+/// The span map remote reads use: one more pass over the local blob with
+/// [`ARTIFACT_SPAN_SIZE`]; `None` when some span would still be far larger (a single-frame zstd
+/// layer, an over-long deflate block: only readable after download).
+fn remote_span_map(path: &Path, compression: &str) -> anyhow::Result<Option<SpanMap>> {
+    let compression = crate::image::parse_compression(compression)
+        .with_context(|| format!("unknown compression {compression}"))?;
+    let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut pass = crate::blob::IndexingReader::new(
+        compression,
+        std::io::BufReader::with_capacity(1 << 20, file),
+        crate::blob::SpanOptions {
+            span_size: ARTIFACT_SPAN_SIZE,
+            local_copy: None,
+        },
+    )?;
+    std::io::copy(&mut pass, &mut std::io::sink())?;
+    let map = pass.finish()?;
+    if map.has_local_copy() || map.largest_span() > 16 * ARTIFACT_SPAN_SIZE {
+        return Ok(None);
+    }
+    Ok(Some(map))
 }
 
 #[derive(Debug, Serialize)]

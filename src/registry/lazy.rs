@@ -24,15 +24,38 @@ use crate::chunks::{sha256, ChunkCache, ChunkHash};
 use crate::digest::Digest;
 use crate::store::ContentStore;
 
-/// Compressed bytes per chunk of a lazily read blob (the unit fetched, cached and checked).
-pub const CHUNK_SIZE: u64 = 1 << 20;
+/// Compressed bytes per chunk of a lazily read blob (the unit fetched, cached and checked):
+/// small, so a read fetches little more than the span it decodes.
+pub const CHUNK_SIZE: u64 = 256 << 10;
 const MIN_CHUNK: u64 = 64 << 10;
 const MAX_CHUNK: u64 = 64 << 20;
 /// Chunks kept in memory per blob, so consecutive small reads of one chunk do not each read
 /// and hash it from disk.
 const HOT_CHUNKS: usize = 8;
-/// The background download yields to reads: it pauses while a read fetched within this.
-const YIELD_TO_READS: Duration = Duration::from_millis(300);
+/// The background download yields to reads: it starts once no read of this process has had to
+/// fetch for `IDLE_BEFORE_BACKGROUND`, pauses while one fetched within `YIELD_TO_READS`, and
+/// asks for at most `BACKGROUND_REQUEST` bytes at a time, so a read never queues behind much.
+const IDLE_BEFORE_BACKGROUND: Duration = Duration::from_millis(1500);
+const YIELD_TO_READS: Duration = Duration::from_millis(500);
+const BACKGROUND_REQUEST: u64 = 2 << 20;
+
+/// When a read of this process last had to fetch from a registry (any blob).
+fn demand_clock() -> &'static Mutex<Option<Instant>> {
+    static LAST: OnceLock<Mutex<Option<Instant>>> = OnceLock::new();
+    LAST.get_or_init(|| Mutex::new(None))
+}
+
+fn note_demand() {
+    *demand_clock().lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+}
+
+/// Time since a read last fetched (`None`: never).
+fn since_demand() -> Option<Duration> {
+    demand_clock()
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .map(|t| t.elapsed())
+}
 
 pub fn remote_rel_path(blob: &Digest) -> String {
     format!("index/{}.remote", blob.hex())
@@ -145,8 +168,6 @@ pub struct RemoteBlob {
     inflight: Mutex<HashSet<u64>>,
     fetched: Condvar,
     hot: Mutex<lru::LruCache<u64, Arc<Vec<u8>>>>,
-    /// When a read last had to fetch (the background download yields to reads).
-    last_demand: Mutex<Option<Instant>>,
     pub stats: RemoteStats,
 }
 
@@ -187,7 +208,6 @@ impl RemoteBlob {
             hot: Mutex::new(lru::LruCache::new(
                 NonZeroUsize::new(HOT_CHUNKS).unwrap_or(NonZeroUsize::MIN),
             )),
-            last_demand: Mutex::new(None),
             stats: RemoteStats::default(),
             info,
         }))
@@ -227,11 +247,19 @@ impl RemoteBlob {
 
     /// Chunks `first..=last` in one Range request, each checked; mirrors first, then the
     /// origin; a chunk that does not match its hash is asked for at the next endpoint.
-    fn fetch_run(&self, first: u64, last: u64) -> Result<Vec<Vec<u8>>, RegistryError> {
+    /// `demand`: a read waits for it (the background download yields to such fetches).
+    fn fetch_run(
+        &self,
+        first: u64,
+        last: u64,
+        demand: bool,
+    ) -> Result<Vec<Vec<u8>>, RegistryError> {
         let (start, _) = self.chunk_range(first);
         let (_, end) = self.chunk_range(last);
-        let _span = info_span!("fetch_range", blob = %self.digest, start, end).entered();
-        *self.last_demand.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+        let _span = info_span!("fetch_range", blob = %self.digest, start, end, demand).entered();
+        if demand {
+            note_demand();
+        }
         let mut last_err = None;
         // Each endpoint twice: a bad answer may be a one-off (a flipped bit on the way).
         let attempts = self.clients.iter().flat_map(|c| [c, c]);
@@ -328,7 +356,7 @@ impl RemoteBlob {
                 let data = match self.cache.get(&self.digest, i, self.hash(i)) {
                     Some(d) => d,
                     None => self
-                        .fetch_run(i, i)
+                        .fetch_run(i, i, true)
                         .map_err(io_err)?
                         .pop()
                         .unwrap_or_default(),
@@ -358,7 +386,7 @@ impl RemoteBlob {
             while j + 1 < mine.len() && mine[j + 1] == mine[j] + 1 {
                 j += 1;
             }
-            let run = self.fetch_run(mine[k], mine[j]).map_err(io_err)?;
+            let run = self.fetch_run(mine[k], mine[j], true).map_err(io_err)?;
             for (n, data) in run.into_iter().enumerate() {
                 let i = mine[k] + n as u64;
                 if let Err(e) = self.cache.put(&self.digest, i, &data) {
@@ -427,6 +455,10 @@ impl RemoteBlob {
             .name("lazysnap-fetch".into())
             .spawn(move || {
                 let _span = info_span!("background_fetch", blob = %this.digest).entered();
+                // Reads first: the burst of a starting container has the link to itself.
+                while since_demand().is_some_and(|d| d < IDLE_BEFORE_BACKGROUND) {
+                    std::thread::sleep(IDLE_BEFORE_BACKGROUND / 4);
+                }
                 match this.download(&store, &lock_dir, false) {
                     Ok(true) => info!("blob downloaded; reads are local from now on"),
                     Ok(false) => debug!("another process is downloading the blob"),
@@ -476,31 +508,23 @@ impl RemoteBlob {
         if self.local().is_some() {
             return Ok(true);
         }
-        let mut last = None;
-        for c in &self.clients {
-            let stream = match super::blob::BlobStream::open(c, &self.digest) {
-                Ok(s) => s,
-                Err(e) => {
-                    last = Some(e);
-                    continue;
-                }
-            };
-            let mut polite = Polite {
-                inner: stream,
-                blob: self,
-            };
-            store
-                .ingest(&self.digest, Some(self.info.size), &mut polite, &mut |_| {})
-                .with_context(|| format!("downloading {}", self.digest))?;
-            if self.local().is_none() {
-                anyhow::bail!("downloaded {} but cannot open it", self.digest);
-            }
-            self.cache.remove_blob(&self.digest);
-            self.hot.lock().unwrap_or_else(|p| p.into_inner()).clear();
-            let _ = std::fs::remove_file(&lock_path);
-            return Ok(true);
+        let mut assembled = Assembled {
+            blob: self,
+            next: 0,
+            buf: Vec::new(),
+            at: 0,
+            polite: !wait,
+        };
+        store
+            .ingest(&self.digest, Some(self.info.size), &mut assembled, &mut |_| {})
+            .with_context(|| format!("downloading {}", self.digest))?;
+        if self.local().is_none() {
+            anyhow::bail!("downloaded {} but cannot open it", self.digest);
         }
-        Err(last.map_or_else(|| anyhow::anyhow!("no registry endpoint"), Into::into))
+        self.cache.remove_blob(&self.digest);
+        self.hot.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        let _ = std::fs::remove_file(&lock_path);
+        Ok(true)
     }
 }
 
@@ -523,27 +547,61 @@ pub fn ensure_local(root: &crate::root::Root, digest: &Digest) -> anyhow::Result
     Ok(())
 }
 
-/// The background download's reader: waits while reads are fetching.
-struct Polite<'a, R> {
-    inner: R,
+/// A whole blob as a stream for the content store's ingest (which checks its digest): the
+/// chunks already cached, the rest by Range requests of at most [`BACKGROUND_REQUEST`] —
+/// nothing fetched twice. Polite (the background download): waits while reads fetch.
+struct Assembled<'a> {
     blob: &'a RemoteBlob,
+    /// Next chunk to deliver.
+    next: u64,
+    buf: Vec<u8>,
+    at: usize,
+    polite: bool,
 }
 
-impl<R: Read> Read for Polite<'_, R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        loop {
-            let last = *self
-                .blob
-                .last_demand
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            match last {
-                Some(t) if t.elapsed() < YIELD_TO_READS => std::thread::sleep(YIELD_TO_READS / 3),
-                _ => break,
+impl Assembled<'_> {
+    fn refill(&mut self) -> io::Result<()> {
+        let b = self.blob;
+        let i = self.next;
+        if let Some(c) = b.cache.get(&b.digest, i, b.hash(i)) {
+            self.buf = c;
+            self.at = 0;
+            self.next += 1;
+            return Ok(());
+        }
+        if self.polite {
+            while since_demand().is_some_and(|d| d < YIELD_TO_READS) {
+                std::thread::sleep(YIELD_TO_READS / 4);
             }
         }
-        let n = buf.len().min(256 << 10);
-        self.inner.read(&mut buf[..n])
+        let per_request = (BACKGROUND_REQUEST / b.info.chunk_size).max(1);
+        let mut last = i;
+        while last + 1 < b.chunk_count()
+            && last + 1 - i < per_request
+            && !b.cache.contains(&b.digest, last + 1)
+        {
+            last += 1;
+        }
+        let run = b.fetch_run(i, last, false).map_err(io_err)?;
+        self.buf = run.concat();
+        self.at = 0;
+        self.next = last + 1;
+        Ok(())
+    }
+}
+
+impl Read for Assembled<'_> {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        if self.at == self.buf.len() {
+            if self.next >= self.blob.chunk_count() {
+                return Ok(0);
+            }
+            self.refill()?;
+        }
+        let n = out.len().min(self.buf.len() - self.at);
+        out[..n].copy_from_slice(&self.buf[self.at..self.at + n]);
+        self.at += n;
+        Ok(n)
     }
 }
 
