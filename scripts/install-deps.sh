@@ -19,6 +19,8 @@ PACKAGES=(
   containerd runc  # scripts/containerd-env.sh: a private containerd on lazysnap (tests/containerd.rs)
   golang-go        # containerd's conformance suite (tests/conformance, Go 1.19, GOPATH mode)
   golang-github-containerd-containerd-dev  # containerd 1.6 source: snapshots/testsuite, proxy client (pulls grpc & co.)
+  golang-github-containerd-stargz-snapshotter-dev  # the estargz Go library: eStargz test images (scripts/make-estargz-images.py)
+  stargz-snapshotter  # ctr-remote (Debian ships only that): the eStargz peer tool
   ca-certificates
 )
 

@@ -1,7 +1,8 @@
 //! Test support shared by the integration tests (`mod common;`).
 //!
-//! * [`testdata`] builds the test images once (scripts/make-test-images.sh and
-//!   scripts/make-edge-images.py; both skip work whose stamp matches) and returns their dir.
+//! * [`testdata`] builds the test images once (scripts/make-test-images.sh,
+//!   scripts/make-edge-images.py and scripts/make-estargz-images.py; each skips work whose
+//!   stamp matches) and returns their dir.
 //! * [`reference_tree`] unpacks an image with umoci (scripts/reference-unpack.sh), cached.
 //! * [`compare_trees`] reports every difference between a mounted tree and a reference.
 //! * [`require`] turns a missing prerequisite into a skip locally and a failure in CI.
@@ -11,7 +12,9 @@
 //! (OCI archive), `debian-docker.tar` (docker save, by skopeo), `multiarch/` (nested index,
 //! linux/amd64 + linux/arm64), `multiarch-flat/` (both manifests in index.json), `edge-gzip/`,
 //! `edge-zstd/`, `edge-none/`, `edge-mixed/` (10 layers of tar edge cases), `edge.oci.tar`,
-//! `edge-docker.tar` (classic docker save layout), `debian-layers/*.tar`, `edge-layers/*.tar`.
+//! `edge-docker.tar` (classic docker save layout), `debian-layers/*.tar`, `edge-layers/*.tar`,
+//! `debian-estargz/`, `edge-estargz/` (eStargz by the estargz Go library, 1 MiB chunks; not
+//! built without Go and its sources, see that script).
 #![allow(dead_code)]
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -185,6 +188,12 @@ pub fn testdata() -> PathBuf {
                 .arg(scripts_dir().join("make-edge-images.py"))
                 .arg(&dir),
             "scripts/make-edge-images.py",
+        );
+        run_script(
+            Command::new("python3")
+                .arg(scripts_dir().join("make-estargz-images.py"))
+                .arg(&dir),
+            "scripts/make-estargz-images.py",
         );
         dir
     })
