@@ -108,9 +108,11 @@ impl ChunkCache {
 
     /// Removes the oldest chunks until the cache is at 90% of its budget.
     pub fn evict(&self) {
-        let Ok(_one) = self.evicting.try_lock() else {
+        let _one = self.evicting.lock().unwrap_or_else(|p| p.into_inner());
+        // Another thread may have evicted while this one waited.
+        if self.used.load(Ordering::Relaxed) <= self.budget {
             return;
-        };
+        }
         let _span = tracing::debug_span!("chunk_evict", dir = %self.dir.display()).entered();
         let Ok(mut chunks) = list(&self.dir) else {
             return;

@@ -877,31 +877,43 @@ impl Inner {
             .get_or_load((self.id, idx), &self.closed, || self.load_checked_span(idx))
     }
 
-    /// [`Inner::load_span`], checked against the span's digest when there is one; a mismatch
-    /// drops the source's copy of those bytes (a remote chunk cache) and reads once more.
+    /// [`Inner::load_span`], checked against the span's digest when there is one. Bytes that
+    /// do not decode or do not match, from a source that can fetch them again (a remote blob
+    /// whose chunks are only checked this way), are dropped from its cache and read again.
     fn load_checked_span(&self, idx: usize) -> Result<SpanData> {
-        let Some(want) = self
+        let want = self
             .span_digests
             .as_ref()
-            .and_then(|d| d.get(idx).copied().flatten())
-        else {
+            .and_then(|d| d.get(idx).copied().flatten());
+        if want.is_none() {
             return self.load_span(idx);
-        };
+        }
         use sha2::Digest as _;
-        for attempt in 0..2 {
-            let data = self.load_span(idx)?;
-            if <[u8; 32]>::from(sha2::Sha256::digest(&data[..])) == want {
-                return Ok(data);
-            }
-            tracing::warn!(blob = %self.name, idx, attempt, "span does not match its recorded sha256");
+        let mut last = None;
+        // Three tries: a refetch may be split into other ranges than the bad answer was.
+        for attempt in 0..3 {
+            let err = match self.load_span(idx) {
+                Ok(data) if want == Some(sha2::Sha256::digest(&data[..]).into()) => {
+                    return Ok(data)
+                }
+                Ok(_) => BlobError::BadMap {
+                    blob: self.name.clone(),
+                    msg: format!("span {idx} does not match its recorded sha256"),
+                },
+                Err(
+                    e @ (BlobError::CorruptGzip { .. }
+                    | BlobError::CorruptZstd { .. }
+                    | BlobError::Truncated { .. }),
+                ) if self.file.is_remote() => e,
+                Err(e) => return Err(e),
+            };
+            tracing::warn!(blob = %self.name, idx, attempt, error = %err, "bad span; reading it again");
             if let Some((a, b)) = self.map.compressed_range(idx) {
                 self.file.invalidate(a, b);
             }
+            last = Some(err);
         }
-        Err(BlobError::BadMap {
-            blob: self.name.clone(),
-            msg: format!("span {idx} does not match its recorded sha256"),
-        })
+        Err(last.unwrap_or_else(|| BlobError::Internal("no attempt".into())))
     }
 
     /// Queues background decompression of the spans in `range` not cached or loading yet.

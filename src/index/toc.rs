@@ -159,7 +159,10 @@ fn entry(e: &TocEntry, kind: EntryType, data_offset: u64) -> Result<TarEntry, To
         let value = base64::engine::general_purpose::STANDARD
             .decode(v)
             .map_err(|_| bad(format!("xattr {k} is not base64")))?;
-        xattrs.push((k.as_bytes().to_vec(), value));
+        // An empty PAX record sets nothing (see the tar reader); the TOC keeps it as "".
+        if !value.is_empty() {
+            xattrs.push((k.as_bytes().to_vec(), value));
+        }
     }
     Ok(TarEntry {
         path: e.name.as_bytes().to_vec(),

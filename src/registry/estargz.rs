@@ -53,8 +53,8 @@ pub fn parse_footer(footer: &[u8]) -> Option<u64> {
     u64::from_str_radix(std::str::from_utf8(&sub[..16]).ok()?, 16).ok()
 }
 
-/// Fetches and checks the TOC of eStargz layer `layer` (two Range requests; once more if
-/// what came does not check out, as a flipped bit on the way would).
+/// Fetches and checks the TOC of eStargz layer `layer` (two Range requests; again if what
+/// came does not check out, as a flipped bit on the way would).
 pub fn fetch_toc(
     client: &Client,
     layer: &Desc,
@@ -62,12 +62,18 @@ pub fn fetch_toc(
     uncompressed_size: u64,
 ) -> Result<FetchedToc, RegistryError> {
     let _span = info_span!("fetch_toc", blob = %layer.digest).entered();
-    match fetch_toc_once(client, layer, toc_digest, uncompressed_size) {
-        Err(e @ (RegistryError::Invalid(_) | RegistryError::DigestMismatch { .. })) => {
-            warn!(error = %e, "fetching the TOC again");
-            fetch_toc_once(client, layer, toc_digest, uncompressed_size)
+    let mut attempt = 0;
+    loop {
+        match fetch_toc_once(client, layer, toc_digest, uncompressed_size) {
+            // Footer and TOC each get a second chance.
+            Err(e @ (RegistryError::Invalid(_) | RegistryError::DigestMismatch { .. }))
+                if attempt < 2 =>
+            {
+                warn!(error = %e, "fetching the TOC again");
+                attempt += 1;
+            }
+            other => return other,
         }
-        other => other,
     }
 }
 

@@ -516,7 +516,12 @@ impl RemoteBlob {
             polite: !wait,
         };
         store
-            .ingest(&self.digest, Some(self.info.size), &mut assembled, &mut |_| {})
+            .ingest(
+                &self.digest,
+                Some(self.info.size),
+                &mut assembled,
+                &mut |_| {},
+            )
             .with_context(|| format!("downloading {}", self.digest))?;
         if self.local().is_none() {
             anyhow::bail!("downloaded {} but cannot open it", self.digest);
