@@ -179,9 +179,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 return self.send_json(args.fail_status, {"errors": [{"code": "UNAVAILABLE"}]}, extra)
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else None
-        headers = {k: v for k, v in self.headers.items()
-                   if k.lower() not in HOP and k.lower() not in ("host", "authorization")
-                   and not (args.no_ranges and k.lower() == "range")}
+        # Repeated headers (skopeo sends one Accept per media type) are joined, not dropped.
+        headers = {}
+        for k, v in self.headers.items():
+            k = k.lower()
+            if k in HOP or k in ("host", "authorization") or (args.no_ranges and k == "range"):
+                continue
+            headers[k] = f"{headers[k]}, {v}" if k in headers else v
         conn = http.client.HTTPConnection(args.upstream, timeout=60)
         conn.request(self.command, self.path, body=body, headers=headers)
         resp = conn.getresponse()
@@ -221,8 +225,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 b[flip - sent] ^= 0xFF
                 chunk = bytes(b)
             if kind:
+                n = len(chunk) if cut is None else min(len(chunk), cut - sent)
                 with lock:
-                    stats[kind + "_bytes"] += min(len(chunk), cut - sent) if cut is not None else len(chunk)
+                    stats[kind + "_bytes"] += n
             if cut is not None and sent + len(chunk) >= cut:
                 self.send_body(chunk[: cut - sent])
                 self.wfile.flush()
