@@ -5,7 +5,7 @@ throttled to 10 and 100 MB/s (issue #9 item 4): lazy pull vs full pull vs downlo
     scripts/bench-lazy.py                  # as root; medians to stdout, bench/lazy-results.{md,json}
     ROUNDS=5 RATES=10,100 IMAGES=debian-gzip,big-gzip scripts/bench-lazy.py
     scripts/bench-lazy.py --report         # the tables again from bench/lazy-results.json
-    LAZYSNAP=target/release/lazysnap SCENARIOS=lazy,tar LATENCY=20 scripts/bench-lazy.py
+    LAZYSNAP=target/release/lazysnap SCENARIOS=lazy,tar LATENCY=20 OUT_DIR=/tmp scripts/bench-lazy.py
 
 Each rate (MB/s, 10^6 bytes) is one token bucket shared by all connections of
 scripts/registry-proxy.py (`--rate`), in front of Debian's docker-registry on 127.0.0.1
@@ -50,7 +50,7 @@ REPO = os.path.dirname(HERE)
 TESTDATA = os.environ.get("LAZYSNAP_TESTDATA", f"{REPO}/target/testdata")
 BENCH_DATA = os.environ.get("BENCH_DATA", f"{REPO}/bench/data")
 WORK = f"{REPO}/bench/work/lazy"  # recreated each run
-OUT = f"{REPO}/bench"
+OUT = os.environ.get("OUT_DIR", f"{REPO}/bench")  # where lazy-results.{md,json} go
 
 ROUNDS = int(os.environ.get("ROUNDS", "3"))
 RATES = [float(r) for r in os.environ.get("RATES", "10,100").split(",")]
@@ -468,6 +468,7 @@ def main():
         stop_proxy()
         umount_all_under(WORK)
         subprocess.run(["bash", f"{HERE}/registry-env.sh", "stop", reg])
+        rmtree(WORK)
     info["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
     with open(f"{OUT}/lazy-results.json", "w") as f:
         json.dump({"info": info, "samples": samples}, f, indent=1)
