@@ -2,10 +2,10 @@
 """Time to the first `ls` of an image and to running a program from it, through a registry
 throttled to 10 and 100 MB/s (issue #9 item 4): lazy pull vs full pull vs download + `tar -x`.
 
-    scripts/bench-lazy.py                  # as root; medians to stdout, bench/lazy-results.{md,json}
+    scripts/bench-lazy.py             # as root; medians to stdout, bench/lazy-results.{md,json}
     ROUNDS=5 RATES=10,100 IMAGES=debian-gzip,big-gzip scripts/bench-lazy.py
-    scripts/bench-lazy.py --report         # the tables again from bench/lazy-results.json
-    LAZYSNAP=target/release/lazysnap SCENARIOS=lazy,tar LATENCY=20 OUT_DIR=/tmp scripts/bench-lazy.py
+    scripts/bench-lazy.py --report    # the tables again from bench/lazy-results.json
+    LAZYSNAP=path/to/lazysnap SCENARIOS=lazy,tar LATENCY=20 OUT_DIR=/tmp scripts/bench-lazy.py
 
 Each rate (MB/s, 10^6 bytes) is one token bucket shared by all connections of
 scripts/registry-proxy.py (`--rate`), in front of Debian's docker-registry on 127.0.0.1
@@ -225,7 +225,7 @@ def ensure_images():
 
 def setup_image(addr, img, layout):
     """Pushes the image to two repositories with index artifacts: lazy/IMG (no trace) and
-    lazy/IMG-traced (the trace of a first lazy run). Returns (plain ref, traced ref, trace files)."""
+    lazy/IMG-traced (the trace of a first lazy run). Returns (plain ref, traced ref, trace)."""
     plain, traced = f"{addr}/lazy/{img}:latest", f"{addr}/lazy/{img}-traced:latest"
     for ref in (plain, traced):
         run(["skopeo", "copy", "--quiet", "--dest-tls-verify=false", f"oci:{layout}:latest",
@@ -319,7 +319,7 @@ def scenario_tar(ref, d):
         # (tar goes on and exits 2); whiteouts stay as files. Neither matters for timing.
         errors = []
         for path, media in layout_layers(layout):
-            flag = ["--zstd"] if media.endswith("zstd") else ["-z"] if media.endswith("gzip") else []
+            flag = {"zstd": ["--zstd"], "gzip": ["-z"]}.get(media.rsplit("+", 1)[-1], [])
             r = subprocess.run(["tar", *flag, "--warning=no-unknown-keyword", "-xf", path, "-C",
                                 rootfs], stderr=subprocess.PIPE, text=True)
             lines = [l for l in r.stderr.splitlines() if "Exiting with failure" not in l]
@@ -357,7 +357,8 @@ def mb(b):
 def report(samples, info):
     results = {}
     for s in samples:
-        results.setdefault(f"{s['rate']:g}/{s['image']}", {}).setdefault(s["scenario"], []).append(s)
+        key = f"{s['rate']:g}/{s['image']}"
+        results.setdefault(key, {}).setdefault(s["scenario"], []).append(s)
     lines = []
     head = ("| scenario | first ls (s) | program done (s) | MB by first ls | MB by done "
             "| range requests | ls ×tar | done ×tar |")
