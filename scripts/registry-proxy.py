@@ -3,6 +3,7 @@
 
     registry-proxy.py UPSTREAM [--cut-after N] [--corrupt] [--fail-first N [--fail-status S]]
                       [--bearer [USER:PASS]] [--no-ranges] [--log FILE]
+                      [--rate BYTES_PER_SEC [--burst BYTES]] [--latency MS]
 
 Prints the port it listens on (127.0.0.1) as its first line, then serves until killed.
 
@@ -22,6 +23,18 @@ Prints the port it listens on (127.0.0.1) as its first line, then serves until k
                 (a lazy read must notice by the chunk's sha256 and ask again)
 --no-ranges     drops Range headers (a registry that always answers 200 with the whole blob)
 --log FILE      appends one line per request: METHOD PATH RANGE-HEADER
+--rate R        one bandwidth limit shared by all connections (like one network link): response
+                bodies go out in pieces of at most 64 KiB, each waiting for its bytes in a token
+                bucket filled at R bytes/s (suffixes k, M, G are powers of 1000: 10M = 10 MB/s);
+                the proxy's send buffer per connection is kept small (256 KiB) so a client that
+                stops reading stops taking the link. --burst B: the bucket's size (default 20 ms
+                of R, at least 64 KiB: a sender that overslept catches up)
+--latency MS    waits MS milliseconds before forwarding each request (a round trip to a
+                distant registry)
+
+GET /_proxy/stats answers (not forwarded, logged, throttled or authenticated) the counters so far:
+{"requests", "bytes" (response body bytes sent), "blob_gets", "blob_bytes" (200 answers to
+blob GETs), "range_gets", "range_bytes" (206 answers)}.
 """
 import argparse
 import base64
@@ -30,8 +43,10 @@ import http.server
 import json
 import re
 import secrets
+import socket
 import sys
 import threading
+import time
 
 args = None
 tokens = set()
@@ -40,15 +55,68 @@ range_cut = set()
 range_corrupt = set()
 failed = [0]
 lock = threading.Lock()
+stats = {"requests": 0, "bytes": 0, "blob_gets": 0, "blob_bytes": 0, "range_gets": 0,
+         "range_bytes": 0}
 HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade",
        "proxy-authorization", "proxy-authenticate"}
+
+
+class Bucket:
+    """A token bucket shared by every connection: `take(n)` returns once n bytes may go out.
+    Debt is allowed (tokens go negative), so concurrent senders are served in the order they
+    asked, each piece waiting for the bytes reserved before it."""
+
+    def __init__(self, rate, burst):
+        self.rate = float(rate)
+        self.burst = float(burst)
+        self.tokens = self.burst
+        self.t = time.monotonic()
+        self.lock = threading.Lock()
+
+    def take(self, n):
+        with self.lock:
+            now = time.monotonic()
+            self.tokens = min(self.burst, self.tokens + (now - self.t) * self.rate)
+            self.t = now
+            self.tokens -= n
+            wait = -self.tokens / self.rate
+        if wait > 0:
+            time.sleep(wait)
+
+
+bucket = None
+PIECE = 65536
+
+
+def parse_rate(s):
+    m = re.fullmatch(r"([0-9.]+)([kKMG]?)", s)
+    if not m:
+        raise argparse.ArgumentTypeError(f"bad rate {s!r} (e.g. 10M)")
+    return int(float(m.group(1)) * {"": 1, "k": 1e3, "K": 1e3, "M": 1e6, "G": 1e9}[m.group(2)])
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
+    def setup(self):
+        super().setup()
+        if bucket is not None:
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 256 << 10)
+
     def log_message(self, fmt, *a):
         pass
+
+    def send_body(self, data):
+        """Writes response body bytes through the shared bucket (when throttled)."""
+        if bucket is None:
+            self.wfile.write(data)
+        else:
+            for i in range(0, len(data), PIECE):
+                piece = data[i:i + PIECE]
+                bucket.take(len(piece))
+                self.wfile.write(piece)
+        with lock:
+            stats["bytes"] += len(data)
 
     def log_request_line(self):
         if args.log:
@@ -63,7 +131,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
-        self.wfile.write(body)
+        self.send_body(body)
 
     def token(self):
         if args.bearer and ":" in args.bearer:
@@ -90,7 +158,19 @@ class Handler(http.server.BaseHTTPRequestHandler):
         return False
 
     def handle_any(self):
+        if self.path == "/_proxy/stats":
+            with lock:
+                body = json.dumps(stats).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            return self.wfile.write(body)
         self.log_request_line()
+        with lock:
+            stats["requests"] += 1
+        if args.latency:
+            time.sleep(args.latency / 1000)
         if args.bearer is not None:
             if self.path.startswith("/token"):
                 return self.token()
@@ -105,13 +185,21 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 return self.send_json(args.fail_status, {"errors": [{"code": "UNAVAILABLE"}]}, extra)
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else None
-        headers = {k: v for k, v in self.headers.items()
-                   if k.lower() not in HOP and k.lower() not in ("host", "authorization")
-                   and not (args.no_ranges and k.lower() == "range")}
+        # Repeated headers (skopeo sends one Accept per media type) are joined, not dropped.
+        headers = {}
+        for k, v in self.headers.items():
+            k = k.lower()
+            if k in HOP or k in ("host", "authorization") or (args.no_ranges and k == "range"):
+                continue
+            headers[k] = f"{headers[k]}, {v}" if k in headers else v
         conn = http.client.HTTPConnection(args.upstream, timeout=60)
         conn.request(self.command, self.path, body=body, headers=headers)
         resp = conn.getresponse()
         is_blob = self.command == "GET" and "/blobs/sha256:" in self.path and resp.status in (200, 206)
+        kind = ("range" if resp.status == 206 else "blob") if is_blob else None
+        if kind:
+            with lock:
+                stats[kind + "_gets"] += 1
         self.send_response(resp.status)
         for k, v in resp.getheaders():
             if k.lower() in HOP:
@@ -151,14 +239,18 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 b = bytearray(chunk)
                 b[flip - sent] ^= 0xFF
                 chunk = bytes(b)
+            if kind:
+                n = len(chunk) if cut is None else min(len(chunk), cut - sent)
+                with lock:
+                    stats[kind + "_bytes"] += n
             if cut is not None and sent + len(chunk) >= cut:
-                self.wfile.write(chunk[: cut - sent])
+                self.send_body(chunk[: cut - sent])
                 self.wfile.flush()
                 self.close_connection = True
                 self.connection.shutdown(2)
                 conn.close()
                 return
-            self.wfile.write(chunk)
+            self.send_body(chunk)
             sent += len(chunk)
         conn.close()
 
@@ -188,7 +280,13 @@ def main():
     p.add_argument("--cut-ranges", action="store_true")
     p.add_argument("--corrupt-ranges", action="store_true")
     p.add_argument("--log")
+    p.add_argument("--rate", type=parse_rate)
+    p.add_argument("--burst", type=parse_rate)
+    p.add_argument("--latency", type=float, default=0)
     args = p.parse_args()
+    global bucket
+    if args.rate:
+        bucket = Bucket(args.rate, max(args.burst or args.rate // 50, PIECE))
     srv = Server(("127.0.0.1", 0), Handler)
     print(srv.server_port, flush=True)
     srv.serve_forever()
