@@ -86,8 +86,14 @@ impl IndexedLayer {
             Some(info) if !path.is_file() => {
                 let source = RemoteBlob::open(&root.store, &digest, info, root.chunk_cache()?)
                     .with_context(|| format!("opening remote blob {digest}"))?;
+                // What an earlier run read comes first, then (once reads pause) the rest.
+                match crate::trace::Trace::load(&root.path, &digest) {
+                    Some(t) => {
+                        source.prefetch_in_background(source.chunks_for_trace(&t, &index, &map))
+                    }
+                    None => tracer = crate::trace::Recorder::start(&root.path, &digest),
+                }
                 source.start_background(root.store.clone(), root.path.join(crate::chunks::DIR));
-                tracer = crate::trace::Recorder::start(&root.path, &digest);
                 let size = source.size();
                 BlobReader::open_bytes(
                     source,

@@ -162,6 +162,10 @@ enum Command {
         /// With --lazy: never download whole layers; only the ranges reads need
         #[arg(long, requires = "lazy")]
         no_background_fetch: bool,
+        /// With --lazy: fetch what the image's access traces name before returning (by
+        /// default the first mount fetches it, first thing)
+        #[arg(long, requires = "lazy")]
+        prefetch: bool,
         #[command(flatten)]
         limits: LimitArgs,
     },
@@ -362,6 +366,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             insecure,
             lazy,
             no_background_fetch,
+            prefetch,
             limits,
         } => {
             let platform = platform
@@ -375,6 +380,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let lazy = lazy.then(|| lazysnap::registry::source::Lazy {
                 connect: connect.clone(),
                 background: !no_background_fetch,
+                prefetch,
             });
             let mut root = Root::open(&root_path)?;
             root.limits = limits.into();
@@ -394,9 +400,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             print_imported("pulled", &img, start);
             if report.remote_layers > 0 {
                 println!(
-                    "{} of {} layers left in the registry (read on demand); {} prefetched for the recorded trace",
-                    report.remote_layers,
-                    img.layers,
+                    "{} of {} layers left in the registry (read on demand)",
+                    report.remote_layers, img.layers,
+                );
+            }
+            if report.prefetched_chunks > 0 {
+                println!(
+                    "{} prefetched for the recorded access trace",
                     human(report.prefetched_bytes)
                 );
             }

@@ -1203,24 +1203,29 @@ fn trace_of_the_first_run_is_prefetched_by_later_pulls() {
     }
     ok(&builder, &["index", "push", &reference]);
 
-    // Another node's lazy pull fetches the traced ranges before it returns ...
+    // Another node's `pull --lazy --prefetch` fetches the traced ranges before it returns ...
     let log = tmp.path().join("proxy.log");
     let proxy = Proxy::start(&reg.addr, &["--log", log.to_str().unwrap()]);
+    let remote = format!("{}/tr/debian:gzip", proxy.addr);
     let node2 = tmp.path().join("node2");
     let out = ok(
         &node2,
         &[
             "pull",
             "--lazy",
+            "--prefetch",
             "--no-background-fetch",
-            &format!("{}/tr/debian:gzip", proxy.addr),
+            &remote,
             "--name",
             "t",
         ],
     );
     let (_, ranged) = blob_requests(&log);
     assert!(!ranged.is_empty(), "nothing prefetched: {out}");
-    assert!(!out.contains(" 0 B prefetched"), "{out}");
+    assert!(
+        out.contains("prefetched for the recorded access trace"),
+        "{out}"
+    );
     // ... so the first run reads those files without asking the registry.
     let m = Mounted::new(&node2, "t", &tmp.path().join("mnt2"));
     for p in read {
@@ -1237,6 +1242,48 @@ fn trace_of_the_first_run_is_prefetched_by_later_pulls() {
         &common::reference_tree(&common::testdata().join("debian-gzip"), common::TAG),
     );
     assert!(blob_requests(&log).1.len() > ranged.len());
+    drop(m);
+
+    // Without --prefetch the pull returns at once and the mount fetches the traced ranges
+    // first thing, in parallel.
+    fs::remove_file(&log).unwrap();
+    let node3 = tmp.path().join("node3");
+    let out = ok(
+        &node3,
+        &[
+            "pull",
+            "--lazy",
+            "--no-background-fetch",
+            &remote,
+            "--name",
+            "t",
+        ],
+    );
+    assert!(!out.contains("prefetched"), "{out}");
+    assert!(blob_requests(&log).1.is_empty());
+    let m = Mounted::new(&node3, "t", &tmp.path().join("mnt3"));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let mut last = usize::MAX;
+    loop {
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        let n = blob_requests(&log).1.len();
+        if n > 0 && n == last {
+            break;
+        }
+        last = n;
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the prefetch did not settle"
+        );
+    }
+    for p in read {
+        fs::read(m.dir.join(p.trim_start_matches('/'))).unwrap();
+    }
+    assert_eq!(
+        blob_requests(&log).1.len(),
+        last,
+        "traced files fetched again"
+    );
 }
 
 #[test]

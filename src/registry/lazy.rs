@@ -38,6 +38,8 @@ const HOT_CHUNKS: usize = 8;
 const IDLE_BEFORE_BACKGROUND: Duration = Duration::from_millis(1500);
 const YIELD_TO_READS: Duration = Duration::from_millis(500);
 const BACKGROUND_REQUEST: u64 = 2 << 20;
+/// Range requests a trace prefetch keeps in flight per blob.
+pub const PREFETCH_PARALLEL: usize = 4;
 
 /// When a read of this process last had to fetch from a registry (any blob).
 fn demand_clock() -> &'static Mutex<Option<Instant>> {
@@ -405,17 +407,17 @@ impl RemoteBlob {
         if self.local().is_some() {
             return 0;
         }
-        let mut missing: Vec<u64> = wanted
-            .iter()
-            .copied()
-            .filter(|&i| i < self.chunk_count() && !self.cache.contains(&self.digest, i))
-            .collect();
-        missing.sort_unstable();
-        missing.dedup();
+        // In the order given (first need first), each chunk once, neighbours in one request
+        // of at most PREFETCH_RUN chunks.
+        const PREFETCH_RUN: u64 = 16;
+        let mut seen = HashSet::new();
         let mut runs: Vec<(u64, u64)> = Vec::new();
-        for i in missing {
+        for &i in wanted {
+            if i >= self.chunk_count() || !seen.insert(i) || self.cache.contains(&self.digest, i) {
+                continue;
+            }
             match runs.last_mut() {
-                Some((_, b)) if *b + 1 == i => *b = i,
+                Some((a, b)) if *b + 1 == i && i - *a < PREFETCH_RUN => *b = i,
                 _ => runs.push((i, i)),
             }
         }
@@ -436,6 +438,41 @@ impl RemoteBlob {
             }
         });
         done.load(Ordering::Relaxed) as usize
+    }
+
+    /// The chunks an access trace needs, in the order of first need.
+    pub fn chunks_for_trace(
+        &self,
+        trace: &crate::trace::Trace,
+        index: &crate::index::LayerIndex,
+        map: &crate::blob::SpanMap,
+    ) -> Vec<u64> {
+        let mut out = Vec::new();
+        let mut seen = HashSet::new();
+        for (a, b) in trace.stream_ranges(index) {
+            for (ca, cb) in map.stream_to_blob(a, b) {
+                out.extend(self.chunks_of(ca, cb).filter(|c| seen.insert(*c)));
+            }
+        }
+        out
+    }
+
+    /// Fetches what `chunks` names in the background, first things first (a trace at mount).
+    pub fn prefetch_in_background(self: &Arc<Self>, chunks: Vec<u64>) {
+        if chunks.is_empty() || self.local().is_some() {
+            return;
+        }
+        let this = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("lazysnap-prefetch".into())
+            .spawn(move || {
+                let _span = info_span!("trace_prefetch", blob = %this.digest).entered();
+                let n = this.prefetch(&chunks, PREFETCH_PARALLEL);
+                debug!(chunks = n, "prefetched the traced chunks");
+            });
+        if let Err(e) = spawned {
+            warn!(error = %e, "could not start the trace prefetch");
+        }
     }
 
     /// The chunks holding blob bytes `[start, end)`.

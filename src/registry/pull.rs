@@ -12,7 +12,7 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use tracing::{info, info_span, warn};
 
-use super::lazy::{RemoteBlob, RemoteInfo};
+use super::lazy::{RemoteBlob, RemoteInfo, PREFETCH_PARALLEL};
 use super::source::{Connect, Lazy, RegistrySource};
 use super::Reference;
 use crate::blob::SpanMap;
@@ -22,9 +22,6 @@ use crate::import::{import_source, Imported, Reporter};
 use crate::index::LayerIndex;
 use crate::root::Root;
 use crate::trace::Trace;
-
-/// Parallel range requests of a trace prefetch.
-const PREFETCH_PARALLEL: usize = 4;
 
 /// What a lazy pull left in the registry and fetched ahead.
 #[derive(Debug, Default, Clone)]
@@ -45,6 +42,7 @@ pub fn pull(
     lazy: Option<Lazy>,
     reporter: &mut dyn Reporter,
 ) -> anyhow::Result<(Imported, LazyReport)> {
+    let prefetch = lazy.as_ref().is_some_and(|l| l.prefetch);
     let r = Reference::parse(reference)?;
     let _span = info_span!("pull", reference = %r, lazy = lazy.is_some()).entered();
     let canonical = r.to_string();
@@ -84,7 +82,7 @@ pub fn pull(
         remote_layers: source.remote_layers().len(),
         ..LazyReport::default()
     };
-    if report.remote_layers > 0 {
+    if report.remote_layers > 0 && prefetch {
         let (chunks, bytes) = prefetch_traces(root, &img.name);
         report.prefetched_chunks = chunks;
         report.prefetched_bytes = bytes;
@@ -109,15 +107,7 @@ pub fn prefetch_traces(root: &Root, image: &str) -> (usize, u64) {
         let Some(trace) = Trace::load(&root.path, &digest) else {
             continue;
         };
-        let mut chunks = Vec::new();
-        for (a, b) in trace.stream_ranges(&index) {
-            for (ca, cb) in map.stream_to_blob(a, b) {
-                chunks.extend(blob.chunks_of(ca, cb));
-            }
-        }
-        // Order of first need, each chunk once.
-        let mut seen = std::collections::HashSet::new();
-        chunks.retain(|c| seen.insert(*c));
+        let chunks = blob.chunks_for_trace(&trace, &index, &map);
         jobs.push((blob, chunks));
     }
     let (mut n, mut bytes) = (0, 0);

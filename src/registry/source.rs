@@ -106,6 +106,9 @@ pub struct Lazy {
     pub connect: Connect,
     /// Download whole blobs in the background once mounted.
     pub background: bool,
+    /// Fetch what the layers' access traces name before returning (else the first mount
+    /// fetches it, first thing).
+    pub prefetch: bool,
 }
 
 impl RegistrySource {
