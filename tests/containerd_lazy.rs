@@ -19,11 +19,12 @@
 mod common;
 
 use std::collections::{BTreeSet, HashMap};
-use std::io::{BufRead as _, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
+
+use common::registry::{Proxy, Registry, Request};
 
 /// Seconds any single command may take.
 const CMD_TIMEOUT: u64 = 300;
@@ -123,107 +124,6 @@ fn rpull_bin() -> PathBuf {
         bin
     })
     .clone()
-}
-
-/// A registry (scripts/registry-env.sh), stopped when dropped.
-struct Registry {
-    dir: PathBuf,
-    addr: String,
-}
-
-impl Registry {
-    fn start(dir: &Path) -> Registry {
-        let script = common::scripts_dir().join("registry-env.sh");
-        let out = run_timeout(
-            "bash",
-            &[script.to_str().unwrap(), "start", dir.to_str().unwrap()],
-            &[],
-        );
-        let addr = check("registry-env.sh start", out).trim().to_string();
-        Registry {
-            dir: dir.to_path_buf(),
-            addr,
-        }
-    }
-}
-
-impl Drop for Registry {
-    fn drop(&mut self) {
-        let script = common::scripts_dir().join("registry-env.sh");
-        let _ = run_timeout(
-            "bash",
-            &[script.to_str().unwrap(), "stop", self.dir.to_str().unwrap()],
-            &[],
-        );
-    }
-}
-
-/// scripts/registry-proxy.py in front of `upstream`, logging every request; killed when
-/// dropped.
-struct Proxy {
-    child: Child,
-    addr: String,
-    log: PathBuf,
-}
-
-/// One request of the proxy's log.
-#[derive(Debug)]
-struct Request {
-    method: String,
-    path: String,
-    /// `(first, last)` byte of a `Range: bytes=first-last` header.
-    range: Option<(u64, Option<u64>)>,
-}
-
-impl Proxy {
-    fn start(upstream: &str, log: &Path) -> Proxy {
-        let mut child = Command::new("python3")
-            .arg(common::scripts_dir().join("registry-proxy.py"))
-            .arg(upstream)
-            .arg("--log")
-            .arg(log)
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("starting registry-proxy.py");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let port: u16 = line.trim().parse().expect("proxy port");
-        Proxy {
-            child,
-            addr: format!("127.0.0.1:{port}"),
-            log: log.to_path_buf(),
-        }
-    }
-
-    /// The requests logged since the last call (the log is emptied).
-    fn take_requests(&self) -> Vec<Request> {
-        let body = std::fs::read_to_string(&self.log).unwrap_or_default();
-        std::fs::write(&self.log, "").unwrap();
-        body.lines()
-            .filter_map(|l| {
-                let mut parts = l.split(' ');
-                let (method, path, range) = (parts.next()?, parts.next()?, parts.next()?);
-                let range = range.strip_prefix("bytes=").and_then(|r| {
-                    let (a, b) = r.split_once('-')?;
-                    Some((a.parse().ok()?, b.parse().ok()))
-                });
-                Some(Request {
-                    method: method.to_string(),
-                    path: path.to_string(),
-                    range,
-                })
-            })
-            .collect()
-    }
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// What the requests fetched of the blobs in `sizes`: (whole-blob GETs, bytes by range).
@@ -467,12 +367,13 @@ fn rpull_is_lazy_and_a_container_starts_before_the_image_is_fetched() {
         return;
     }
     let work = tempfile::tempdir().unwrap();
-    let reg = Registry::start(&work.path().join("registry"));
+    let reg = Registry::start(&work.path().join("registry"), None);
     let layout = common::image("debian-gzip");
     publish(&reg, work.path(), &layout, "lazy/debian:gzip", true);
     let (layers, manifest, config) = layout_layers(&layout);
     let total: u64 = layers.values().sum();
-    let proxy = Proxy::start(&reg.addr, &work.path().join("proxy.log"));
+    let log = work.path().join("proxy.log");
+    let proxy = Proxy::start(&reg.addr, &["--log", log.to_str().unwrap()]);
     // Through the proxy, so its log shows every byte containerd and lazysnap fetch.
     let reference = format!("{}/lazy/debian:gzip", proxy.addr);
     // No background download: what is fetched is what the container read.
@@ -558,11 +459,12 @@ fn an_image_without_an_index_artifact_is_fetched_by_containerd() {
         return;
     }
     let work = tempfile::tempdir().unwrap();
-    let reg = Registry::start(&work.path().join("registry"));
+    let reg = Registry::start(&work.path().join("registry"), None);
     let layout = common::image("debian-zstd");
     publish(&reg, work.path(), &layout, "plain/debian:zstd", false);
     let (layers, _, _) = layout_layers(&layout);
-    let proxy = Proxy::start(&reg.addr, &work.path().join("proxy.log"));
+    let log = work.path().join("proxy.log");
+    let proxy = Proxy::start(&reg.addr, &["--log", log.to_str().unwrap()]);
     let reference = format!("{}/plain/debian:zstd", proxy.addr);
     let env = CtrEnv::start("");
 

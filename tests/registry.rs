@@ -8,10 +8,10 @@
 mod common;
 
 use std::fs;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 
+use common::registry::{skopeo_push, Proxy, Registry};
 use common::{fails, lazysnap, ok};
 
 fn prerequisites() -> bool {
@@ -32,89 +32,6 @@ fn prerequisites() -> bool {
         common::have_cmd("skopeo"),
         "skopeo (scripts/install-deps.sh)",
     ) && common::require(common::have_cmd("htpasswd"), "htpasswd (apache2-utils)")
-}
-
-/// A registry that is stopped when dropped.
-struct Registry {
-    dir: PathBuf,
-    addr: String,
-}
-
-impl Registry {
-    fn start(dir: &Path, user_pass: Option<&str>) -> Registry {
-        Self::start_with(dir, user_pass, false)
-    }
-
-    /// HTTPS with a CA of its own, in `dir/certs.d/ADDR/ca.crt`.
-    fn start_tls(dir: &Path) -> Registry {
-        Self::start_with(dir, None, true)
-    }
-
-    fn start_with(dir: &Path, user_pass: Option<&str>, tls: bool) -> Registry {
-        let mut cmd = Command::new("bash");
-        cmd.env("TLS", if tls { "1" } else { "0" });
-        cmd.arg(common::scripts_dir().join("registry-env.sh"))
-            .arg("start")
-            .arg(dir);
-        if let Some(up) = user_pass {
-            cmd.arg(up);
-        }
-        let out = cmd.output().expect("running registry-env.sh");
-        assert!(
-            out.status.success(),
-            "registry-env.sh start failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let addr = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        Registry {
-            dir: dir.to_path_buf(),
-            addr,
-        }
-    }
-}
-
-impl Drop for Registry {
-    fn drop(&mut self) {
-        let _ = Command::new("bash")
-            .arg(common::scripts_dir().join("registry-env.sh"))
-            .arg("stop")
-            .arg(&self.dir)
-            .status();
-    }
-}
-
-/// scripts/registry-proxy.py in front of `upstream`, killed when dropped.
-struct Proxy {
-    child: Child,
-    addr: String,
-}
-
-impl Proxy {
-    fn start(upstream: &str, args: &[&str]) -> Proxy {
-        let mut child = Command::new("python3")
-            .arg(common::scripts_dir().join("registry-proxy.py"))
-            .arg(upstream)
-            .args(args)
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("starting registry-proxy.py");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let port: u16 = line.trim().parse().expect("proxy port");
-        Proxy {
-            child,
-            addr: format!("127.0.0.1:{port}"),
-        }
-    }
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// A mount that is unmounted when dropped.
@@ -138,28 +55,6 @@ impl Drop for Mounted {
     fn drop(&mut self) {
         let _ = lazysnap(&self.root, &["umount", self.dir.to_str().unwrap()]);
     }
-}
-
-/// skopeo copy of an OCI layout (`--all` keeps every platform of an index).
-fn skopeo_push(layout: &Path, dest: &str, creds: Option<&str>, all: bool) {
-    let mut cmd = Command::new("skopeo");
-    cmd.args(["copy", "--quiet", "--dest-tls-verify=false"]);
-    if all {
-        cmd.arg("--all");
-    }
-    if let Some(c) = creds {
-        cmd.args(["--dest-creds", c]);
-    }
-    let out = cmd
-        .arg(format!("oci:{}:{}", layout.display(), common::TAG))
-        .arg(format!("docker://{dest}"))
-        .output()
-        .expect("running skopeo");
-    assert!(
-        out.status.success(),
-        "skopeo copy to {dest} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 /// `lazysnap` with extra environment (DOCKER_CONFIG).

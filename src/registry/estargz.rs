@@ -130,13 +130,9 @@ fn fetch_toc_once(
     })
 }
 
-/// The TOCs of a manifest's eStargz layers (gzip, with a `toc.digest` annotation) other than
-/// `covered`, fetched with `fetch`; a layer whose TOC cannot be had is left out (downloaded).
-pub fn estargz_tocs(
-    manifest: &[u8],
-    covered: &HashSet<Digest>,
-    fetch: impl Fn(&Desc, &Digest, u64) -> Result<FetchedToc, RegistryError>,
-) -> HashMap<Digest, FetchedToc> {
+/// The layer descriptors of an image manifest with their annotations (unparseable ones left
+/// out: the manifest is resolved strictly elsewhere).
+pub fn manifest_layer_descs(manifest: &[u8]) -> Vec<(Desc, HashMap<String, String>)> {
     #[derive(serde::Deserialize)]
     struct Layer {
         #[serde(rename = "mediaType")]
@@ -151,34 +147,48 @@ pub fn estargz_tocs(
         #[serde(default)]
         layers: Vec<Layer>,
     }
-    let mut out = HashMap::new();
     let Ok(m) = serde_json::from_slice::<Manifest>(manifest) else {
-        return out;
+        return Vec::new();
     };
-    for l in m.layers {
-        let (Ok(digest), Some(toc_digest)) = (
-            Digest::parse(&l.digest),
-            l.annotations
-                .get(TOC_DIGEST_ANNOTATION)
-                .and_then(|d| Digest::parse(d).ok()),
-        ) else {
+    m.layers
+        .into_iter()
+        .filter_map(|l| {
+            let digest = Digest::parse(&l.digest).ok()?;
+            let desc = Desc {
+                media_type: l.media_type,
+                digest,
+                size: l.size,
+            };
+            Some((desc, l.annotations))
+        })
+        .collect()
+}
+
+/// The TOCs of a manifest's eStargz layers (gzip, with a `toc.digest` annotation) other than
+/// `covered`, fetched with `fetch`; a layer whose TOC cannot be had is left out (downloaded).
+pub fn estargz_tocs(
+    manifest: &[u8],
+    covered: &HashSet<Digest>,
+    fetch: impl Fn(&Desc, &Digest, u64) -> Result<FetchedToc, RegistryError>,
+) -> HashMap<Digest, FetchedToc> {
+    let mut out = HashMap::new();
+    for (desc, annotations) in manifest_layer_descs(manifest) {
+        let Some(toc_digest) = annotations
+            .get(TOC_DIGEST_ANNOTATION)
+            .and_then(|d| Digest::parse(d).ok())
+        else {
             continue;
         };
-        if covered.contains(&digest)
-            || layer_compression(&l.media_type) != Some(crate::blob::Compression::Gzip)
+        if covered.contains(&desc.digest)
+            || layer_compression(&desc.media_type) != Some(crate::blob::Compression::Gzip)
         {
             continue;
         }
-        let unc = l
-            .annotations
+        let unc = annotations
             .get(UNCOMPRESSED_SIZE_ANNOTATION)
             .and_then(|s| s.parse().ok())
             .unwrap_or(0);
-        let desc = Desc {
-            media_type: l.media_type,
-            digest: digest.clone(),
-            size: l.size,
-        };
+        let digest = desc.digest.clone();
         match fetch(&desc, &toc_digest, unc) {
             Ok(t) => {
                 info!(layer = %digest, toc_bytes = t.json.len(), "eStargz layer: read by its TOC");

@@ -17,7 +17,7 @@ use super::artifact::{discover, LayerArtifact};
 use super::auth::credentials_for;
 use super::blob::BlobStream;
 use super::client::{Client, Endpoint, Fetched};
-use super::estargz::{estargz_tocs, fetch_toc, toc_artifact, FetchedToc};
+use super::estargz::{estargz_tocs, fetch_toc, manifest_layer_descs, toc_artifact, FetchedToc};
 use super::lazy::RemoteInfo;
 use super::prefetch::Prefetcher;
 use super::reference::Reference;
@@ -181,30 +181,10 @@ impl RegistrySource {
         }
         if matches!(fetched.media_type.as_str(), OCI_MANIFEST | DOCKER_MANIFEST) {
             self.discover_artifact(&fetched.digest, &fetched.bytes);
-            #[derive(serde::Deserialize)]
-            struct Layer {
-                #[serde(rename = "mediaType")]
-                media_type: String,
-                digest: String,
-                size: u64,
-            }
-            #[derive(serde::Deserialize)]
-            struct Manifest {
-                #[serde(default)]
-                layers: Vec<Layer>,
-            }
-            if let Ok(m) = serde_json::from_slice::<Manifest>(&fetched.bytes) {
-                let mut layers = self.layers.borrow_mut();
-                for l in m.layers {
-                    if let Ok(digest) = Digest::parse(&l.digest) {
-                        if !layers.iter().any(|x| x.digest == digest) {
-                            layers.push(Desc {
-                                media_type: l.media_type,
-                                digest,
-                                size: l.size,
-                            });
-                        }
-                    }
+            let mut layers = self.layers.borrow_mut();
+            for (desc, _) in manifest_layer_descs(&fetched.bytes) {
+                if !layers.iter().any(|x| x.digest == desc.digest) {
+                    layers.push(desc);
                 }
             }
         }

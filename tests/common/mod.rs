@@ -17,6 +17,8 @@
 //! built without Go and its sources, see that script).
 #![allow(dead_code)]
 
+pub mod registry;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::{CString, OsStr};
 use std::fs;
