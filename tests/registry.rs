@@ -1352,3 +1352,62 @@ fn estargz_layers_are_read_by_their_toc_without_an_artifact() {
     ));
     assert!(diffs.is_empty(), "{:#?}", &diffs[..diffs.len().min(40)]);
 }
+
+#[test]
+fn zstd_chunked_layers_are_read_by_their_toc_without_an_artifact() {
+    if !prerequisites() || !common::can_mount() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    // containers/image (skopeo) writes the zstd:chunked layers and their TOC annotations.
+    // (skopeo 1.9 leaves the config's diff_ids those of the gzip image, so only a reader of
+    // the TOC can take this image; the tree is the gzip image's.)
+    let layout = tmp.path().join("zchunked");
+    let out = Command::new("skopeo")
+        .args(["copy", "--quiet", "--dest-compress-format", "zstd:chunked"])
+        .arg(format!(
+            "oci:{}:{}",
+            common::testdata().join("debian-gzip").display(),
+            common::TAG
+        ))
+        .arg(format!("oci:{}:{}", layout.display(), common::TAG))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let reg = Registry::start(&tmp.path().join("reg"), None);
+    skopeo_push(&layout, &format!("{}/zc/debian:1", reg.addr), None, false);
+    let log = tmp.path().join("proxy.log");
+    let proxy = Proxy::start(&reg.addr, &["--log", log.to_str().unwrap()]);
+    let node = tmp.path().join("node");
+    let out = ok(
+        &node,
+        &[
+            "pull",
+            "--lazy",
+            "--no-background-fetch",
+            &format!("{}/zc/debian:1", proxy.addr),
+            "--name",
+            "zc",
+        ],
+    );
+    assert!(out.contains("3 of 3 layers left in the registry"), "{out}");
+    let mnt = tmp.path().join("mnt");
+    let _m = Mounted::new(&node, "zc", &mnt);
+    common::assert_trees_equal(
+        &mnt,
+        &common::reference_tree(&common::testdata().join("debian-gzip"), common::TAG),
+    );
+    let (whole, ranged) = blob_requests(&log);
+    assert!(!ranged.is_empty());
+    for l in layer_hexes(&node, "zc") {
+        assert!(
+            !whole.iter().any(|w| w.contains(&l)),
+            "{l} downloaded: {whole:?}"
+        );
+    }
+    assert!(ok(&node, &["check"]).contains("consistent"));
+}

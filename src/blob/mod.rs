@@ -294,6 +294,24 @@ impl SpanMap {
         }
     }
 
+    /// The map of a multi-frame zstd blob whose spans are given as (uncompressed offset,
+    /// compressed offset, compressed length) of whole frames, ascending (a zstd:chunked TOC).
+    /// As with [`SpanMap::gzip_members`], the uncompressed layout may be the caller's.
+    pub fn zstd_frames(
+        compressed_size: u64,
+        uncompressed_size: u64,
+        spans: &[(u64, u64, u64)],
+        span_size: u64,
+    ) -> SpanMap {
+        SpanMap {
+            compression: Compression::Zstd,
+            compressed_size,
+            uncompressed_size,
+            span_size,
+            index: SpanIndex::Zstd(zst::ZstdIndex::from_frames(spans)),
+        }
+    }
+
     /// Uncompressed range of span `i`.
     fn span_range(&self, i: usize) -> (u64, u64) {
         (self.span_start(i), self.span_start(i + 1))

@@ -60,6 +60,23 @@ pub(super) struct ZstdIndex {
 }
 
 impl ZstdIndex {
+    /// Spans of whole frames read from the blob: (uncompressed offset, compressed offset,
+    /// compressed length).
+    pub(super) fn from_frames(spans: &[(u64, u64, u64)]) -> ZstdIndex {
+        ZstdIndex {
+            spans: spans
+                .iter()
+                .map(|&(u_off, c_off, c_len)| ZSpan {
+                    u_off,
+                    c_off,
+                    c_len,
+                    src: Source::Blob,
+                })
+                .collect(),
+            local_copy_size: 0,
+        }
+    }
+
     /// Blob bytes span `i` decodes from, if it is read from the blob.
     pub(super) fn blob_range(&self, i: usize) -> Option<(u64, u64)> {
         let s = self.spans.get(i)?;

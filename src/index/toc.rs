@@ -1,5 +1,5 @@
-//! Layer indexes from eStargz TOCs (`stargz.index.json`), for layers read before they are
-//! downloaded. An eStargz blob is an ordinary gzip'd tar in which every regular file's data
+//! Layer indexes from eStargz TOCs (`stargz.index.json`) and zstd:chunked manifests (the same
+//! TOC format, with `endOffset`), for layers read before they are downloaded. An eStargz blob is an ordinary gzip'd tar in which every regular file's data
 //! (in chunks) starts a new gzip member; the TOC gives each chunk's member offset, size and
 //! sha256, but not where its bytes sit in the uncompressed tar stream (tar headers between
 //! them are not described). So the index and span map are laid out on the members instead:
@@ -69,23 +69,41 @@ struct TocEntry {
     chunk_size: u64,
     #[serde(default, rename = "chunkDigest")]
     chunk_digest: Option<String>,
+    /// zstd:chunked: where a regular file's last frame ends.
+    #[serde(default, rename = "endOffset")]
+    end_offset: u64,
+    /// The whole file's sha256 (the span's, when the file is one chunk).
+    #[serde(default)]
+    digest: Option<String>,
 }
 
-/// What a TOC lays out: the index, the span map over the blob's members and each span's
-/// expected sha256.
+/// What a TOC lays out: the index, the span map over the blob's members or frames and each
+/// span's expected sha256.
 pub struct TocLayout {
     pub index: LayerIndex,
     pub map: SpanMap,
     pub span_digests: Vec<Option<[u8; 32]>>,
 }
 
-/// The TOC of one blob: its JSON, where its member starts and that member's uncompressed
-/// bytes (a tar holding `stargz.index.json`).
+/// Which kind of blob a TOC describes.
+pub enum TocFormat<'a> {
+    /// eStargz (gzip): where the TOC's member starts and that member's uncompressed bytes
+    /// (a tar holding `stargz.index.json`, which is part of the layer).
+    Estargz {
+        toc_offset: u64,
+        toc_member: &'a [u8],
+    },
+    /// zstd:chunked: every file's data (chunk) is whole zstd frames from `offset` to the next
+    /// chunk's `offset` or the file's `endOffset`; the TOC sits in a skippable frame, outside
+    /// the tar stream.
+    ZstdChunked,
+}
+
+/// The TOC of one blob.
 pub struct Toc<'a> {
     pub json: &'a [u8],
     pub blob_size: u64,
-    pub toc_offset: u64,
-    pub toc_member: &'a [u8],
+    pub format: TocFormat<'a>,
 }
 
 fn sha256_hex_to_bytes(s: &str) -> Option<[u8; 32]> {
@@ -195,74 +213,117 @@ fn entry(e: &TocEntry, kind: EntryType, data_offset: u64) -> Result<TarEntry, To
     })
 }
 
-/// Lays out the index and span map of an eStargz blob from its TOC. Every data chunk must
-/// carry its sha256 (`chunkDigest`), so every span read can be checked.
+/// One data chunk of a regular file as the TOC gives it.
+struct DataChunk {
+    len: u64,
+    c_start: u64,
+    digest: [u8; 32],
+}
+
+/// The regular file whose chunks are being collected.
+struct OpenFile {
+    name: String,
+    size: u64,
+    covered: u64,
+    end_offset: u64,
+    chunks: Vec<DataChunk>,
+}
+
+/// Lays out the index and span map of an eStargz or zstd:chunked blob from its TOC. Every
+/// data chunk must carry its sha256 (`chunkDigest`, or the file's `digest` when it is one
+/// chunk), so every span read can be checked.
 pub fn layout(toc: &Toc<'_>, diff_id: &str, uncompressed_size: u64) -> Result<TocLayout, TocError> {
     let jtoc: Jtoc =
         serde_json::from_slice(toc.json).map_err(|e| TocError::Malformed(e.to_string()))?;
+    let zstd = matches!(toc.format, TocFormat::ZstdChunked);
+    let data_limit = match toc.format {
+        TocFormat::Estargz { toc_offset, .. } => toc_offset,
+        TocFormat::ZstdChunked => toc.blob_size,
+    };
     let mut entries: Vec<TarEntry> = Vec::new();
-    let mut points: Vec<(u64, u64)> = Vec::new();
+    let mut gz_points: Vec<(u64, u64)> = Vec::new();
+    let mut zst_spans: Vec<(u64, u64, u64)> = Vec::new();
     let mut digests: Vec<Option<[u8; 32]>> = Vec::new();
     let mut u = 0u64;
     let mut last_c = 0u64;
-    // The regular file whose chunks follow: (name, size, bytes covered so far).
-    let mut open: Option<(String, u64, u64)> = None;
-    let mut push_chunk = |e: &TocEntry, len: u64, u: &mut u64| -> Result<(), TocError> {
-        let bad = |why: String| TocError::Entry {
-            name: e.name.clone(),
-            why,
-        };
-        let c = e
-            .offset
-            .checked_add(MEMBER_HEADER)
-            .filter(|&c| c < toc.toc_offset && c >= last_c)
-            .ok_or_else(|| bad(format!("data offset {} out of order or range", e.offset)))?;
-        let digest = e
-            .chunk_digest
-            .as_deref()
-            .and_then(sha256_hex_to_bytes)
-            .ok_or_else(|| bad("no sha256 chunkDigest".into()))?;
-        last_c = c;
-        points.push((*u, c));
-        digests.push(Some(digest));
-        *u += len;
-        Ok(())
+    let mut open: Option<OpenFile> = None;
+    let bad = |name: &str, why: String| TocError::Entry {
+        name: name.to_string(),
+        why,
     };
-    let close = |open: &mut Option<(String, u64, u64)>| -> Result<(), TocError> {
-        if let Some((name, size, covered)) = open.take() {
-            if covered != size {
-                return Err(TocError::Entry {
-                    name,
-                    why: format!("chunks cover {covered} of {size} bytes"),
-                });
+    // Emits the spans of a finished file, its chunks laid out one after the other.
+    let mut close = |open: &mut Option<OpenFile>, u: &mut u64| -> Result<(), TocError> {
+        let Some(f) = open.take() else {
+            return Ok(());
+        };
+        if f.covered != f.size {
+            return Err(bad(
+                &f.name,
+                format!("chunks cover {} of {} bytes", f.covered, f.size),
+            ));
+        }
+        for (k, c) in f.chunks.iter().enumerate() {
+            if c.c_start < last_c || c.c_start >= data_limit {
+                return Err(bad(
+                    &f.name,
+                    format!("data offset {} out of order or range", c.c_start),
+                ));
             }
+            last_c = c.c_start;
+            if zstd {
+                let end = f.chunks.get(k + 1).map_or(f.end_offset, |n| n.c_start);
+                if end <= c.c_start || end > data_limit {
+                    return Err(bad(&f.name, format!("chunk end {end} out of range")));
+                }
+                zst_spans.push((*u, c.c_start, end - c.c_start));
+            } else {
+                gz_points.push((*u, c.c_start + MEMBER_HEADER));
+            }
+            digests.push(Some(c.digest));
+            *u += c.len;
         }
         Ok(())
+    };
+    let digest_of = |e: &TocEntry, whole_file: bool| -> Result<[u8; 32], TocError> {
+        e.chunk_digest
+            .as_deref()
+            .or(if whole_file {
+                e.digest.as_deref()
+            } else {
+                None
+            })
+            .and_then(sha256_hex_to_bytes)
+            .ok_or_else(|| bad(&e.name, "no sha256 chunkDigest".into()))
     };
     for e in &jtoc.entries {
         if e.kind == "chunk" {
-            let Some((name, size, covered)) = open.as_mut() else {
-                return Err(TocError::Entry {
-                    name: e.name.clone(),
-                    why: "chunk without its file".into(),
-                });
+            let Some(f) = open.as_mut().filter(|f| f.name == e.name) else {
+                return Err(bad(&e.name, "chunk without its file".into()));
             };
-            if *name != e.name || e.chunk_offset != *covered {
-                return Err(TocError::Entry {
-                    name: e.name.clone(),
-                    why: format!("chunk at {} does not continue at {covered}", e.chunk_offset),
-                });
+            if e.chunk_offset != f.covered {
+                return Err(bad(
+                    &e.name,
+                    format!(
+                        "chunk at {} does not continue at {}",
+                        e.chunk_offset, f.covered
+                    ),
+                ));
             }
+            let rest = f.size - f.covered;
             let len = if e.chunk_size > 0 {
-                e.chunk_size.min(*size - *covered)
+                e.chunk_size.min(rest)
             } else {
-                *size - *covered
+                rest
             };
-            *covered += len;
-            push_chunk(e, len, &mut u)?;
+            f.covered += len;
+            f.chunks.push(DataChunk {
+                len,
+                c_start: e.offset,
+                digest: digest_of(e, false)?,
+            });
             continue;
         }
-        close(&mut open)?;
+        close(&mut open, &mut u)?;
         let kind = match e.kind.as_str() {
             "reg" => EntryType::Regular,
             "dir" => EntryType::Dir,
@@ -271,12 +332,7 @@ pub fn layout(toc: &Toc<'_>, diff_id: &str, uncompressed_size: u64) -> Result<To
             "char" => EntryType::CharDev,
             "block" => EntryType::BlockDev,
             "fifo" => EntryType::Fifo,
-            other => {
-                return Err(TocError::Entry {
-                    name: e.name.clone(),
-                    why: format!("unknown type {other:?}"),
-                })
-            }
+            other => return Err(bad(&e.name, format!("unknown type {other:?}"))),
         };
         entries.push(entry(e, kind, u)?);
         if kind == EntryType::Regular && e.size > 0 {
@@ -285,36 +341,56 @@ pub fn layout(toc: &Toc<'_>, diff_id: &str, uncompressed_size: u64) -> Result<To
             } else {
                 e.size
             };
-            push_chunk(e, first, &mut u)?;
-            open = Some((e.name.clone(), e.size, first));
+            open = Some(OpenFile {
+                name: e.name.clone(),
+                size: e.size,
+                covered: first,
+                end_offset: e.end_offset,
+                chunks: vec![DataChunk {
+                    len: first,
+                    c_start: e.offset,
+                    digest: digest_of(e, first == e.size)?,
+                }],
+            });
         }
     }
-    close(&mut open)?;
-    // `stargz.index.json`, as the TOC member's tar has it (our reader places its data).
-    let mut tar = TarReader::new(toc.toc_member);
-    let toc_file = tar
-        .next_entry()
-        .map_err(|e| TocError::Malformed(format!("TOC member: {e}")))?
-        .ok_or_else(|| TocError::Malformed("TOC member holds no file".into()))?;
-    let toc_len = toc_file.data_offset + toc_file.stored_size;
-    let span = toc
-        .toc_member
-        .get(..toc_len as usize)
-        .ok_or_else(|| TocError::Malformed("TOC member is shorter than its file".into()))?;
-    if toc_file.kind != EntryType::Regular || toc_file.stored_size != toc.json.len() as u64 {
-        return Err(TocError::Malformed(
-            "the TOC member's file is not the TOC".into(),
-        ));
-    }
-    points.push((u, toc.toc_offset + MEMBER_HEADER));
-    {
-        use sha2::Digest as _;
-        digests.push(Some(sha2::Sha256::digest(span).into()));
-    }
-    let mut toc_entry = toc_file;
-    toc_entry.data_offset += u;
-    u += toc_len;
-    entries.push(toc_entry);
+    close(&mut open, &mut u)?;
+    let map = match toc.format {
+        TocFormat::ZstdChunked => {
+            SpanMap::zstd_frames(toc.blob_size, u, &zst_spans, crate::blob::DEFAULT_SPAN_SIZE)
+        }
+        TocFormat::Estargz {
+            toc_offset,
+            toc_member,
+        } => {
+            // `stargz.index.json`, as the TOC member's tar has it (our reader places its data).
+            let mut tar = TarReader::new(toc_member);
+            let toc_file = tar
+                .next_entry()
+                .map_err(|e| TocError::Malformed(format!("TOC member: {e}")))?
+                .ok_or_else(|| TocError::Malformed("TOC member holds no file".into()))?;
+            let toc_len = toc_file.data_offset + toc_file.stored_size;
+            let span = toc_member
+                .get(..toc_len as usize)
+                .ok_or_else(|| TocError::Malformed("TOC member is shorter than its file".into()))?;
+            if toc_file.kind != EntryType::Regular || toc_file.stored_size != toc.json.len() as u64
+            {
+                return Err(TocError::Malformed(
+                    "the TOC member's file is not the TOC".into(),
+                ));
+            }
+            gz_points.push((u, toc_offset + MEMBER_HEADER));
+            {
+                use sha2::Digest as _;
+                digests.push(Some(sha2::Sha256::digest(span).into()));
+            }
+            let mut toc_entry = toc_file;
+            toc_entry.data_offset += u;
+            u += toc_len;
+            entries.push(toc_entry);
+            SpanMap::gzip_members(toc.blob_size, u, &gz_points, crate::blob::DEFAULT_SPAN_SIZE)
+        }
+    };
     let built = build_index_from_entries(
         entries.iter().cloned(),
         LayerStats {
@@ -323,7 +399,6 @@ pub fn layout(toc: &Toc<'_>, diff_id: &str, uncompressed_size: u64) -> Result<To
             entries: entries.len() as u64,
         },
     )?;
-    let map = SpanMap::gzip_members(toc.blob_size, u, &points, crate::blob::DEFAULT_SPAN_SIZE);
     Ok(TocLayout {
         index: built.index,
         map,

@@ -8,7 +8,6 @@ pub mod artifact;
 pub mod auth;
 pub mod blob;
 pub mod client;
-pub mod estargz;
 pub mod lazy;
 pub mod prefetch;
 pub mod pull;
@@ -18,6 +17,7 @@ pub mod retry;
 pub mod source;
 pub mod tee;
 pub mod tls;
+pub mod toc;
 
 pub use client::{Client, Endpoint};
 pub use reference::Reference;

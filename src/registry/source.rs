@@ -17,12 +17,12 @@ use super::artifact::{discover, LayerArtifact};
 use super::auth::credentials_for;
 use super::blob::BlobStream;
 use super::client::{Client, Endpoint, Fetched};
-use super::estargz::{estargz_tocs, fetch_toc, manifest_layer_descs, toc_artifact, FetchedToc};
 use super::lazy::RemoteInfo;
 use super::prefetch::Prefetcher;
 use super::reference::Reference;
 use super::retry::RetryPolicy;
 use super::tee::tee_index;
+use super::toc::{fetch_toc, manifest_layer_descs, toc_artifact, toc_layers, FetchedToc};
 use super::RegistryError;
 use crate::digest::Digest;
 use crate::image::source::ImageSource;
@@ -212,8 +212,8 @@ impl RegistrySource {
             }
         }
         let covered: HashSet<Digest> = self.artifacts.borrow().keys().cloned().collect();
-        let tocs = estargz_tocs(bytes, &covered, |desc, toc, unc| {
-            self.first_ok(|c| fetch_toc(c, desc, toc, unc))
+        let tocs = toc_layers(bytes, &covered, |desc, toc| {
+            self.first_ok(|c| fetch_toc(c, desc, toc))
         });
         self.tocs.borrow_mut().extend(tocs);
     }

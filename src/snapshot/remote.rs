@@ -16,10 +16,10 @@ use crate::digest::Digest;
 use crate::image::resolve::{manifest_layers, parse_config, parse_manifest};
 use crate::image::LayerDesc;
 use crate::registry::artifact::{discover, LayerArtifact};
-use crate::registry::estargz::{estargz_tocs, fetch_toc, toc_artifact};
 use crate::registry::lazy::RemoteInfo;
 use crate::registry::retry::RetryPolicy;
 use crate::registry::source::Connect;
+use crate::registry::toc::{fetch_toc, toc_artifact, toc_layers};
 use crate::registry::{Client, Reference, RegistryError};
 
 /// containerd's labels naming the image a layer belongs to (`snapshotters.AppendInfoHandlerWrapper`).
@@ -184,8 +184,8 @@ impl Resolver {
             .with_context(|| format!("looking for the lazysnap index of {reference}"))?
             .unwrap_or_default();
         let covered = artifacts.keys().cloned().collect();
-        let tocs = estargz_tocs(&fetched.bytes, &covered, |desc, toc, unc| {
-            first_ok(&clients, |c| fetch_toc(c, desc, toc, unc))
+        let tocs = toc_layers(&fetched.bytes, &covered, |desc, toc| {
+            first_ok(&clients, |c| fetch_toc(c, desc, toc))
         });
         if artifacts.is_empty() && tocs.is_empty() {
             info!("no lazysnap index artifact and no eStargz layer: containerd fetches the layers");
