@@ -332,6 +332,20 @@ fn main() {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     let root_path = cli.root.clone().unwrap_or_else(default_root);
+    if matches!(
+        cli.command,
+        Command::Trace { .. }
+            | Command::Images { .. }
+            | Command::Inspect { .. }
+            | Command::Df { .. }
+            | Command::Check { .. }
+    ) {
+        // Listings end quietly when their reader does (`| head`), as other tools' do.
+        // SAFETY: restoring the default disposition of one signal; no handler runs.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     match cli.command {
         Command::Import {
             path,
