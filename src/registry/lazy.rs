@@ -457,11 +457,14 @@ impl RemoteBlob {
         out
     }
 
-    /// Fetches what `chunks` names in the background, first things first (a trace at mount).
-    pub fn prefetch_in_background(self: &Arc<Self>, chunks: Vec<u64>) {
+    /// Fetches what `chunks` names in the background, first things first (a trace at mount),
+    /// at most half the chunk cache's budget (more would evict what it fetched).
+    pub fn prefetch_in_background(self: &Arc<Self>, mut chunks: Vec<u64>) {
         if chunks.is_empty() || self.local().is_some() {
             return;
         }
+        let most = (self.cache.budget() / 2 / self.info.chunk_size).max(1) as usize;
+        chunks.truncate(most);
         let this = self.clone();
         let spawned = std::thread::Builder::new()
             .name("lazysnap-prefetch".into())
