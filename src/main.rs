@@ -175,7 +175,7 @@ enum Command {
         command: IndexCommand,
     },
     /// Show the access trace recorded for an image's lazily pulled layers (files in the order
-    /// the first mount read them), which `pull --lazy` fetches first
+    /// the first mount read them), which later mounts fetch first
     Trace {
         name: String,
         /// Forget the traces, so the next mount records new ones
@@ -317,7 +317,9 @@ enum Command {
 
 fn main() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("LAZYSNAP_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        // fuser warns of every ioctl it does not implement (a terminal check per program
+        // start) and of unmounting a mount fusermount already took down: not ours to report.
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,fuser=error"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

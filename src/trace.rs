@@ -1,7 +1,8 @@
 //! Access traces of lazily pulled layers: which files a container read first, in what order
 //! and how far, per layer (`traces/<blob hex>.json`). The first mount of a lazily pulled layer
-//! records one; `pull --lazy` fetches the traced bytes of every layer first, in one batch of
-//! range requests, and `index push` ships the trace with the index so other nodes do too.
+//! records one; later mounts fetch the traced bytes first thing (`pull --lazy --prefetch`:
+//! before the pull returns), in parallel range requests, and `index push` ships the trace with
+//! the index so other nodes do too.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

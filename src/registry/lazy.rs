@@ -266,7 +266,12 @@ impl RemoteBlob {
         // Each endpoint twice: a bad answer may be a one-off (a flipped bit on the way).
         let attempts = self.clients.iter().flat_map(|c| [c, c]);
         for c in attempts {
-            let data = match c.read_range(&self.digest, start, end - start) {
+            let got = c.read_range(&self.digest, start, end - start);
+            if demand {
+                // The read waited until now: the background download pauses from here on.
+                note_demand();
+            }
+            let data = match got {
                 Ok(d) => d,
                 Err(e) => {
                     warn!(endpoint = %c.endpoint.base, error = %e, "range request failed");
@@ -490,6 +495,8 @@ impl RemoteBlob {
         if !self.info.background || self.local().is_some() {
             return;
         }
+        // A fresh mount counts as reading: the container's first reads come right after it.
+        note_demand();
         let this = self.clone();
         let spawned = std::thread::Builder::new()
             .name("lazysnap-fetch".into())
