@@ -479,6 +479,7 @@ def main():
         subprocess.run(["bash", f"{HERE}/registry-env.sh", "stop", reg])
         rmtree(WORK)
     info["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    os.makedirs(OUT, exist_ok=True)
     with open(f"{OUT}/lazy-results.json", "w") as f:
         json.dump({"info": info, "samples": samples}, f, indent=1)
     write_report(info, samples)
