@@ -12,10 +12,10 @@ mod common;
 use std::collections::HashMap;
 use std::io::Read as _;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::process::Output;
 use std::time::{Duration, Instant};
 
+use common::containerd::{check, run_timeout, text, ContainerdEnv, CMD_TIMEOUT};
 use lazysnap::service::proto::diff::diff_client::DiffClient;
 use lazysnap::service::proto::diff::{ApplyRequest, DiffRequest};
 use lazysnap::service::proto::snapshots::snapshots_client::SnapshotsClient;
@@ -23,9 +23,6 @@ use lazysnap::service::proto::snapshots::{
     CommitSnapshotRequest, PrepareSnapshotRequest, RemoveSnapshotRequest, StatSnapshotRequest,
 };
 use lazysnap::service::proto::types;
-
-/// Seconds any single command may take.
-const CMD_TIMEOUT: u64 = 300;
 
 fn prerequisites() -> bool {
     common::require(common::is_root(), "root (containerd, FUSE mounts)")
@@ -39,119 +36,46 @@ fn prerequisites() -> bool {
         && common::require(common::have_cmd("timeout"), "timeout (coreutils)")
 }
 
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-fn run_timeout(prog: &str, args: &[&str], envs: &[(&str, &Path)]) -> Output {
-    let mut c = Command::new("timeout");
-    c.arg("-k")
-        .arg("10")
-        .arg(CMD_TIMEOUT.to_string())
-        .arg(prog)
-        .args(args);
-    for (k, v) in envs {
-        c.env(k, v);
-    }
-    c.output()
-        .unwrap_or_else(|e| panic!("cannot run {prog}: {e}"))
-}
-
 /// A private containerd + `lazysnap serve` (scripts/containerd-env.sh) with one namespace.
 struct CtrEnv {
-    dir: PathBuf,
+    env: ContainerdEnv,
     ns: String,
-    _lock: common::FileLock,
 }
 
 impl CtrEnv {
     fn start(name: &str) -> CtrEnv {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        // Two containerds at once would fight over two cores: one environment at a time.
-        let lock = common::FileLock::acquire(&common::testdata().join(".containerd.lock"));
-        // Short: unix socket paths are limited to 108 bytes.
-        let dir = PathBuf::from(format!(
-            "/tmp/lzs-ctrd-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::SeqCst)
-        ));
-        let env = CtrEnv {
-            dir,
+        CtrEnv {
+            env: ContainerdEnv::start("ctrd", &[]),
             ns: format!("lzs-{name}-{}", std::process::id()),
-            _lock: lock,
-        };
-        env.script("stop"); // leftovers of an earlier run with the same pid
-        let _ = std::fs::remove_dir_all(&env.dir);
-        env.script_ok("start");
-        env
+        }
     }
 
-    fn script(&self, verb: &str) -> Output {
-        let script = common::scripts_dir().join("containerd-env.sh");
-        let bin = common::lazysnap_bin();
-        run_timeout(
-            "bash",
-            &[script.to_str().unwrap(), verb, self.dir.to_str().unwrap()],
-            &[("LAZYSNAP_BIN", bin.as_path())],
-        )
+    fn dir(&self) -> &Path {
+        &self.env.dir
     }
 
     fn script_ok(&self, verb: &str) -> String {
-        let out = self.script(verb);
+        let out = self.env.script(&[verb]);
         if !out.status.success() {
-            self.dump_logs();
-            panic!(
-                "containerd-env.sh {verb} failed ({}):\n{}\n{}",
-                out.status,
-                text(&out.stdout),
-                text(&out.stderr)
-            );
+            self.env.dump_logs();
         }
-        text(&out.stdout)
-    }
-
-    fn dump_logs(&self) {
-        for log in ["containerd.log", "lazysnap.log"] {
-            let body = std::fs::read_to_string(self.dir.join(log)).unwrap_or_default();
-            let tail: Vec<&str> = body.lines().rev().take(40).collect();
-            eprintln!("--- last lines of {log}:");
-            for l in tail.iter().rev() {
-                eprintln!("{l}");
-            }
-        }
-    }
-
-    fn socket(&self) -> PathBuf {
-        self.dir.join("containerd.sock")
+        check(&format!("containerd-env.sh {verb}"), out)
     }
 
     fn lazysnap_socket(&self) -> PathBuf {
-        self.dir.join("lazysnap.sock")
+        self.dir().join("lazysnap.sock")
     }
 
     fn lazysnap_log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("lazysnap.log")).unwrap_or_default()
+        std::fs::read_to_string(self.dir().join("lazysnap.log")).unwrap_or_default()
     }
 
     fn ctr(&self, args: &[&str]) -> Output {
-        let sock = self.socket();
-        let mut all = vec!["-a", sock.to_str().unwrap(), "-n", &self.ns];
-        all.extend_from_slice(args);
-        run_timeout("ctr", &all, &[])
+        self.env.ctr(&self.ns, args)
     }
 
     fn ctr_ok(&self, args: &[&str]) -> String {
-        let out = self.ctr(args);
-        if !out.status.success() {
-            self.dump_logs();
-            panic!(
-                "ctr {args:?} failed ({}):\n--- stdout\n{}\n--- stderr\n{}",
-                out.status,
-                text(&out.stdout),
-                text(&out.stderr)
-            );
-        }
-        text(&out.stdout)
+        self.env.ctr_ok(&self.ns, args)
     }
 
     /// Imports `archive` into this namespace, unpacked on lazysnap; returns the image name
@@ -180,30 +104,6 @@ impl CtrEnv {
         let mut args = vec!["run", "--rm", "--snapshotter", "lazysnap", image, id];
         args.extend_from_slice(cmd);
         self.ctr_ok(&args)
-    }
-}
-
-impl Drop for CtrEnv {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            self.dump_logs();
-        }
-        let out = self.script("stop");
-        if !out.status.success() {
-            eprintln!("containerd-env.sh stop failed: {}", text(&out.stderr));
-            return;
-        }
-        let mounted = std::fs::read_to_string("/proc/self/mountinfo")
-            .unwrap_or_default()
-            .contains(self.dir.to_str().unwrap());
-        if mounted {
-            eprintln!(
-                "mounts are left under {}; not removing it",
-                self.dir.display()
-            );
-        } else {
-            let _ = std::fs::remove_dir_all(&self.dir);
-        }
     }
 }
 
@@ -259,7 +159,7 @@ fn ctr_runs_a_shell_python_and_writes_on_lazysnap() {
         let env = CtrEnv::start("run");
         let (image, secs) = env.import(&common::image(archive));
         eprintln!("ctr images import {archive}: {secs:.2}s -> {image}");
-        assert_imported_without_extraction(&env.dir, archive);
+        assert_imported_without_extraction(env.dir(), archive);
 
         let out = env.run(
             &image,

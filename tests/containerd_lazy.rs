@@ -20,14 +20,13 @@ mod common;
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::process::Command;
 use std::time::Instant;
 
-use common::registry::{Proxy, Registry, Request};
+use common::containerd::{check, run_timeout, ContainerdEnv};
+use common::registry::{skopeo_push, Proxy, Registry, Request};
 
-/// Seconds any single command may take.
-const CMD_TIMEOUT: u64 = 300;
+/// Debian's Go sources (containerd's client among them).
 const GOCODE: &str = "/usr/share/gocode";
 
 fn prerequisites() -> bool {
@@ -67,35 +66,6 @@ fn prerequisites() -> bool {
                 .is_dir(),
             "containerd's Go source (Debian golang-github-containerd-containerd-dev)",
         )
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-fn run_timeout(prog: &str, args: &[&str], envs: &[(&str, &str)]) -> Output {
-    let mut c = Command::new("timeout");
-    c.arg("-k")
-        .arg("10")
-        .arg(CMD_TIMEOUT.to_string())
-        .arg(prog)
-        .args(args);
-    for (k, v) in envs {
-        c.env(k, v);
-    }
-    c.output()
-        .unwrap_or_else(|e| panic!("cannot run {prog}: {e}"))
-}
-
-fn check(what: &str, out: Output) -> String {
-    assert!(
-        out.status.success(),
-        "{what} failed ({}):\n--- stdout\n{}\n--- stderr\n{}",
-        out.status,
-        text(&out.stdout),
-        text(&out.stderr)
-    );
-    text(&out.stdout)
 }
 
 /// tools/rpull, built once per run (GOPATH mode against Debian's containerd sources, as the
@@ -175,104 +145,49 @@ fn layout_layers(layout: &Path) -> (HashMap<String, u64>, String, String) {
     (layers, manifest_digest, config)
 }
 
-/// A private containerd + `lazysnap serve` (scripts/containerd-env.sh).
+/// A private containerd + `lazysnap serve` (scripts/containerd-env.sh) that rpull can use.
 struct CtrEnv {
-    dir: PathBuf,
-    serve_args: String,
-    _lock: common::FileLock,
+    env: ContainerdEnv,
 }
 
 impl CtrEnv {
     fn start(serve_args: &str) -> CtrEnv {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        // Two containerds at once would fight over two cores: one environment at a time.
-        let lock = common::FileLock::acquire(&common::testdata().join(".containerd.lock"));
-        // Short: unix socket paths are limited to 108 bytes.
-        let dir = PathBuf::from(format!(
-            "/tmp/lzs-ctrl-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::SeqCst)
-        ));
-        let env = CtrEnv {
-            dir,
-            serve_args: serve_args.to_string(),
-            _lock: lock,
-        };
-        env.script(&["stop"]); // leftovers of an earlier run with the same pid
-        let _ = std::fs::remove_dir_all(&env.dir);
-        let out = env.script(&["start"]);
-        if !out.status.success() {
-            env.dump_logs();
-        }
-        check("containerd-env.sh start", out);
-        env
-    }
-
-    /// containerd-env.sh VERB... DIR.
-    fn script(&self, args: &[&str]) -> Output {
-        let script = common::scripts_dir().join("containerd-env.sh");
-        let bin = common::lazysnap_bin();
-        let rpull = rpull_bin();
-        let mut all = vec![script.to_str().unwrap()];
-        all.extend_from_slice(args);
-        all.push(self.dir.to_str().unwrap());
-        run_timeout(
-            "bash",
-            &all,
+        let env = ContainerdEnv::start(
+            "ctrl",
             &[
-                ("LAZYSNAP_BIN", bin.to_str().unwrap()),
-                ("LAZYSNAP_SERVE_ARGS", &self.serve_args),
-                ("RPULL_BIN", rpull.to_str().unwrap()),
-                ("LAZYSNAP_LOG", "info"),
+                ("LAZYSNAP_SERVE_ARGS", serve_args.into()),
+                ("RPULL_BIN", rpull_bin().into_os_string()),
+                ("LAZYSNAP_LOG", "info".into()),
             ],
-        )
-    }
-
-    fn dump_logs(&self) {
-        for log in ["containerd.log", "lazysnap.log", "lazysnap/logs/mount.log"] {
-            let body = std::fs::read_to_string(self.dir.join(log)).unwrap_or_default();
-            let tail: Vec<&str> = body.lines().rev().take(40).collect();
-            eprintln!("--- last lines of {log}:");
-            for l in tail.iter().rev() {
-                eprintln!("{l}");
-            }
-        }
+        );
+        CtrEnv { env }
     }
 
     fn ctr(&self, ns: &str, args: &[&str]) -> String {
-        let sock = self.dir.join("containerd.sock");
-        let mut all = vec!["-a", sock.to_str().unwrap(), "-n", ns];
-        all.extend_from_slice(args);
-        let out = run_timeout("ctr", &all, &[]);
-        if !out.status.success() {
-            self.dump_logs();
-        }
-        check(&format!("ctr {args:?}"), out)
+        self.env.ctr_ok(ns, args)
     }
 
     /// `containerd-env.sh rpull REF` into namespace `ns`; returns its output and seconds.
     fn rpull(&self, ns: &str, reference: &str) -> (String, f64) {
         let t = Instant::now();
         let script = common::scripts_dir().join("containerd-env.sh");
-        let bin = common::lazysnap_bin();
-        let rpull = rpull_bin();
         let out = run_timeout(
             "bash",
             &[
                 script.to_str().unwrap(),
                 "rpull",
                 reference,
-                self.dir.to_str().unwrap(),
+                self.env.dir.to_str().unwrap(),
             ],
             &[
-                ("LAZYSNAP_BIN", bin.to_str().unwrap()),
-                ("RPULL_BIN", rpull.to_str().unwrap()),
-                ("CONTAINERD_NAMESPACE", ns),
+                ("LAZYSNAP_BIN", common::lazysnap_bin().into_os_string()),
+                ("RPULL_BIN", rpull_bin().into_os_string()),
+                ("CONTAINERD_NAMESPACE", ns.into()),
             ],
         );
         let secs = t.elapsed().as_secs_f64();
         if !out.status.success() {
-            self.dump_logs();
+            self.env.dump_logs();
         }
         (check(&format!("rpull {reference}"), out), secs)
     }
@@ -287,7 +202,7 @@ impl CtrEnv {
     }
 
     fn lazysnap_root(&self) -> PathBuf {
-        self.dir.join("lazysnap")
+        self.env.dir.join("lazysnap")
     }
 
     fn df(&self) -> serde_json::Value {
@@ -295,48 +210,11 @@ impl CtrEnv {
     }
 }
 
-impl Drop for CtrEnv {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            self.dump_logs();
-        }
-        let out = self.script(&["stop"]);
-        if !out.status.success() {
-            eprintln!("containerd-env.sh stop failed: {}", text(&out.stderr));
-            return;
-        }
-        let mounted = std::fs::read_to_string("/proc/self/mountinfo")
-            .unwrap_or_default()
-            .contains(self.dir.to_str().unwrap());
-        if mounted {
-            eprintln!(
-                "mounts are left under {}; not removing it",
-                self.dir.display()
-            );
-        } else {
-            let _ = std::fs::remove_dir_all(&self.dir);
-        }
-    }
-}
-
 /// The registry with `layout` pushed as `repo:tag` (skopeo), and with `indexed` its lazysnap
 /// index artifact pushed from a builder root (full pull, then `index push`).
 fn publish(reg: &Registry, work: &Path, layout: &Path, repo_tag: &str, indexed: bool) -> String {
     let reference = format!("{}/{repo_tag}", reg.addr);
-    check(
-        "skopeo copy",
-        run_timeout(
-            "skopeo",
-            &[
-                "copy",
-                "-q",
-                "--dest-tls-verify=false",
-                &format!("oci:{}:latest", layout.display()),
-                &format!("docker://{reference}"),
-            ],
-            &[],
-        ),
-    );
+    skopeo_push(layout, &reference, None, false);
     if indexed {
         let builder = work.join("builder");
         common::ok(&builder, &["pull", &reference]);

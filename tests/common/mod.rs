@@ -17,6 +17,7 @@
 //! built without Go and its sources, see that script).
 #![allow(dead_code)]
 
+pub mod containerd;
 pub mod registry;
 
 use std::collections::{BTreeMap, BTreeSet};
