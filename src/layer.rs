@@ -2,6 +2,7 @@
 //! behind the `LayerTree` trait of the fuse crate.
 
 use std::io;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context as _;
@@ -9,8 +10,9 @@ use lazysnap_fuse::{DirEntry, LayerTree, NodeAttr, NodeId, NodeKind, Timestamp};
 use tracing::warn;
 
 use crate::blob::{BlobReader, SpanCache, SpanMap};
+use crate::digest::Digest;
 use crate::index::{Kind, LayerIndex, FLAG_IMPLICIT, FLAG_OPAQUE, NO_PARENT, WHITEOUT};
-use crate::meta::ChainRow;
+use crate::meta::{BlobRow, ChainRow};
 use crate::registry::lazy::{RemoteBlob, RemoteInfo};
 use crate::root::Root;
 
@@ -22,20 +24,67 @@ pub struct IndexedLayer {
     tracer: Option<Arc<crate::trace::Recorder>>,
 }
 
-/// The index a blob is read with: its own when its span map is laid out on an eStargz TOC,
-/// else its layer's.
-pub fn index_path_of(
-    root: &Root,
-    blob: &crate::meta::BlobRow,
-    layer: &crate::meta::LayerRow,
-) -> anyhow::Result<std::path::PathBuf> {
-    if let Some(rel) = &blob.remote {
-        let digest = crate::digest::Digest::parse(&blob.digest)?;
-        if let Some(own) = RemoteInfo::load(&root.abs(rel), &digest)?.toc_index {
-            return Ok(root.abs(&own));
-        }
+/// What one layer blob is read with, from the root's metadata: its index (the blob's own when
+/// its span map is laid out on an eStargz/zstd:chunked TOC, else its layer's), its span map,
+/// and for a lazily pulled blob the remote record.
+pub struct LayerFiles {
+    pub digest: Digest,
+    pub blob: BlobRow,
+    pub index_path: PathBuf,
+    pub remote: Option<RemoteInfo>,
+}
+
+impl LayerFiles {
+    pub fn of(root: &Root, blob_digest: &str) -> anyhow::Result<Self> {
+        let blob = root
+            .meta
+            .blob(blob_digest)?
+            .with_context(|| format!("blob {blob_digest} is not indexed"))?;
+        let layer = root
+            .meta
+            .layer(&blob.diff_id)?
+            .with_context(|| format!("layer {} is not indexed", blob.diff_id))?;
+        let digest = Digest::parse(blob_digest)?;
+        let remote = match blob.remote.as_deref() {
+            Some(rel) => Some(RemoteInfo::load(&root.abs(rel), &digest)?),
+            None => None,
+        };
+        let index_path = match remote.as_ref().and_then(|r| r.toc_index.as_deref()) {
+            Some(own) => root.abs(own),
+            None => root.abs(&layer.index_path),
+        };
+        Ok(Self {
+            digest,
+            blob,
+            index_path,
+            remote,
+        })
     }
-    Ok(root.abs(&layer.index_path))
+
+    pub fn index(&self) -> anyhow::Result<LayerIndex> {
+        LayerIndex::load(&self.index_path)
+            .with_context(|| format!("loading the index of layer {}", self.blob.diff_id))
+    }
+
+    pub fn span_map(&self, root: &Root) -> anyhow::Result<SpanMap> {
+        let path = root.abs(&self.blob.spans_path);
+        let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+        postcard::from_bytes(&bytes)
+            .with_context(|| format!("span map {} is corrupt", path.display()))
+    }
+
+    /// The lazily pulled blob as a remote source, while it is not in the store.
+    pub fn remote_blob(&self, root: &Root) -> anyhow::Result<Option<Arc<RemoteBlob>>> {
+        let Some(info) = self.remote.clone() else {
+            return Ok(None);
+        };
+        if root.store.contains(&self.digest) {
+            return Ok(None);
+        }
+        let source = RemoteBlob::open(&root.store, &self.digest, info, root.chunk_cache()?)
+            .with_context(|| format!("opening remote blob {}", self.digest))?;
+        Ok(Some(source))
+    }
 }
 
 impl IndexedLayer {
@@ -50,48 +99,21 @@ impl IndexedLayer {
 
     /// Opens the layer of one chain level from the root's metadata.
     pub fn open(root: &Root, chain: &ChainRow, cache: Arc<SpanCache>) -> anyhow::Result<Self> {
-        let blob = root
-            .meta
-            .blob(&chain.blob_digest)?
-            .with_context(|| format!("blob {} is not indexed", chain.blob_digest))?;
-        let layer = root
-            .meta
-            .layer(&blob.diff_id)?
-            .with_context(|| format!("layer {} is not indexed", blob.diff_id))?;
-        let digest = crate::digest::Digest::parse(&chain.blob_digest)?;
-        let remote = match blob.remote.as_deref() {
-            Some(rel) => Some(RemoteInfo::load(&root.abs(rel), &digest)?),
-            None => None,
-        };
-        let index_path = match remote.as_ref().and_then(|r| r.toc_index.as_deref()) {
-            Some(own) => root.abs(own),
-            None => root.abs(&layer.index_path),
-        };
-        let index = LayerIndex::load(&index_path)
-            .with_context(|| format!("loading the index of layer {}", layer.diff_id))?;
-        let spans_path = root.abs(&blob.spans_path);
-        let spans = std::fs::read(&spans_path)
-            .with_context(|| format!("reading {}", spans_path.display()))?;
-        let map: SpanMap = postcard::from_bytes(&spans)
-            .with_context(|| format!("span map {} is corrupt", spans_path.display()))?;
-        let local = blob.local_copy.as_deref().map(|p| root.abs(p));
-        let path = root.store.blob_path(&digest);
+        let files = LayerFiles::of(root, &chain.blob_digest)?;
+        let index = files.index()?;
+        let map = Arc::new(files.span_map(root)?);
+        let local = files.blob.local_copy.as_deref().map(|p| root.abs(p));
+        let digest = &files.digest;
         let mut tracer = None;
-        let span_digests = remote
-            .as_ref()
-            .filter(|r| !r.span_digests.is_empty())
-            .map(|r| Arc::new(r.span_digests.clone()));
-        let mut reader = match remote {
+        let mut reader = match files.remote_blob(root)? {
             // Lazily pulled and not downloaded yet: ranges from the registry.
-            Some(info) if !path.is_file() => {
-                let source = RemoteBlob::open(&root.store, &digest, info, root.chunk_cache()?)
-                    .with_context(|| format!("opening remote blob {digest}"))?;
+            Some(source) => {
                 // What an earlier run read comes first, then (once reads pause) the rest.
-                match crate::trace::Trace::load(&root.path, &digest) {
+                match crate::trace::Trace::load(&root.path, digest) {
                     Some(t) => {
                         source.prefetch_in_background(source.chunks_for_trace(&t, &index, &map))
                     }
-                    None => tracer = crate::trace::Recorder::start(&root.path, &digest),
+                    None => tracer = crate::trace::Recorder::start(&root.path, digest),
                 }
                 source.start_background(root.store.clone(), root.path.join(crate::chunks::DIR));
                 let size = source.size();
@@ -99,16 +121,16 @@ impl IndexedLayer {
                     source,
                     size,
                     format!("remote blob {digest}"),
-                    Arc::new(map),
+                    map,
                     local.as_deref(),
                     cache,
                 )
             }
-            _ => BlobReader::open(&path, Arc::new(map), local.as_deref(), cache),
+            None => BlobReader::open(&root.store.blob_path(digest), map, local.as_deref(), cache),
         }
-        .with_context(|| format!("opening blob {}", chain.blob_digest))?;
-        if let Some(d) = span_digests {
-            reader.set_span_digests(d);
+        .with_context(|| format!("opening blob {digest}"))?;
+        if let Some(r) = files.remote.as_ref().filter(|r| !r.span_digests.is_empty()) {
+            reader.set_span_digests(Arc::new(r.span_digests.clone()));
         }
         let mut layer = Self::new(index, reader, chain.blob_digest.clone());
         layer.tracer = tracer;

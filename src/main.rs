@@ -1024,21 +1024,13 @@ fn show_trace(root: &Root, name: &str, reset: bool, json: bool) -> anyhow::Resul
         let Some(mut trace) = Trace::load(&root.path, &digest) else {
             continue;
         };
-        if let Some(layer) = root.meta.layer(&l.diff_id)? {
-            let blob = root
-                .meta
-                .blob(&l.blob_digest)?
-                .with_context(|| format!("blob {} is not indexed", l.blob_digest))?;
-            let index = lazysnap::index::LayerIndex::load(&lazysnap::layer::index_path_of(
-                root, &blob, &layer,
-            )?)?;
-            let paths = node_paths(&index);
-            trace.paths = trace
-                .files
-                .iter()
-                .map(|a| paths.get(&a.node).cloned().unwrap_or_default())
-                .collect();
-        }
+        let index = lazysnap::layer::LayerFiles::of(root, &l.blob_digest)?.index()?;
+        let paths = node_paths(&index);
+        trace.paths = trace
+            .files
+            .iter()
+            .map(|a| paths.get(&a.node).cloned().unwrap_or_default())
+            .collect();
         out.push((l.blob_digest.clone(), trace));
     }
     if reset {

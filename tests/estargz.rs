@@ -5,9 +5,8 @@
 
 mod common;
 
-use common::{lazysnap, ok, CompareOptions};
+use common::{ok, CompareOptions, Mounted};
 
-use std::fs;
 use std::path::{Path, PathBuf};
 
 /// The files estargz.Build adds to every layer (no prioritized files: the "no prefetch" mark).
@@ -22,30 +21,6 @@ fn prerequisites(data: &Path) -> bool {
             "eStargz test images: go and golang-github-containerd-stargz-snapshotter-dev \
              (scripts/install-deps.sh)",
         )
-}
-
-/// A mount that is unmounted when dropped, even when the test fails.
-struct Mounted {
-    root: PathBuf,
-    dir: PathBuf,
-}
-
-impl Mounted {
-    fn new(root: &Path, image: &str, dir: &Path) -> Self {
-        fs::create_dir_all(dir).unwrap();
-        let out = ok(root, &["mount", image, dir.to_str().unwrap()]);
-        assert!(out.contains("mounted"), "{out}");
-        Mounted {
-            root: root.to_path_buf(),
-            dir: dir.to_path_buf(),
-        }
-    }
-}
-
-impl Drop for Mounted {
-    fn drop(&mut self) {
-        let _ = lazysnap(&self.root, &["umount", self.dir.to_str().unwrap()]);
-    }
 }
 
 fn assert_no_diffs(diffs: Vec<String>, what: &str) {

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{lazysnap, ok};
+use common::{lazysnap, ok, Mounted};
 
 use std::fs;
 use std::io::{Read, Seek, SeekFrom};
@@ -19,30 +19,6 @@ use rand::{Rng, SeedableRng};
 fn can_mount() -> bool {
     common::can_mount()
         && common::require(common::have_cmd("umoci"), "umoci (scripts/install-deps.sh)")
-}
-
-/// A mount that is unmounted when dropped, even when the test fails.
-struct Mounted {
-    root: PathBuf,
-    dir: PathBuf,
-}
-
-impl Mounted {
-    fn new(root: &Path, image: &str, dir: &Path) -> Self {
-        fs::create_dir_all(dir).unwrap();
-        let out = ok(root, &["mount", image, dir.to_str().unwrap()]);
-        assert!(out.contains("mounted"), "{out}");
-        Mounted {
-            root: root.to_path_buf(),
-            dir: dir.to_path_buf(),
-        }
-    }
-}
-
-impl Drop for Mounted {
-    fn drop(&mut self) {
-        let _ = lazysnap(&self.root, &["umount", self.dir.to_str().unwrap()]);
-    }
 }
 
 /// `tar -C src -cf tar .` with root as owner.

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::registry::{skopeo_push, Proxy, Registry};
-use common::{fails, lazysnap, ok};
+use common::{fails, lazysnap, ok, Mounted};
 
 fn prerequisites() -> bool {
     // Hermetic credentials: the machine's ~/.docker/config.json is not read (tests that test
@@ -34,27 +34,15 @@ fn prerequisites() -> bool {
     ) && common::require(common::have_cmd("htpasswd"), "htpasswd (apache2-utils)")
 }
 
-/// A mount that is unmounted when dropped.
-struct Mounted {
-    root: PathBuf,
-    dir: PathBuf,
-}
-
-impl Mounted {
-    fn new(root: &Path, image: &str, dir: &Path) -> Mounted {
-        fs::create_dir_all(dir).unwrap();
-        ok(root, &["mount", image, dir.to_str().unwrap()]);
-        Mounted {
-            root: root.to_path_buf(),
-            dir: dir.to_path_buf(),
-        }
-    }
-}
-
-impl Drop for Mounted {
-    fn drop(&mut self) {
-        let _ = lazysnap(&self.root, &["umount", self.dir.to_str().unwrap()]);
-    }
+/// [`lazysnap_env`] that must succeed; its stdout.
+fn ok_env(root: &Path, args: &[&str], env: &[(&str, &Path)]) -> String {
+    let out = lazysnap_env(root, args, env);
+    assert!(
+        out.status.success(),
+        "lazysnap {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// `lazysnap` with extra environment (DOCKER_CONFIG).
@@ -271,22 +259,12 @@ fn basic_auth_with_docker_config() {
     assert!(store_is_empty(&root), "a refused pull left blobs");
 
     let right = docker_config(&tmp.path().join("right"), &reg.addr, "tester:right-pass");
-    let out = lazysnap_env(&root, &["pull", &reference], &[("DOCKER_CONFIG", &right)]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    ok_env(&root, &["pull", &reference], &[("DOCKER_CONFIG", &right)]);
     // Push with the same credentials.
-    let out = lazysnap_env(
+    ok_env(
         &root,
         &["push", &reference, &format!("{}/auth/copy:1", reg.addr)],
         &[("DOCKER_CONFIG", &right)],
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
     );
 }
 
@@ -310,15 +288,10 @@ fn bearer_token_flow() {
     let root = tmp.path().join("root");
     let none = tmp.path().join("no-config");
     fs::create_dir_all(&none).unwrap();
-    let out = lazysnap_env(
+    ok_env(
         &root,
         &["pull", &format!("{}/tok:1", anon.addr)],
         &[("DOCKER_CONFIG", &none)],
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
     );
 
     // Tokens for a user only.
@@ -343,22 +316,12 @@ fn bearer_token_flow() {
         &private.addr,
         "tok-user:tok-pass",
     );
-    let out = lazysnap_env(&root2, &["pull", &reference], &[("DOCKER_CONFIG", &right)]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    ok_env(&root2, &["pull", &reference], &[("DOCKER_CONFIG", &right)]);
     // And push through the token flow (scope pull,push).
-    let out = lazysnap_env(
+    ok_env(
         &root2,
         &["push", &reference, &format!("{}/tok-copy:1", private.addr)],
         &[("DOCKER_CONFIG", &right)],
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
     );
 }
 
@@ -682,21 +645,11 @@ fn https_registry_with_its_ca_in_certs_d() {
     );
     // With it: HTTPS, verified against that CA; push too.
     let env = [("LAZYSNAP_CERTS_D", certs_d.as_path())];
-    let out = lazysnap_env(&root, &["pull", &reference, "--name", "t"], &env);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let out = lazysnap_env(
+    ok_env(&root, &["pull", &reference, "--name", "t"], &env);
+    ok_env(
         &root,
         &["push", "t", &format!("{}/tls/copy:1", reg.addr)],
         &env,
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
     );
 }
 
@@ -1205,15 +1158,7 @@ fn lazy_pull_with_basic_auth_reads_with_the_callers_credentials() {
     let cfg = docker_config(&tmp.path().join("docker"), &reg.addr, "lazy:secret");
     let env = [("DOCKER_CONFIG", cfg.as_path())];
     let builder = tmp.path().join("builder");
-    let run = |root: &Path, args: &[&str]| {
-        let out = lazysnap_env(root, args, &env);
-        assert!(
-            out.status.success(),
-            "lazysnap {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
+    let run = |root: &Path, args: &[&str]| ok_env(root, args, &env);
     run(&builder, &["pull", &reference]);
     run(&builder, &["index", "push", &reference]);
     let node = tmp.path().join("node");

@@ -895,15 +895,16 @@ impl Inner {
             .get_or_load((self.id, idx), &self.closed, || self.load_checked_span(idx))
     }
 
-    /// [`Inner::load_span`], checked against the span's digest when there is one. Bytes that
-    /// do not decode or do not match, from a source that can fetch them again (a remote blob
-    /// whose chunks are only checked this way), are dropped from its cache and read again.
+    /// [`Inner::load_span`], checked against the span's digest while the bytes come from a
+    /// remote source (a digest-checked local blob needs no second check). Bytes that do not
+    /// decode or do not match are dropped from the source's cache and fetched again.
     fn load_checked_span(&self, idx: usize) -> Result<SpanData> {
         let want = self
             .span_digests
             .as_ref()
             .and_then(|d| d.get(idx).copied().flatten());
-        if want.is_none() {
+        // A local blob was checked whole against its digest; only fetched bytes need this.
+        if want.is_none() || !self.file.is_remote() {
             return self.load_span(idx);
         }
         use sha2::Digest as _;
@@ -922,7 +923,7 @@ impl Inner {
                     e @ (BlobError::CorruptGzip { .. }
                     | BlobError::CorruptZstd { .. }
                     | BlobError::Truncated { .. }),
-                ) if self.file.is_remote() => e,
+                ) => e,
                 Err(e) => return Err(e),
             };
             tracing::warn!(blob = %self.name, idx, attempt, error = %err, "bad span; reading it again");

@@ -67,19 +67,11 @@ impl LayerArtifact {
         if blob.local_copy.is_some() {
             return Ok(None);
         }
-        let digest = Digest::parse(&blob.digest)?;
-        let layer = root
-            .meta
-            .layer(&blob.diff_id)?
-            .with_context(|| format!("layer {} is not indexed", blob.diff_id))?;
-        let remote = match &blob.remote {
-            Some(rel) => Some(RemoteInfo::load(&root.abs(rel), &digest)?),
-            None => None,
-        };
-        let index_path = crate::layer::index_path_of(root, blob, &layer)?;
-        let index = std::fs::read(&index_path)
+        let files = crate::layer::LayerFiles::of(root, &blob.digest)?;
+        let (digest, remote) = (&files.digest, &files.remote);
+        let index = std::fs::read(&files.index_path)
             .with_context(|| format!("reading the index of {}", blob.diff_id))?;
-        let path = root.store.blob_path(&digest);
+        let path = root.store.blob_path(digest);
         let toc = remote.as_ref().is_some_and(|r| r.toc_index.is_some());
         let spans = if toc {
             std::fs::read(root.abs(&blob.spans_path))
@@ -103,7 +95,7 @@ impl LayerArtifact {
             spans,
             chunk_size: CHUNK_SIZE,
             chunk_hashes: hashes,
-            trace: Trace::load(&root.path, &digest)
+            trace: Trace::load(&root.path, digest)
                 .map(|t| t.files)
                 .unwrap_or_default(),
             span_digests: remote

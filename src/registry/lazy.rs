@@ -166,6 +166,10 @@ pub struct RemoteBlob {
     cache: Arc<ChunkCache>,
     blob_path: PathBuf,
     local: OnceLock<File>,
+    /// When the store was last looked at for the blob (ms since `opened`): another process
+    /// may download it, but a read must not pay an `open` each time to find out.
+    looked: AtomicU64,
+    opened: Instant,
     /// Chunks some thread is fetching now (others wait for them instead of fetching too).
     inflight: Mutex<HashSet<u64>>,
     fetched: Condvar,
@@ -205,6 +209,8 @@ impl RemoteBlob {
             cache,
             blob_path: store.blob_path(digest),
             local: OnceLock::new(),
+            looked: AtomicU64::new(0),
+            opened: Instant::now(),
             inflight: Mutex::new(HashSet::new()),
             fetched: Condvar::new(),
             hot: Mutex::new(lru::LruCache::new(
@@ -222,6 +228,25 @@ impl RemoteBlob {
     /// The local blob once it is in the store (downloaded in the background, by another
     /// process, or by a later full pull).
     fn local(&self) -> Option<&File> {
+        if let Some(f) = self.local.get() {
+            return Some(f);
+        }
+        const LOOK_EVERY_MS: u64 = 1000;
+        let now = self.opened.elapsed().as_millis() as u64 + LOOK_EVERY_MS;
+        let last = self.looked.load(Ordering::Relaxed);
+        if now < last + LOOK_EVERY_MS
+            || self
+                .looked
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+        {
+            return None;
+        }
+        self.open_local()
+    }
+
+    /// Opens the blob in the store, if it is there whole (a download of ours just put it).
+    fn open_local(&self) -> Option<&File> {
         if let Some(f) = self.local.get() {
             return Some(f);
         }
@@ -552,7 +577,7 @@ impl RemoteBlob {
             }
             return Ok(false);
         }
-        if self.local().is_some() {
+        if self.open_local().is_some() {
             return Ok(true);
         }
         let mut assembled = Assembled {
@@ -570,7 +595,7 @@ impl RemoteBlob {
                 &mut |_| {},
             )
             .with_context(|| format!("downloading {}", self.digest))?;
-        if self.local().is_none() {
+        if self.open_local().is_none() {
             anyhow::bail!("downloaded {} but cannot open it", self.digest);
         }
         self.cache.remove_blob(&self.digest);

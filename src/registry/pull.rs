@@ -12,14 +12,12 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use tracing::{info, info_span, warn};
 
-use super::lazy::{RemoteBlob, RemoteInfo, PREFETCH_PARALLEL};
+use super::lazy::{RemoteBlob, PREFETCH_PARALLEL};
 use super::source::{Connect, Lazy, RegistrySource};
 use super::Reference;
-use crate::blob::SpanMap;
-use crate::digest::Digest;
 use crate::image::Platform;
 use crate::import::{import_source, Imported, Reporter};
-use crate::index::LayerIndex;
+use crate::layer::LayerFiles;
 use crate::root::Root;
 use crate::trace::Trace;
 
@@ -95,21 +93,13 @@ pub fn pull(
 /// means those reads fetch on demand. Returns (chunks, bytes) fetched.
 pub fn prefetch_traces(root: &Root, image: &str) -> (usize, u64) {
     let _span = info_span!("prefetch_traces", image).entered();
-    let layers = match remote_layers_of(root, image) {
-        Ok(l) => l,
+    let jobs = match traced_remote_layers(root, image) {
+        Ok(j) => j,
         Err(e) => {
             warn!(error = %e, "cannot prefetch");
             return (0, 0);
         }
     };
-    let mut jobs = Vec::new();
-    for (digest, blob, index, map) in layers {
-        let Some(trace) = Trace::load(&root.path, &digest) else {
-            continue;
-        };
-        let chunks = blob.chunks_for_trace(&trace, &index, &map);
-        jobs.push((blob, chunks));
-    }
     let (mut n, mut bytes) = (0, 0);
     std::thread::scope(|s| {
         let handles: Vec<_> = jobs
@@ -140,36 +130,27 @@ pub fn prefetch_traces(root: &Root, image: &str) -> (usize, u64) {
     (n, bytes)
 }
 
-type RemoteLayer = (Digest, Arc<RemoteBlob>, LayerIndex, SpanMap);
-
-/// The image's layers whose blobs are still remote, opened for reading.
-fn remote_layers_of(root: &Root, image: &str) -> anyhow::Result<Vec<RemoteLayer>> {
+/// The image's layers still in the registry that have an access trace, with the chunks the
+/// trace names (in order of first need).
+fn traced_remote_layers(
+    root: &Root,
+    image: &str,
+) -> anyhow::Result<Vec<(Arc<RemoteBlob>, Vec<u64>)>> {
     let img = root
         .meta
         .image(image)?
         .with_context(|| format!("image {image:?} not found"))?;
     let mut out = Vec::new();
     for l in &img.layers {
-        let digest = Digest::parse(&l.blob_digest)?;
-        let Some(blob) = root.meta.blob(&l.blob_digest)? else {
+        let files = LayerFiles::of(root, &l.blob_digest)?;
+        let (Some(source), Some(trace)) = (
+            files.remote_blob(root)?,
+            Trace::load(&root.path, &files.digest),
+        ) else {
             continue;
         };
-        let Some(remote) = blob.remote.as_deref() else {
-            continue;
-        };
-        if root.store.contains(&digest) {
-            continue;
-        }
-        let info = RemoteInfo::load(&root.abs(remote), &digest)?;
-        let source = RemoteBlob::open(&root.store, &digest, info, root.chunk_cache()?)?;
-        let layer = root
-            .meta
-            .layer(&blob.diff_id)?
-            .with_context(|| format!("layer {} is not indexed", blob.diff_id))?;
-        let index = LayerIndex::load(&crate::layer::index_path_of(root, &blob, &layer)?)?;
-        let map: SpanMap = postcard::from_bytes(&std::fs::read(root.abs(&blob.spans_path))?)
-            .context("corrupt span map")?;
-        out.push((digest, source, index, map));
+        let chunks = source.chunks_for_trace(&trace, &files.index()?, &files.span_map(root)?);
+        out.push((source, chunks));
     }
     Ok(out)
 }

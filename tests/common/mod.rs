@@ -637,3 +637,28 @@ pub fn assert_trees_equal(actual: &Path, expected: &Path) {
 pub fn sha256_of(data: &[u8]) -> String {
     sha256_hex(data)
 }
+
+/// A lazysnap mount that is unmounted when dropped, even when the test fails.
+pub struct Mounted {
+    pub root: PathBuf,
+    pub dir: PathBuf,
+}
+
+impl Mounted {
+    /// `lazysnap --root ROOT mount IMAGE DIR`.
+    pub fn new(root: &Path, image: &str, dir: &Path) -> Mounted {
+        fs::create_dir_all(dir).unwrap();
+        let out = ok(root, &["mount", image, dir.to_str().unwrap()]);
+        assert!(out.contains("mounted"), "{out}");
+        Mounted {
+            root: root.to_path_buf(),
+            dir: dir.to_path_buf(),
+        }
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = lazysnap(&self.root, &["umount", self.dir.to_str().unwrap()]);
+    }
+}
