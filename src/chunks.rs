@@ -149,7 +149,8 @@ impl ChunkCache {
     }
 
     /// Bytes the cache holds now (recounted).
-    pub fn bytes(&self) -> u64 {
+    #[cfg(test)]
+    fn bytes(&self) -> u64 {
         list(&self.dir).map_or(0, |c| c.iter().map(|c| c.size).sum())
     }
 

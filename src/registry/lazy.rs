@@ -152,13 +152,6 @@ pub fn chunk_hashes(path: &Path, chunk_size: u64) -> io::Result<Vec<ChunkHash>> 
     Ok(out)
 }
 
-/// Counters of one remote blob (for logs, `df`-like reports and tests).
-#[derive(Debug, Default)]
-pub struct RemoteStats {
-    pub range_requests: AtomicU64,
-    pub bytes_fetched: AtomicU64,
-}
-
 pub struct RemoteBlob {
     digest: Digest,
     info: RemoteInfo,
@@ -174,7 +167,6 @@ pub struct RemoteBlob {
     inflight: Mutex<HashSet<u64>>,
     fetched: Condvar,
     hot: Mutex<lru::LruCache<u64, Arc<Vec<u8>>>>,
-    pub stats: RemoteStats,
 }
 
 impl std::fmt::Debug for RemoteBlob {
@@ -216,7 +208,6 @@ impl RemoteBlob {
             hot: Mutex::new(lru::LruCache::new(
                 NonZeroUsize::new(HOT_CHUNKS).unwrap_or(NonZeroUsize::MIN),
             )),
-            stats: RemoteStats::default(),
             info,
         }))
     }
@@ -304,10 +295,6 @@ impl RemoteBlob {
                     continue;
                 }
             };
-            self.stats.range_requests.fetch_add(1, Ordering::Relaxed);
-            self.stats
-                .bytes_fetched
-                .fetch_add(data.len() as u64, Ordering::Relaxed);
             let mut out = Vec::new();
             let mut bad = None;
             for i in first..=last {
@@ -432,10 +419,11 @@ impl RemoteBlob {
     }
 
     /// Fetches the given chunks not cached yet, `parallel` requests at a time, runs of
-    /// consecutive chunks in one request each (a trace's prefetch). Returns chunks fetched.
-    pub fn prefetch(self: &Arc<Self>, wanted: &[u64], parallel: usize) -> usize {
+    /// consecutive chunks in one request each (a trace's prefetch). Returns the chunks and
+    /// bytes fetched.
+    pub fn prefetch(self: &Arc<Self>, wanted: &[u64], parallel: usize) -> (usize, u64) {
         if self.local().is_some() {
-            return 0;
+            return (0, 0);
         }
         // In the order given (first need first), each chunk once, neighbours in one request
         // of at most PREFETCH_RUN chunks.
@@ -452,7 +440,7 @@ impl RemoteBlob {
             }
         }
         let runs = Mutex::new(runs.into_iter());
-        let done = AtomicU64::new(0);
+        let (done, bytes) = (AtomicU64::new(0), AtomicU64::new(0));
         std::thread::scope(|s| {
             for _ in 0..parallel.max(1) {
                 s.spawn(|| loop {
@@ -461,13 +449,18 @@ impl RemoteBlob {
                     match self.chunks(a, b) {
                         Ok(c) => {
                             done.fetch_add(c.len() as u64, Ordering::Relaxed);
+                            let n: usize = c.iter().map(|c| c.len()).sum();
+                            bytes.fetch_add(n as u64, Ordering::Relaxed);
                         }
                         Err(e) => warn!(blob = %self.digest, error = %e, "prefetch failed"),
                     }
                 });
             }
         });
-        done.load(Ordering::Relaxed) as usize
+        (
+            done.load(Ordering::Relaxed) as usize,
+            bytes.load(Ordering::Relaxed),
+        )
     }
 
     /// The chunks an access trace needs, in the order of first need.
@@ -500,8 +493,8 @@ impl RemoteBlob {
             .name("lazysnap-prefetch".into())
             .spawn(move || {
                 let _span = info_span!("trace_prefetch", blob = %this.digest).entered();
-                let n = this.prefetch(&chunks, PREFETCH_PARALLEL);
-                debug!(chunks = n, "prefetched the traced chunks");
+                let (n, bytes) = this.prefetch(&chunks, PREFETCH_PARALLEL);
+                debug!(chunks = n, bytes, "prefetched the traced chunks");
             });
         if let Err(e) = spawned {
             warn!(error = %e, "could not start the trace prefetch");

@@ -104,20 +104,7 @@ pub fn prefetch_traces(root: &Root, image: &str) -> (usize, u64) {
     std::thread::scope(|s| {
         let handles: Vec<_> = jobs
             .iter()
-            .map(|(blob, chunks)| {
-                s.spawn(move || {
-                    let before = blob
-                        .stats
-                        .bytes_fetched
-                        .load(std::sync::atomic::Ordering::Relaxed);
-                    let got = blob.prefetch(chunks, PREFETCH_PARALLEL);
-                    let after = blob
-                        .stats
-                        .bytes_fetched
-                        .load(std::sync::atomic::Ordering::Relaxed);
-                    (got, after - before)
-                })
-            })
+            .map(|(blob, chunks)| s.spawn(move || blob.prefetch(chunks, PREFETCH_PARALLEL)))
             .collect();
         for h in handles {
             if let Ok((c, b)) = h.join() {
