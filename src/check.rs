@@ -1,9 +1,14 @@
 //! `lazysnap check`: is the store consistent? The database (SQLite's integrity and foreign-key
 //! checks), every blob a row names (present, right size, with `verify_digests` right sha256),
-//! every index, span map and local copy a row names (present, parses, validates), no temp
-//! files of killed processes, no snapshot directory without its row and no active snapshot
-//! without its directory. Unreferenced blobs and index files are not problems: they are
-//! reported as reclaimable (what `gc` removes).
+//! every index, span map and local copy a row names (present, parses, validates), and no
+//! active snapshot without its directory. Those are *problems*: the store is not consistent
+//! and `check` exits 2.
+//!
+//! What an interrupted write leaves — temp files no live process holds, a snapshot directory
+//! without its row — is garbage, not damage (as containerd treats stale ingests): such
+//! *leftovers* are reported with their size and what removes them, and the store is still
+//! consistent. Unreferenced blobs and index files are not problems either: they are reported
+//! as reclaimable (what `gc` removes).
 //!
 //! [`repair`] fixes what can be fixed without losing intact data, then checks again: stale
 //! temp files and orphan snapshot directories are removed; a derived file (index, span map,
@@ -18,6 +23,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::fs::File;
 use std::io::{self, Read};
+use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -65,12 +71,42 @@ pub enum ProblemKind {
     SpansMissing,
     SpansCorrupt,
     LocalCopyMissing,
+    /// An active snapshot or view whose directory is gone.
+    SnapshotDirMissing,
+}
+
+/// What an interrupted write leaves behind: garbage that loses nothing when removed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LeftoverKind {
     /// A temp file no live process holds (left by a killed one).
     TempFile,
     /// A directory under `snapshots/` no snapshot row owns.
     OrphanSnapshotDir,
-    /// An active snapshot or view whose directory is gone.
-    SnapshotDirMissing,
+}
+
+impl LeftoverKind {
+    /// The commands that remove this kind of leftover.
+    pub fn removed_by(self) -> &'static str {
+        match self {
+            LeftoverKind::TempFile => {
+                "removed by `lazysnap gc`, `check --repair` or the next lazysnap command that opens the store"
+            }
+            LeftoverKind::OrphanSnapshotDir => {
+                "removed by `lazysnap check --repair`, `snapshot cleanup` or containerd's cleanup"
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Leftover {
+    pub kind: LeftoverKind,
+    /// A path relative to the root.
+    pub subject: String,
+    pub bytes: u64,
+    pub detail: String,
+    pub removed_by: &'static str,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -107,13 +143,18 @@ pub struct Checked {
 
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Report {
+    /// No problems; leftovers and reclaimable files do not count.
     pub consistent: bool,
     pub digests_verified: bool,
     pub problems: Vec<Problem>,
-    /// With `--repair`: the problems found first and what was done about them; `problems`
-    /// is then what the check after the repair found.
+    /// Garbage of interrupted writes (see [`Leftover`]); with `--repair`, what is left after it.
+    pub leftovers: Vec<Leftover>,
+    /// With `--repair`: the problems and leftovers found first and what was done about them;
+    /// `problems` and `leftovers` are then what the check after the repair found.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub found: Vec<Problem>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub found_leftovers: Vec<Leftover>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub repaired: Vec<String>,
     pub reclaimable: Reclaimable,
@@ -130,19 +171,23 @@ pub struct Options {
 pub fn check(root: &mut Root, opts: &Options) -> Result<Report> {
     let _span = info_span!("check", root = %root.path.display()).entered();
     let mut problems = Vec::new();
+    let mut leftovers = Vec::new();
     let mut checked = Checked::default();
     check_database(root, &mut problems)?;
     check_blobs(root, opts, &mut problems, &mut checked)?;
     check_derived(root, &mut problems, &mut checked)?;
-    check_temp_files(root, &mut problems)?;
-    check_snapshots(root, &mut problems, &mut checked)?;
+    check_temp_files(root, &mut leftovers)?;
+    check_snapshots(root, &mut problems, &mut leftovers, &mut checked)?;
     let reclaimable = reclaimable(root)?;
     problems.sort_by(|a, b| (a.kind, &a.subject).cmp(&(b.kind, &b.subject)));
+    leftovers.sort_by(|a, b| (a.kind, &a.subject).cmp(&(b.kind, &b.subject)));
     Ok(Report {
         consistent: problems.is_empty(),
         digests_verified: opts.verify_digests,
         problems,
+        leftovers,
         found: Vec::new(),
+        found_leftovers: Vec::new(),
         repaired: Vec::new(),
         reclaimable,
         checked,
@@ -157,18 +202,23 @@ pub fn repair(root: &mut Root, opts: &Options) -> Result<Report> {
     // Order matters: corrupt blobs become missing ones; rebuilding a derived file needs an
     // intact blob; removing what needs a missing blob comes last.
     let mut missing: Vec<String> = Vec::new();
+    for l in &first.leftovers {
+        if l.kind != LeftoverKind::TempFile {
+            continue; // orphan directories go below, under the write lock
+        }
+        let path = root.path.join(&l.subject);
+        match crate::store::remove_if_stale(&path) {
+            Ok(Some(_)) => done.push(format!("removed {} ({} bytes)", l.subject, l.bytes)),
+            Ok(None) => {}
+            Err(e) => warn!(path = %path.display(), error = %e, "could not remove"),
+        }
+    }
     for p in &first.problems {
         match p.kind {
-            ProblemKind::TempFile | ProblemKind::StrayFile => {
+            ProblemKind::StrayFile => {
                 let path = root.path.join(&p.subject);
-                let removed = if p.kind == ProblemKind::TempFile {
-                    crate::store::remove_if_stale(&path).map(|r| r.is_some())
-                } else {
-                    std::fs::remove_file(&path).map(|()| true)
-                };
-                match removed {
-                    Ok(true) => done.push(format!("removed {}", p.subject)),
-                    Ok(false) => {}
+                match std::fs::remove_file(&path) {
+                    Ok(()) => done.push(format!("removed {}", p.subject)),
                     Err(e) => warn!(path = %path.display(), error = %e, "could not remove"),
                 }
             }
@@ -233,6 +283,7 @@ pub fn repair(root: &mut Root, opts: &Options) -> Result<Report> {
     }
     let mut report = check(root, opts)?;
     report.found = first.problems;
+    report.found_leftovers = first.leftovers;
     report.repaired = done;
     Ok(report)
 }
@@ -466,15 +517,17 @@ fn check_derived(root: &Root, problems: &mut Vec<Problem>, checked: &mut Checked
     Ok(())
 }
 
-fn check_temp_files(root: &Root, problems: &mut Vec<Problem>) -> Result<()> {
+fn check_temp_files(root: &Root, leftovers: &mut Vec<Leftover>) -> Result<()> {
     for p in root.temp_files().map_err(io_err("listing temp files"))? {
         match crate::store::is_stale_temp(&p) {
             Ok(true) => {
                 let bytes = std::fs::metadata(&p).map(|m| m.len()).unwrap_or(0);
-                problems.push(Problem {
-                    kind: ProblemKind::TempFile,
+                leftovers.push(Leftover {
+                    kind: LeftoverKind::TempFile,
                     subject: rel(root, &p),
-                    detail: format!("{bytes} bytes left by an interrupted write"),
+                    bytes,
+                    detail: "left by an interrupted write".into(),
+                    removed_by: LeftoverKind::TempFile.removed_by(),
                 });
             }
             Ok(false) => {} // being written right now
@@ -490,6 +543,7 @@ fn check_temp_files(root: &Root, problems: &mut Vec<Problem>) -> Result<()> {
 fn check_snapshots(
     root: &mut Root,
     problems: &mut Vec<Problem>,
+    leftovers: &mut Vec<Leftover>,
     checked: &mut Checked,
 ) -> Result<()> {
     let dir = root.path.join("snapshots");
@@ -506,10 +560,12 @@ fn check_snapshots(
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
         if !ids.contains(&name) {
-            problems.push(Problem {
-                kind: ProblemKind::OrphanSnapshotDir,
+            leftovers.push(Leftover {
+                kind: LeftoverKind::OrphanSnapshotDir,
                 subject: rel(root, &e),
+                bytes: tree_bytes(&e),
                 detail: "no snapshot owns it (left by an interrupted prepare or remove)".into(),
+                removed_by: LeftoverKind::OrphanSnapshotDir.removed_by(),
             });
         }
     }
@@ -528,6 +584,31 @@ fn check_snapshots(
         }
     }
     Ok(())
+}
+
+/// Bytes of the regular files under `dir` (symlinks not followed; a mount point's contents
+/// count only if something still serves it, which a dead daemon's does not).
+fn tree_bytes(dir: &Path) -> u64 {
+    let Ok(md) = std::fs::symlink_metadata(dir) else {
+        return 0;
+    };
+    if !md.is_dir() {
+        return md.len();
+    }
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    let dev = md.dev();
+    rd.flatten()
+        .map(|e| {
+            let p = e.path();
+            match std::fs::symlink_metadata(&p) {
+                Ok(m) if m.is_dir() && m.dev() == dev => tree_bytes(&p),
+                Ok(m) if m.is_file() => m.len(),
+                _ => 0,
+            }
+        })
+        .sum()
 }
 
 /// Removes snapshot directories no row owns, under the write lock.
@@ -703,12 +784,26 @@ impl Report {
             for p in &self.found {
                 let _ = writeln!(s, "  {:?} {}: {}", p.kind, p.subject, p.detail);
             }
+            for l in &self.found_leftovers {
+                let _ = writeln!(
+                    s,
+                    "  leftover {:?} {}: {} bytes",
+                    l.kind, l.subject, l.bytes
+                );
+            }
             for r in &self.repaired {
                 let _ = writeln!(s, "repaired: {r}");
             }
         }
         for p in &self.problems {
             let _ = writeln!(s, "problem: {:?} {}: {}", p.kind, p.subject, p.detail);
+        }
+        for l in &self.leftovers {
+            let _ = writeln!(
+                s,
+                "leftover: {:?} {}: {} bytes {}; {}",
+                l.kind, l.subject, l.bytes, l.detail, l.removed_by
+            );
         }
         let _ = writeln!(
             s,
@@ -733,7 +828,13 @@ impl Report {
         let _ = writeln!(
             s,
             "{}",
-            if self.consistent {
+            if self.consistent && !self.leftovers.is_empty() {
+                format!(
+                    "consistent ({} leftover(s) of interrupted writes, {} bytes, nothing lost)",
+                    self.leftovers.len(),
+                    self.leftovers.iter().map(|l| l.bytes).sum::<u64>()
+                )
+            } else if self.consistent {
                 "consistent".to_string()
             } else {
                 format!("NOT consistent: {} problem(s)", self.problems.len())

@@ -117,11 +117,8 @@ fn finds_and_repairs_damage_without_touching_intact_data() {
     let found = kinds(&v, "problems");
     let expect = [
         ("index_corrupt", format!("index/{diff_hex}")),
-        ("orphan_snapshot_dir", "snapshots/4242".to_string()),
         ("spans_missing", format!("index/{}", spans[0])),
         ("stray_file", "content/blobs/sha256/stray".to_string()),
-        ("temp_file", "content/ingest/write.stale".to_string()),
-        ("temp_file", "index/.tmp-stale".to_string()),
     ];
     for (k, s) in &expect {
         assert!(
@@ -130,6 +127,20 @@ fn finds_and_repairs_damage_without_touching_intact_data() {
         );
     }
     assert_eq!(found.len(), expect.len(), "{found:?}");
+    // What interrupted writes leave is garbage, listed apart from the problems.
+    let left = kinds(&v, "leftovers");
+    let expect_left = [
+        ("orphan_snapshot_dir", "snapshots/4242".to_string()),
+        ("temp_file", "content/ingest/write.stale".to_string()),
+        ("temp_file", "index/.tmp-stale".to_string()),
+    ];
+    assert_eq!(
+        left,
+        expect_left
+            .iter()
+            .map(|(k, s)| (k.to_string(), s.clone()))
+            .collect::<Vec<_>>()
+    );
     let (_, v) = check_json(&root, &["--verify-digests"]);
     assert!(kinds(&v, "problems").contains(&("blob_corrupt".into(), deb_layer.clone())));
 
@@ -147,6 +158,7 @@ fn finds_and_repairs_damage_without_touching_intact_data() {
         images.contains("edge") && !images.contains("deb"),
         "{images}"
     );
+    assert_eq!(v["leftovers"].as_array().unwrap().len(), 0, "{v:#}");
     let repaired = v["repaired"].as_array().unwrap();
     assert!(repaired.len() >= 7, "{v:#}");
     // Opening the root removes stale temp files, never a live one.
@@ -158,6 +170,115 @@ fn finds_and_repairs_damage_without_touching_intact_data() {
     import(&root, "debian-zstd", "deb");
     let (clean, v) = check_json(&root, &["--verify-digests"]);
     assert!(clean, "{v:#}");
+}
+
+/// A `kill -9` of an import in the middle of its ingest leaves a temp file: `check` reports it
+/// as a leftover with its size and what removes it, calls the store consistent and exits 0
+/// (a monitoring script must not page anyone for a crash that lost nothing). `check --repair`
+/// removes it; a real problem still exits 2.
+#[test]
+fn check_after_a_killed_import_reports_leftovers_and_exits_zero() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("root");
+    ok(&root, &["images"]);
+    // An uncompressed layer of real files big enough to be caught mid-ingest.
+    let image = common::image("debian-none");
+    let mut left = Vec::new();
+    for attempt in 0..50u64 {
+        let mut child = std::process::Command::new(common::lazysnap_bin())
+            .arg("--root")
+            .arg(&root)
+            .args(["import", image.to_str().unwrap(), "--name", "killed"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        // Wait until a temp file exists and has data, then kill -9.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        let caught = loop {
+            let temp = fs::read_dir(root.join("content/ingest"))
+                .unwrap()
+                .flatten()
+                .any(|e| e.metadata().map(|m| m.len() > 4096).unwrap_or(false));
+            if temp || std::time::Instant::now() > deadline {
+                break temp;
+            }
+            if let Ok(Some(_)) = child.try_wait() {
+                break false;
+            }
+            std::thread::sleep(std::time::Duration::from_micros(200 + attempt * 50));
+        };
+        unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+        let _ = child.wait();
+        if caught {
+            left = fs::read_dir(root.join("content/ingest"))
+                .unwrap()
+                .flatten()
+                .map(|e| e.path())
+                .collect();
+            if !left.is_empty() {
+                break;
+            }
+        }
+        // Finished before the kill: start over on a clean store.
+        fs::remove_dir_all(&root).unwrap();
+        ok(&root, &["images"]);
+    }
+    assert!(!left.is_empty(), "no import was caught mid-ingest");
+    let bytes: u64 = left.iter().map(|p| fs::metadata(p).unwrap().len()).sum();
+
+    let out = lazysnap(&root, &["check"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "check exited {:?}: {text}",
+        out.status
+    );
+    assert!(
+        text.contains("leftover: TempFile content/ingest/"),
+        "{text}"
+    );
+    assert!(text.contains("check --repair"), "{text}");
+    assert!(
+        text.contains("consistent (") && !text.contains("NOT"),
+        "{text}"
+    );
+    let (clean, v) = check_json(&root, &[]);
+    assert!(clean, "{v:#}");
+    assert_eq!(v["problems"].as_array().unwrap().len(), 0, "{v:#}");
+    let reported: u64 = v["leftovers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|l| l["kind"] == "temp_file")
+        .map(|l| l["bytes"].as_u64().unwrap())
+        .sum();
+    assert_eq!(reported, bytes, "{v:#}");
+    assert!(
+        left.iter().all(|p| p.exists()),
+        "check (not --repair) removed a file"
+    );
+
+    // --repair removes them and says so.
+    let (clean, v) = check_json(&root, &["--repair"]);
+    assert!(clean, "{v:#}");
+    assert!(left.iter().all(|p| !p.exists()));
+    assert_eq!(v["leftovers"].as_array().unwrap().len(), 0, "{v:#}");
+    assert!(!v["repaired"].as_array().unwrap().is_empty(), "{v:#}");
+
+    // A real inconsistency still exits 2, even beside leftovers.
+    fs::write(root.join("content/ingest/write.stale"), b"partial").unwrap();
+    import(&root, "edge-gzip", "edge");
+    fs::write(root.join("content/ingest/write.stale"), b"partial").unwrap();
+    let diff_hex = top_diff_hex(&root, "edge");
+    fs::write(root.join("index").join(&diff_hex), b"not an index").unwrap();
+    let out = lazysnap(&root, &["check"]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
 }
 
 #[test]

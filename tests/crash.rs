@@ -219,18 +219,22 @@ fn check_after(root: &Path, figures: &mut Figures, verify: bool) -> Vec<String> 
             String::from_utf8_lossy(&out.stderr)
         )
     });
-    let mut unexpected = Vec::new();
-    for p in report["problems"].as_array().unwrap() {
-        match p["kind"].as_str().unwrap() {
+    // A kill leaves leftovers, never problems: the store is consistent and check exits 0.
+    let unexpected: Vec<String> = report["problems"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.to_string())
+        .collect();
+    let leftovers = report["leftovers"].as_array().unwrap();
+    for l in leftovers {
+        match l["kind"].as_str().unwrap() {
             "temp_file" => {
                 figures.temp_files_left += 1;
-                let bytes = fs::metadata(root.join(p["subject"].as_str().unwrap()))
-                    .map(|m| m.len())
-                    .unwrap_or(0);
-                figures.temp_bytes_left += bytes;
+                figures.temp_bytes_left += l["bytes"].as_u64().unwrap();
             }
             "orphan_snapshot_dir" => figures.orphan_dirs_left += 1,
-            _ => unexpected.push(p.to_string()),
+            k => panic!("unknown leftover kind {k}"),
         }
     }
     assert_eq!(
@@ -238,12 +242,14 @@ fn check_after(root: &Path, figures: &mut Figures, verify: bool) -> Vec<String> 
         report["consistent"].as_bool().unwrap(),
         "check's exit status must say whether the store is consistent"
     );
-    if !out.status.success() {
+    if !out.status.success() || !leftovers.is_empty() {
         args.push("--repair");
         let out = lazysnap(root, &args);
         let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         assert!(
-            out.status.success() && report["consistent"] == true,
+            out.status.success()
+                && report["consistent"] == true
+                && report["leftovers"].as_array().unwrap().is_empty(),
             "check --repair left problems: {report:#}"
         );
     }
