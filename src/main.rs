@@ -232,8 +232,10 @@ enum Command {
         /// Whose ids files show: `image` (as recorded in the layers; inside a user namespace
         /// mapped through its uid/gid maps) or `caller` (every file yours, and you act as the
         /// image's root: what you create or chown to yourself is committed as 0:0)
-        #[arg(long, value_enum, default_value = "image")]
-        owners: OwnersArg,
+        /// [default: `caller` for `--rw` by a user without root and outside a user namespace,
+        /// as a rootless container runs; `image` otherwise]
+        #[arg(long, value_enum)]
+        owners: Option<OwnersArg>,
         /// (internal) IMAGE is the key of an active snapshot or view to serve
         #[arg(long, hide = true)]
         snapshot: bool,
@@ -568,6 +570,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         } if rw && !snapshot => {
             let dir = std::fs::canonicalize(&dir)
                 .with_context(|| format!("mountpoint {} does not exist", dir.display()))?;
+            let owners = owners.unwrap_or_else(default_rw_owners);
             let root = Root::open(&root_path)?;
             let parent = lazysnap::mount::resolve_chain(&root, &image)?;
             let mut sn = Snapshotter::new(
@@ -594,14 +597,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 start.elapsed().as_secs_f64() * 1000.0,
                 dir.display()
             );
-            if matches!(owners, OwnersArg::Image)
-                && !lazysnap_fuse::privileged()
-                && !lazysnap_fuse::in_user_namespace()
-            {
-                eprintln!(
-                    "note: files keep the image's owners, so without root you may change only what                      they let others change; `--owners caller` makes every file yours, or mount                      inside a user namespace (`unshare --map-root-user --map-auto`)"
-                );
-            }
+            println!("{}", owners_line(owners));
         }
         Command::Mount {
             image,
@@ -614,7 +610,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             ..
         } => {
             let req = lazysnap::mount::MountRequest {
-                owners: owners.into(),
+                owners: owners.unwrap_or(OwnersArg::Image).into(),
                 snapshot,
                 target: image,
                 dir: std::fs::canonicalize(&dir)
@@ -969,10 +965,42 @@ impl Reporter for Bars {
 }
 
 /// `--owners`.
-#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum OwnersArg {
     Image,
     Caller,
+}
+
+/// What a `--rw` mount shows without `--owners`: a user without root outside a user namespace
+/// could write nowhere but world-writable directories under the image's owners, so there,
+/// as in a rootless container, they act as the image's root.
+fn default_rw_owners() -> OwnersArg {
+    if lazysnap_fuse::privileged() || lazysnap_fuse::in_user_namespace() {
+        OwnersArg::Image
+    } else {
+        OwnersArg::Caller
+    }
+}
+
+/// The one line a `--rw` mount prints about whose ids files show.
+fn owners_line(owners: OwnersArg) -> String {
+    match owners {
+        OwnersArg::Caller => {
+            // SAFETY: getuid/getgid have no preconditions and cannot fail.
+            let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+            format!(
+                "owners: caller: every file shows as yours ({uid}:{gid}) and you act as the \
+                 image's root; the commit records the image's owners (`--owners image` shows them)"
+            )
+        }
+        OwnersArg::Image if lazysnap_fuse::privileged() || lazysnap_fuse::in_user_namespace() => {
+            "owners: image: files show the ids recorded in the layers".to_string()
+        }
+        OwnersArg::Image => "owners: image: files show the ids recorded in the layers, so \
+             without root you may change only what they let others change (`--owners caller` \
+             makes every file yours)"
+            .to_string(),
+    }
 }
 
 impl From<OwnersArg> for Owners {

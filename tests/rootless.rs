@@ -672,9 +672,11 @@ fn user_namespace_mounts_the_edge_images() {
     }
 }
 
-/// A writable mount as a plain user (no user namespace) with `--owners caller`: writes,
-/// chmod, removals and a new fifo without any privilege; the commit records the caller as the
-/// image's root (0:0), and the export unpacks (umoci, as root) to exactly that.
+/// A writable mount as a plain user (no user namespace) is by default in `--owners caller`
+/// mode, as a rootless container is, and says so: writes, chmod, removals and a new fifo
+/// without any privilege; the commit records the caller as the image's root (0:0), and the
+/// export unpacks (umoci, as root) to exactly that. `--owners image` stays the explicit choice
+/// (and there the user cannot write into the image's root-owned directories).
 #[test]
 fn plain_user_writes_commits_and_exports() {
     let Some(user) = prerequisites() else { return };
@@ -685,7 +687,11 @@ fn plain_user_writes_commits_and_exports() {
         false,
         &format!(
             r#"$L import {layout} --name img:1 >/dev/null
-            $L mount --rw --owners caller img:1 $S/rw >/dev/null
+            mkdir $S/ro
+            $L mount --rw --owners image img:1 $S/ro > $S/out/image-mode
+            if printf x > $S/ro/etc/denied 2>/dev/null; then echo "wrote as image owners"; exit 1; fi
+            $L umount $S/ro >/dev/null
+            $L mount --rw img:1 $S/rw > $S/out/default-mode
             cd $S/rw
             printf 'by a plain user\n' > etc/plain
             chmod 0640 etc/plain
@@ -705,6 +711,29 @@ fn plain_user_writes_commits_and_exports() {
         "{}\n{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
+    );
+    let line = |f: &str| {
+        fs::read_to_string(s.dir.join("out").join(f))
+            .unwrap()
+            .lines()
+            .filter(|l| l.starts_with("owners: "))
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    let default_mode = line("default-mode");
+    assert_eq!(default_mode.len(), 1, "{default_mode:?}");
+    assert!(
+        default_mode[0].starts_with(&format!(
+            "owners: caller: every file shows as yours ({}:{})",
+            user.uid, user.gid
+        )),
+        "{default_mode:?}"
+    );
+    let image_mode = line("image-mode");
+    assert_eq!(image_mode.len(), 1, "{image_mode:?}");
+    assert!(
+        image_mode[0].starts_with("owners: image:"),
+        "{image_mode:?}"
     );
     let (committed, _) = reference(&s.dir.join("out/img2"), "2");
     let f = |p: &str, k: &str| {
