@@ -7,7 +7,10 @@ use std::path::Path;
 
 use anyhow::{bail, Context as _};
 use serde_json::json;
+use sha2::{Digest as _, Sha256};
+use tracing::info_span;
 
+use crate::blob::Compression;
 use crate::digest::Digest;
 use crate::image::{Desc, OCI_CONFIG, OCI_MANIFEST};
 use crate::meta::{ImageLayerRow, ImageRow};
@@ -159,9 +162,28 @@ fn chrono_like_now() -> String {
     )
 }
 
+/// What [`export`] wrote.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Exported {
+    pub manifest: String,
+    /// Layer compressions in the output, bottom first.
+    pub layers: Vec<&'static str>,
+    /// Layers written again in another compression, and their new size.
+    pub recompressed: usize,
+    pub recompressed_bytes: u64,
+}
+
 /// Exports image or committed snapshot `name` to `out` (a directory, or `*.tar` for an OCI
 /// archive). The reference name inside is `tag` (default: the part after the last `:`).
-pub fn export(root: &Root, name: &str, out: &Path) -> anyhow::Result<()> {
+/// With `compression`, layers in another one are re-compressed on the way out (see
+/// [`crate::recompress`]); without it the blobs are exported as stored.
+pub fn export(
+    root: &Root,
+    name: &str,
+    out: &Path,
+    compression: Option<Compression>,
+) -> anyhow::Result<Exported> {
+    let _span = info_span!("export", image = name, out = %out.display()).entered();
     let (manifest, config, layers) = if let Some(img) = root.meta.image(name)? {
         (
             Desc {
@@ -170,10 +192,7 @@ pub fn export(root: &Root, name: &str, out: &Path) -> anyhow::Result<()> {
                 size: img.manifest_size,
             },
             Digest::parse(&img.config_digest)?,
-            img.layers
-                .iter()
-                .map(|l| Digest::parse(&l.blob_digest))
-                .collect::<Result<Vec<_>, _>>()?,
+            img.layers,
         )
     } else if let Some(snap) = root.meta.snapshot(name)? {
         if snap.kind != "committed" {
@@ -186,12 +205,7 @@ pub fn export(root: &Root, name: &str, out: &Path) -> anyhow::Result<()> {
             .chain_id
             .with_context(|| format!("snapshot {name} has no layers"))?;
         let built = build_image_for_chain(root, &chain)?;
-        let layers = built
-            .layers
-            .iter()
-            .map(|l| Digest::parse(&l.blob_digest))
-            .collect::<Result<Vec<_>, _>>()?;
-        (built.manifest, built.config.digest, layers)
+        (built.manifest, built.config.digest, built.layers)
     } else {
         bail!("no image or committed snapshot named {name:?}");
     };
@@ -210,9 +224,20 @@ pub fn export(root: &Root, name: &str, out: &Path) -> anyhow::Result<()> {
     } else {
         out.to_path_buf()
     };
-    let result = write_layout(root, &layout, &manifest, &config, &layers, name, tag);
+    let result = write_layout(
+        root,
+        &layout,
+        &Outgoing {
+            manifest,
+            config,
+            layers,
+            compression,
+        },
+        name,
+        tag,
+    );
     if is_archive {
-        let r = result.and_then(|()| tar_dir(&layout, out));
+        let r = result.and_then(|e| tar_dir(&layout, out).map(|()| e));
         let _ = fs::remove_dir_all(&layout);
         r
     } else {
@@ -220,32 +245,88 @@ pub fn export(root: &Root, name: &str, out: &Path) -> anyhow::Result<()> {
     }
 }
 
+/// The image as it is in the store, and the compression wanted outside.
+struct Outgoing {
+    manifest: Desc,
+    config: Digest,
+    layers: Vec<ImageLayerRow>,
+    compression: Option<Compression>,
+}
+
 fn write_layout(
     root: &Root,
     dir: &Path,
-    manifest: &Desc,
-    config: &Digest,
-    layers: &[Digest],
+    image: &Outgoing,
     name: &str,
     tag: &str,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Exported> {
     let blobs = dir.join("blobs/sha256");
     fs::create_dir_all(&blobs).with_context(|| format!("creating {}", blobs.display()))?;
-    for d in std::iter::once(&manifest.digest)
-        .chain(std::iter::once(config))
-        .chain(layers)
-    {
-        let src = root.store.blob_path(d);
+    let link_from_store = |d: &Digest| -> anyhow::Result<()> {
         let dst = blobs.join(d.hex());
         if dst.exists() {
-            continue;
+            return Ok(());
         }
         crate::registry::lazy::ensure_local(root, d)?;
+        let src = root.store.blob_path(d);
         // A hardlink when on the same filesystem, else a copy.
         if fs::hard_link(&src, &dst).is_err() {
             fs::copy(&src, &dst).with_context(|| format!("copying blob {d}"))?;
         }
+        Ok(())
+    };
+    let recompressed = match image.compression {
+        Some(to) => crate::recompress::recompress_layers(
+            &image.layers,
+            to,
+            |d| {
+                crate::registry::lazy::ensure_local(root, d)?;
+                Ok(root.store.blob_path(d))
+            },
+            || {
+                Ok(tempfile::Builder::new()
+                    .prefix(".tmp-")
+                    .tempfile_in(&blobs)?)
+            },
+        )?,
+        None => image.layers.iter().map(|_| None).collect(),
+    };
+    let mut exported = Exported::default();
+    let mut new_layers = Vec::new();
+    for (l, r) in image.layers.iter().zip(recompressed) {
+        match r {
+            Some((tmp, r)) => {
+                tmp.as_file().sync_all()?;
+                tmp.persist(blobs.join(r.digest.hex()))
+                    .with_context(|| format!("writing blob {}", r.digest))?;
+                exported.recompressed += 1;
+                exported.recompressed_bytes += r.size;
+                exported.layers.push(compression_of(r.media_type));
+                new_layers.push(Some(r));
+            }
+            None => {
+                link_from_store(&Digest::parse(&l.blob_digest)?)?;
+                exported.layers.push(compression_of(&l.media_type));
+                new_layers.push(None);
+            }
+        }
     }
+    link_from_store(&image.config)?;
+    let manifest = if new_layers.iter().any(Option::is_some) {
+        let old = root.store.read_blob(&image.manifest.digest)?;
+        let bytes = crate::recompress::rewrite_manifest(&old, &new_layers)?;
+        let digest = Digest::sha256_from_bytes(Sha256::digest(&bytes).into());
+        fs::write(blobs.join(digest.hex()), &bytes)?;
+        Desc {
+            media_type: OCI_MANIFEST.to_string(),
+            digest,
+            size: bytes.len() as u64,
+        }
+    } else {
+        link_from_store(&image.manifest.digest)?;
+        image.manifest.clone()
+    };
+    exported.manifest = manifest.digest.to_string();
     fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#)?;
     let index = json!({
         "schemaVersion": 2,
@@ -263,7 +344,11 @@ fn write_layout(
     let mut f = fs::File::create(dir.join("index.json"))?;
     f.write_all(&serde_json::to_vec_pretty(&index)?)?;
     f.sync_all()?;
-    Ok(())
+    Ok(exported)
+}
+
+fn compression_of(media_type: &str) -> &'static str {
+    crate::image::layer_compression(media_type).map_or("other", crate::image::compression_name)
 }
 
 fn tar_dir(dir: &Path, out: &Path) -> anyhow::Result<()> {

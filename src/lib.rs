@@ -18,6 +18,7 @@ pub mod index;
 pub mod layer;
 pub mod meta;
 pub mod mount;
+pub mod recompress;
 pub mod registry;
 pub mod root;
 pub mod service;

@@ -193,6 +193,8 @@ enum Command {
         /// Plain HTTP for every registry (loopback registries use it anyway)
         #[arg(long)]
         insecure: bool,
+        #[command(flatten)]
+        out: OutCompression,
     },
     /// Index an imported image's layers again (what import does after copying blobs)
     Unpack {
@@ -249,7 +251,12 @@ enum Command {
         compression: String,
     },
     /// Write an image or committed snapshot as an OCI layout directory (or OCI archive if OUT ends in .tar)
-    Export { name: String, out: PathBuf },
+    Export {
+        name: String,
+        out: PathBuf,
+        #[command(flatten)]
+        compression: OutCompression,
+    },
     /// containerd's Snapshotter contract on the command line
     #[command(subcommand)]
     Snapshot(SnapshotCmd),
@@ -468,6 +475,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             name,
             reference,
             insecure,
+            out,
         } => {
             let connect = lazysnap::registry::source::Connect {
                 insecure,
@@ -475,14 +483,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let root = Root::open(&root_path)?;
             let start = std::time::Instant::now();
-            let pushed = lazysnap::registry::push::push(&root, &name, &reference, &connect)?;
+            let pushed = lazysnap::registry::push::push(
+                &root,
+                &name,
+                &reference,
+                &connect,
+                out.compression()?,
+            )?;
             println!(
-                "pushed {name} to {} (manifest {}, {} blobs uploaded ({}), {} already there) in {:.2}s",
+                "pushed {name} to {} (manifest {}, {} blobs uploaded ({}), {} already there, {} layers re-compressed) in {:.2}s",
                 pushed.reference,
                 pushed.manifest,
                 pushed.blobs_uploaded,
                 human(pushed.bytes_uploaded),
                 pushed.blobs_present,
+                pushed.recompressed,
                 start.elapsed().as_secs_f64()
             );
         }
@@ -674,10 +689,29 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 dir.display()
             );
         }
-        Command::Export { name, out } => {
+        Command::Export {
+            name,
+            out,
+            compression,
+        } => {
             let root = Root::open(&root_path)?;
-            lazysnap::export::export(&root, &name, &out)?;
-            println!("exported {name} to {}", out.display());
+            let start = std::time::Instant::now();
+            let e = lazysnap::export::export(&root, &name, &out, compression.compression()?)?;
+            println!(
+                "exported {name} to {} (manifest {}; layers {}; {} re-compressed ({})) in {:.2}s",
+                out.display(),
+                e.manifest,
+                e.layers.join(", "),
+                e.recompressed,
+                human(e.recompressed_bytes),
+                start.elapsed().as_secs_f64()
+            );
+            if compression.compression.is_none() && e.layers.contains(&"zstd") {
+                eprintln!(
+                    "note: older tools refuse zstd layers (Debian 12's umoci 0.4.7, Docker before 23); \
+                     `--compression gzip` writes them for every tool"
+                );
+            }
         }
         Command::Snapshot(cmd) => {
             let root = Root::open(&root_path)?;
@@ -961,6 +995,24 @@ impl Reporter for Bars {
         if let Some((bar, _, _)) = self.index.take() {
             bar.finish_and_clear();
         }
+    }
+}
+
+/// `--compression` of what leaves the store (`export`, `push`).
+#[derive(clap::Args)]
+struct OutCompression {
+    /// Re-compress layers that are not already in this compression (diffIDs stay; blob
+    /// digests, media types and the manifest change) [default: as stored]
+    #[arg(long, value_parser = ["gzip", "zstd", "none"])]
+    compression: Option<String>,
+}
+
+impl OutCompression {
+    fn compression(&self) -> anyhow::Result<Option<lazysnap::blob::Compression>> {
+        self.compression
+            .as_deref()
+            .map(parse_compression)
+            .transpose()
     }
 }
 

@@ -474,3 +474,151 @@ fn symlinks_out_of_the_rootfs_never_reach_the_host() {
         "nor did the export and unpack touch them"
     );
 }
+
+/// `export --compression gzip` of a commit (whose own layer is zstd, on an image of zstd
+/// layers) is read by Debian 12's umoci (0.4.7, which refuses zstd) directly — no conversion
+/// in between — and umoci's tree equals the mount of the commit, field for field. The
+/// diffIDs stay, every layer is gzip; `--compression none` imports back to the same tree.
+#[test]
+fn export_compression_gzip_is_unpacked_by_umoci_as_the_mount() {
+    if !can_mount() || !common::require(common::have_cmd("umoci"), "umoci") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("root");
+    import(&root, &common::image("debian-zstd"), "deb:1");
+    let rw = tmp.path().join("rw");
+    fs::create_dir_all(&rw).unwrap();
+    ok(&root, &["mount", "--rw", "deb:1", rw.to_str().unwrap()]);
+    {
+        let _m = Mounted {
+            root: root.clone(),
+            dir: rw.clone(),
+        };
+        let out = Command::new("bash")
+            .args(["-euo", "pipefail", "-c"])
+            .arg(
+                r#"printf 'new file\n' > etc/added
+                chmod 0600 etc/added && chown 7:8 etc/added
+                head -c 3000000 /dev/urandom > big.bin
+                ln big.bin big.link
+                setfattr -n user.note -v exported etc/added
+                rm -r etc/gss
+                mkdir -p opt/tool/bin && touch -d @1500000000 opt/tool/bin
+                printf 'x' >> etc/os-release"#,
+            )
+            .current_dir(&rw)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        ok(&root, &["commit", rw.to_str().unwrap(), "deb:2"]);
+    }
+    let mnt = tmp.path().join("mnt");
+    let _m = Mounted::new(&root, "deb:2", &mnt);
+
+    let out_dir = tmp.path().join("gz");
+    let printed = ok(
+        &root,
+        &[
+            "export",
+            "deb:2",
+            out_dir.to_str().unwrap(),
+            "--compression",
+            "gzip",
+        ],
+    );
+    assert!(printed.contains("re-compressed"), "{printed}");
+    let layout_manifest = |dir: &Path| -> serde_json::Value {
+        let index: serde_json::Value =
+            serde_json::from_slice(&fs::read(dir.join("index.json")).unwrap()).unwrap();
+        let d = index["manifests"][0]["digest"].as_str().unwrap();
+        let bytes = fs::read(dir.join("blobs/sha256").join(&d[7..])).unwrap();
+        assert_eq!(common::sha256_of(&bytes), d[7..], "manifest digest");
+        serde_json::from_slice(&bytes).unwrap()
+    };
+    let m = layout_manifest(&out_dir);
+    for l in m["layers"].as_array().unwrap() {
+        assert_eq!(
+            l["mediaType"], "application/vnd.oci.image.layer.v1.tar+gzip",
+            "{m:#}"
+        );
+        let d = l["digest"].as_str().unwrap();
+        let blob = fs::read(out_dir.join("blobs/sha256").join(&d[7..])).unwrap();
+        assert_eq!(common::sha256_of(&blob), d[7..]);
+        assert_eq!(blob.len() as u64, l["size"].as_u64().unwrap());
+    }
+    let inspect: serde_json::Value =
+        serde_json::from_str(&ok(&root, &["inspect", "deb:2"])).unwrap();
+    let config: serde_json::Value = serde_json::from_slice(
+        &fs::read(
+            out_dir
+                .join("blobs/sha256")
+                .join(&m["config"]["digest"].as_str().unwrap()[7..]),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        config["rootfs"]["diff_ids"], inspect["RootFS"],
+        "diffIDs do not change"
+    );
+
+    // umoci itself, on the exported layout as it is.
+    let bundle = tmp.path().join("bundle");
+    let out = Command::new("umoci")
+        .args(["unpack", "--image"])
+        .arg(format!("{}:2", out_dir.display()))
+        .arg(&bundle)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "umoci unpack: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let implicit = Command::new("python3")
+        .arg(common::scripts_dir().join("ocitool.py"))
+        .args(["implicit-dirs", out_dir.to_str().unwrap(), "2"])
+        .output()
+        .unwrap();
+    assert!(implicit.status.success());
+    let mut opts = common::CompareOptions::default();
+    for l in String::from_utf8_lossy(&implicit.stdout).lines() {
+        opts.ignore_mtime.insert(if l == "." {
+            PathBuf::new()
+        } else {
+            PathBuf::from(l)
+        });
+    }
+    let diffs = common::compare_trees_with(&mnt, &bundle.join("rootfs"), &opts);
+    assert!(diffs.is_empty(), "mount vs umoci unpack: {diffs:#?}");
+
+    // Uncompressed out, imported back: the same tree again.
+    let plain = tmp.path().join("plain");
+    ok(
+        &root,
+        &[
+            "export",
+            "deb:2",
+            plain.to_str().unwrap(),
+            "--compression",
+            "none",
+        ],
+    );
+    for l in layout_manifest(&plain)["layers"].as_array().unwrap() {
+        assert_eq!(l["mediaType"], "application/vnd.oci.image.layer.v1.tar");
+    }
+    let root2 = tmp.path().join("root2");
+    import(&root2, &plain, "back:2");
+    let mnt2 = tmp.path().join("mnt2");
+    let _m2 = Mounted::new(&root2, "back:2", &mnt2);
+    let diffs = common::compare_trees_with(&mnt2, &mnt, &Default::default());
+    assert!(
+        diffs.is_empty(),
+        "export none + import vs mount: {diffs:#?}"
+    );
+}

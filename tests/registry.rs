@@ -589,6 +589,44 @@ fn a_committed_image_pushed_and_pulled_has_the_change() {
     );
     assert!(!mnt.join("etc/issue").exists());
     assert!(mnt.join("etc/os-release").exists() || mnt.join("usr/lib/os-release").exists());
+
+    // The commit's zstd layer re-compressed on the way out: same diffIDs and chain, a new
+    // manifest whose every layer is gzip, and the same tree when pulled back.
+    let gz_ref = format!("{}/committed:v2-gzip", reg.addr);
+    let out = ok(
+        &local,
+        &["push", "base:v2", &gz_ref, "--compression", "gzip"],
+    );
+    assert!(out.contains("re-compressed"), "{out}");
+    let raw = Command::new("skopeo")
+        .args(["inspect", "--raw", "--tls-verify=false"])
+        .arg(format!("docker://{gz_ref}"))
+        .output()
+        .unwrap();
+    assert!(
+        raw.status.success(),
+        "{}",
+        String::from_utf8_lossy(&raw.stderr)
+    );
+    let manifest: serde_json::Value = serde_json::from_slice(&raw.stdout).unwrap();
+    for l in manifest["layers"].as_array().unwrap() {
+        assert_eq!(
+            l["mediaType"], "application/vnd.oci.image.layer.v1.tar+gzip",
+            "{manifest:#}"
+        );
+    }
+    ok(&root, &["pull", &gz_ref, "--name", "v2gz"]);
+    let (pushed, gz) = (inspect(&local, "base:v2"), inspect(&root, "v2gz"));
+    assert_eq!(gz["RootFS"], pushed["RootFS"]);
+    assert_eq!(gz["Snapshot"], pushed["Snapshot"]);
+    assert_ne!(gz["Manifest"]["digest"], pushed["Manifest"]["digest"]);
+    let mnt_gz = tmp.path().join("mnt-gz");
+    let _m_gz = Mounted::new(&root, "v2gz", &mnt_gz);
+    let diffs = common::compare_trees_with(&mnt_gz, &mnt, &Default::default());
+    assert!(
+        diffs.is_empty(),
+        "gzip push pulled vs zstd push pulled: {diffs:#?}"
+    );
 }
 
 #[test]

@@ -15,6 +15,7 @@
 
 mod cache;
 mod copy;
+pub mod encode;
 pub use copy::COPY_TEMP_PREFIX;
 mod gz;
 mod zst;

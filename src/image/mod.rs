@@ -66,6 +66,15 @@ pub fn layer_compression(media_type: &str) -> Option<Compression> {
     }
 }
 
+/// The OCI media type of a layer blob with compression `c`.
+pub fn layer_media_type(c: Compression) -> &'static str {
+    match c {
+        Compression::None => "application/vnd.oci.image.layer.v1.tar",
+        Compression::Gzip => "application/vnd.oci.image.layer.v1.tar+gzip",
+        Compression::Zstd => "application/vnd.oci.image.layer.v1.tar+zstd",
+    }
+}
+
 pub fn compression_name(c: Compression) -> &'static str {
     match c {
         Compression::None => "none",

@@ -17,6 +17,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context as _};
 use sha2::{Digest as _, Sha256};
 
+use crate::blob::encode::LayerEncoder;
 use crate::blob::Compression;
 use crate::digest::Digest;
 use crate::image::resolve::Desc;
@@ -53,70 +54,6 @@ impl<W: Write> Write for DiffWriter<W> {
     }
 }
 
-/// A zstd stream cut into independent frames of `frame_size` uncompressed bytes: any zstd
-/// reader reads it as one stream, and lazysnap's reader enters it at every frame, so the
-/// committed layer needs no local seekable copy (a single frame would).
-struct FramedZstd<W: Write> {
-    enc: Option<zstd::Encoder<'static, W>>,
-    level: i32,
-    frame_size: u64,
-    in_frame: u64,
-}
-
-impl<W: Write> FramedZstd<W> {
-    fn new(w: W, level: i32, frame_size: u64) -> io::Result<Self> {
-        Ok(FramedZstd {
-            enc: Some(zstd::Encoder::new(w, level)?),
-            level,
-            frame_size,
-            in_frame: 0,
-        })
-    }
-
-    fn encoder(&mut self) -> io::Result<&mut zstd::Encoder<'static, W>> {
-        self.enc
-            .as_mut()
-            .ok_or_else(|| io::Error::other("zstd writer already finished"))
-    }
-
-    fn finish(mut self) -> io::Result<W> {
-        match self.enc.take() {
-            Some(e) => e.finish(),
-            None => Err(io::Error::other("zstd writer already finished")),
-        }
-    }
-}
-
-impl<W: Write> Write for FramedZstd<W> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        if self.in_frame >= self.frame_size {
-            let w = self
-                .enc
-                .take()
-                .ok_or_else(|| io::Error::other("zstd writer already finished"))?
-                .finish()?;
-            self.enc = Some(zstd::Encoder::new(w, self.level)?);
-            self.in_frame = 0;
-        }
-        let room = (self.frame_size - self.in_frame).min(buf.len() as u64) as usize;
-        let n = self.encoder()?.write(&buf[..room])?;
-        self.in_frame += n as u64;
-        Ok(n)
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        self.encoder()?.flush()
-    }
-}
-
-pub fn media_type(c: Compression) -> &'static str {
-    match c {
-        Compression::None => "application/vnd.oci.image.layer.v1.tar",
-        Compression::Gzip => "application/vnd.oci.image.layer.v1.tar+gzip",
-        Compression::Zstd => "application/vnd.oci.image.layer.v1.tar+zstd",
-    }
-}
-
 /// Tars `upper` into a new layer blob on top of `parent_chain`, indexes it, and returns the
 /// rows to record (the caller records them in one transaction with the snapshot).
 pub fn commit_upper(
@@ -135,7 +72,7 @@ pub fn commit_upper(
         let root_path = root.path.clone();
         let layer = LayerDesc {
             desc: Desc {
-                media_type: media_type(compression).to_string(),
+                media_type: crate::image::layer_media_type(compression).to_string(),
                 digest: placeholder.clone(),
                 size: 0,
             },
@@ -169,7 +106,7 @@ pub fn commit_upper(
     let (blob_digest, blob_size, diff_id) = written?;
     let layer = LayerDesc {
         desc: Desc {
-            media_type: media_type(compression).to_string(),
+            media_type: crate::image::layer_media_type(compression).to_string(),
             digest: blob_digest.clone(),
             size: blob_size,
         },
@@ -221,25 +158,10 @@ fn write_blob(
         tx: Some(tx),
     };
     // Finishing the tee drops the sender: the indexer sees the end of the stream.
-    Ok(match compression {
-        Compression::Zstd => {
-            let enc = FramedZstd::new(tee, 3, crate::blob::DEFAULT_SPAN_SIZE)?;
-            let (enc, diff) = write_tar(upper, enc)?;
-            let (d, s) = enc.finish()?.inner.commit()?;
-            (d, s, diff)
-        }
-        Compression::Gzip => {
-            let enc = flate2::write::GzEncoder::new(tee, flate2::Compression::new(6));
-            let (enc, diff) = write_tar(upper, enc)?;
-            let (d, s) = enc.finish()?.inner.commit()?;
-            (d, s, diff)
-        }
-        Compression::None => {
-            let (w, diff) = write_tar(upper, tee)?;
-            let (d, s) = w.inner.commit()?;
-            (d, s, diff)
-        }
-    })
+    let enc = LayerEncoder::new(tee, compression, crate::blob::DEFAULT_SPAN_SIZE)?;
+    let (enc, diff) = write_tar(upper, enc)?;
+    let (d, s) = enc.finish()?.inner.commit()?;
+    Ok((d, s, diff))
 }
 
 /// A name no blob has: sha256 of this process, the time and a counter.
