@@ -6,7 +6,8 @@
 
 use std::ffi::CString;
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicU8, Ordering};
 
 /// Identity of a host inode: (st_dev, st_ino). Hardlinks share it; rename keeps it.
 pub type HostId = (u64, u64);
@@ -69,6 +70,69 @@ pub fn open_path(dir: BorrowedFd<'_>, name: &[u8]) -> io::Result<OwnedFd> {
 /// An `O_PATH` fd of directory `name` of `dir`; fails on anything else (symlinks included).
 pub fn open_dir_path(dir: BorrowedFd<'_>, name: &[u8]) -> io::Result<OwnedFd> {
     open_at(dir, name, libc::O_PATH | libc::O_DIRECTORY, 0)
+}
+
+/// Whether `openat2` works here: unknown, yes, no (a kernel before 5.6, or a seccomp filter).
+static OPENAT2: AtomicU8 = AtomicU8::new(0);
+
+/// An `O_PATH` fd of the entry reached from `dir` through `names` (single components), the last
+/// one itself even if it is a symlink. No symlink is followed on the way and the walk never
+/// leaves `dir`: one `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)`, or where the kernel has
+/// no `openat2`, one `O_NOFOLLOW` open per name (the same guarantee, since no name is `..`).
+pub fn open_path_beneath(dir: BorrowedFd<'_>, names: &[&[u8]]) -> io::Result<OwnedFd> {
+    let Some((last, walk)) = names.split_last() else {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    };
+    if walk.is_empty() {
+        return open_path(dir, last);
+    }
+    let mut path = Vec::with_capacity(names.iter().map(|n| n.len() + 1).sum());
+    for (i, n) in names.iter().enumerate() {
+        component(n)?;
+        if i > 0 {
+            path.push(b'/');
+        }
+        path.extend_from_slice(n);
+    }
+    if OPENAT2.load(Ordering::Relaxed) != 2 && path.len() < libc::PATH_MAX as usize {
+        match openat2_beneath(dir, path) {
+            Ok(fd) => {
+                OPENAT2.store(1, Ordering::Relaxed);
+                return Ok(fd);
+            }
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOSYS) | Some(libc::EPERM)) => {
+                OPENAT2.store(2, Ordering::Relaxed);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    let mut cur = open_dir_path(dir, walk[0])?;
+    for n in &walk[1..] {
+        cur = open_dir_path(cur.as_fd(), n)?;
+    }
+    open_path(cur.as_fd(), last)
+}
+
+fn openat2_beneath(dir: BorrowedFd<'_>, path: Vec<u8>) -> io::Result<OwnedFd> {
+    let c = CString::new(path).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: `open_how` is plain data (zero = no flags); it is non-exhaustive, hence zeroed.
+    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+    how.flags = (libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC) as u64;
+    how.resolve = libc::RESOLVE_BENEATH | libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS;
+    // SAFETY: valid fd, C string and `open_how` of the size passed.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            dir.as_raw_fd(),
+            c.as_ptr(),
+            &how as *const libc::open_how,
+            std::mem::size_of::<libc::open_how>(),
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(owned(rc as RawFd))
 }
 
 /// The upper root, opened once by path (the one host path this crate ever resolves).

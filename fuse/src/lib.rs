@@ -27,6 +27,7 @@
 //!   follow symlinks ([`host`]): a symlink in the upper cannot lead a write outside it.
 
 mod error;
+mod fd_cache;
 pub mod fs;
 pub mod host;
 pub mod layer;

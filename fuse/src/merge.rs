@@ -31,6 +31,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 
 use tracing::warn;
 
+use crate::fd_cache::FdCache;
 use crate::host::{self, HostId};
 use crate::layer::{DirEntry, LayerStack, LayerTree, NodeAttr, NodeId, NodeKind, Timestamp};
 use crate::upper::{self, Upper};
@@ -49,6 +50,10 @@ pub type FullAttr = (NodeAttr, Option<u64>);
 
 /// An inode number of the merged view.
 pub type Ino = u64;
+
+/// Deepest upper path followed when reopening an entry (a loop in the table is a bug, never a
+/// hang).
+const MAX_DEPTH: usize = 4096;
 
 /// The root directory's inode number (FUSE's `FUSE_ROOT_ID`).
 pub const ROOT_INO: Ino = 1;
@@ -120,13 +125,21 @@ impl MergedDir {
     }
 }
 
-/// The upper entry behind an inode.
+/// The upper entry behind an inode. Its `O_PATH` fd is kept in [`Merged::fds`] while recently
+/// used and opened again from the parent chain otherwise.
 #[derive(Debug)]
 pub(crate) struct UpperNode {
     pub id: HostId,
-    /// An `O_PATH` fd of it, cached while the kernel references the inode (reopened from the
-    /// parent's fd and the name otherwise).
-    pub fd: Option<Arc<OwnedFd>>,
+    /// An fd held for as long as the kernel references the inode, for the entries no name leads
+    /// to: the upper root, a file unlinked while open, a hardlink whose recorded name was
+    /// removed (until a lookup names it again). Few at a time: the rest go through the cache.
+    pub pinned: Option<Arc<OwnedFd>>,
+}
+
+impl UpperNode {
+    pub fn new(id: HostId) -> UpperNode {
+        UpperNode { id, pinned: None }
+    }
 }
 
 /// The mutable part of an inode: where it is and what is behind it in the upper.
@@ -194,6 +207,22 @@ impl Inode {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Records that an upper entry was just found as `name` in `parent`: a name that leads to
+    /// it now (a hardlink's recorded name may have been removed), so no fd needs pinning.
+    pub(crate) fn seen_at(&self, parent: Ino, name: &[u8]) {
+        let mut st = self.state();
+        if self.ino == ROOT_INO || st.upper.is_none() {
+            return;
+        }
+        if st.parent != parent || *st.name != *name {
+            st.parent = parent;
+            st.name = name.into();
+        }
+        if let Some(u) = st.upper.as_mut() {
+            u.pinned = None;
+        }
+    }
+
     /// The directory this inode was last seen in (`..` for directories, which have one).
     pub fn parent(&self) -> Ino {
         self.state().parent
@@ -252,6 +281,8 @@ pub struct Merged {
     pub(crate) upper: Option<Upper>,
     /// Serializes changes to the upper directory (reads and data writes do not take it).
     pub(crate) write_lock: Mutex<()>,
+    /// `O_PATH` fds of recently used upper entries; bounded by the open-file limit.
+    pub(crate) fds: FdCache,
     pub(crate) tmp_seq: AtomicU64,
 }
 
@@ -283,15 +314,25 @@ fn empty_root_attr() -> NodeAttr {
 impl Merged {
     /// A merged view of `layers` (bottom first). Cheap: nothing is read until asked.
     pub fn new(layers: LayerStack) -> Merged {
-        Self::build(layers, None)
+        Self::build(layers, None, FdCache::new(1))
     }
 
     /// A merged view of `layers` under the writable upper directory `upper`.
     pub(crate) fn with_upper(layers: LayerStack, upper: Upper) -> io::Result<Merged> {
-        Ok(Self::build(layers, Some(upper)))
+        Ok(Self::build(
+            layers,
+            Some(upper),
+            FdCache::for_this_process(),
+        ))
     }
 
-    fn build(layers: LayerStack, upper: Option<Upper>) -> Merged {
+    /// Like [`Merged::with_upper`], keeping at most `fds` fds of upper entries.
+    #[cfg(test)]
+    pub(crate) fn with_upper_and_fds(layers: LayerStack, upper: Upper, fds: usize) -> Merged {
+        Self::build(layers, Some(upper), FdCache::new(fds))
+    }
+
+    fn build(layers: LayerStack, upper: Option<Upper>, fds: FdCache) -> Merged {
         let sources: Vec<Origin> = (0..layers.len())
             .rev()
             .map(|i| Origin {
@@ -305,7 +346,7 @@ impl Merged {
             table.by_upper.insert(u.root_id, ROOT_INO);
             UpperNode {
                 id: u.root_id,
-                fd: Some(u.root.clone()),
+                pinned: Some(u.root.clone()),
             }
         });
         let root = Arc::new(Inode::new(
@@ -326,6 +367,7 @@ impl Merged {
             table: RwLock::new(table),
             upper,
             write_lock: Mutex::new(()),
+            fds,
             tmp_seq: AtomicU64::new(0),
         }
     }
@@ -335,32 +377,49 @@ impl Merged {
         self.upper.is_some()
     }
 
-    /// The `O_PATH` fd of `inode`'s upper entry, if it has one; reopened from its parent's fd
-    /// and its name when not cached. `ESTALE` when that name now leads elsewhere.
+    /// The `O_PATH` fd of `inode`'s upper entry, if it has one. When it is not at hand, the
+    /// names from the nearest ancestor whose fd is are opened beneath that ancestor
+    /// ([`host::open_path_beneath`]: no symlink followed, never above it), and the result is
+    /// checked to be the same host inode: `ESTALE` when that path now leads elsewhere.
     pub(crate) fn upper_fd(&self, inode: &Inode) -> io::Result<Option<Arc<OwnedFd>>> {
-        let (parent, name, id) = {
+        let id = {
             let st = inode.state();
             let Some(u) = &st.upper else { return Ok(None) };
-            if let Some(fd) = &u.fd {
+            if let Some(fd) = &u.pinned {
                 return Ok(Some(fd.clone()));
             }
-            (st.parent, st.name.clone(), u.id)
+            u.id
         };
-        let stale = || io::Error::from_raw_os_error(libc::ESTALE);
-        if inode.ino == ROOT_INO || parent == inode.ino {
-            return Err(stale());
+        if let Some(fd) = self.fds.get(inode.ino, id) {
+            return Ok(Some(fd));
         }
-        let pinode = self.inode(parent).ok_or_else(stale)?;
-        let pfd = self.upper_fd(&pinode)?.ok_or_else(stale)?;
-        let fd = host::open_path(pfd.as_fd(), &name)?;
+        let stale = || io::Error::from_raw_os_error(libc::ESTALE);
+        let mut names: Vec<Box<[u8]>> = Vec::new();
+        let mut at = {
+            let st = inode.state();
+            (inode.ino, st.parent, st.name.clone())
+        };
+        let base = loop {
+            let (ino, parent, name) = at;
+            if parent == ino || names.len() > MAX_DEPTH {
+                return Err(stale());
+            }
+            names.push(name);
+            let p = self.inode(parent).ok_or_else(stale)?;
+            let st = p.state();
+            let u = st.upper.as_ref().ok_or_else(stale)?;
+            if let Some(fd) = u.pinned.clone().or_else(|| self.fds.get(p.ino, u.id)) {
+                break fd;
+            }
+            at = (p.ino, st.parent, st.name.clone());
+        };
+        let path: Vec<&[u8]> = names.iter().rev().map(|n| &**n).collect();
+        let fd = host::open_path_beneath(base.as_fd(), &path)?;
         if host::host_id(&host::stat_fd(fd.as_fd())?) != id {
             return Err(stale());
         }
         let fd = Arc::new(fd);
-        let mut st = inode.state();
-        if let Some(u) = st.upper.as_mut().filter(|u| u.id == id) {
-            u.fd = Some(fd.clone());
-        }
+        self.fds.put(inode.ino, id, fd.clone());
         Ok(Some(fd))
     }
 
@@ -415,6 +474,9 @@ impl Merged {
             }
         };
         let inode = self.inode(ino).ok_or(Errno::NoEntry)?;
+        if !matches!(name, b"." | b"..") {
+            inode.seen_at(parent, name);
+        }
         let (attr, _) = self.attr_ext(&inode)?;
         inode.lookups.fetch_add(1, Ordering::Relaxed);
         Ok((ino, attr))
@@ -451,8 +513,9 @@ impl Merged {
             }
             // Nobody refers to it any more: its fd is reopened by name when needed again.
             if let Some(u) = inode.state().upper.as_mut() {
-                u.fd = None;
+                u.pinned = None;
             }
+            self.fds.remove(ino);
         }
     }
 
@@ -679,15 +742,13 @@ impl Merged {
                 .cloned();
             let ino = match known {
                 Some(child) => {
-                    let mut st = child.state();
-                    st.parent = inode.ino;
-                    st.name = e.name.clone();
+                    child.seen_at(inode.ino, &e.name);
                     child.ino
                 }
                 None => {
                     let merge_len = merge_len(&self.layers, &sources);
                     let ino = table.push(|ino| {
-                        let up = UpperNode { id: e.id, fd: None };
+                        let up = UpperNode::new(e.id);
                         Inode::new(
                             ino,
                             inode.ino,

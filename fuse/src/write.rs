@@ -22,6 +22,9 @@ use crate::merge::{Child, Errno, Ino, Inode, Merged, UpperNode, Xattrs};
 use crate::ownership::{self, Override};
 use crate::upper::{self, OPAQUE, WH_PREFIX};
 
+#[cfg(test)]
+mod tests;
+
 /// Chunk size of copy-up reads; all-zero chunks are skipped to keep holes.
 const COPY_CHUNK: usize = 1 << 20;
 
@@ -214,10 +217,8 @@ impl Merged {
             .unwrap_or_else(PoisonError::into_inner)
             .by_upper
             .insert(id, inode.ino);
-        inode.state().upper = Some(UpperNode {
-            id,
-            fd: Some(fd.clone()),
-        });
+        inode.state().upper = Some(UpperNode::new(id));
+        self.fds.put(inode.ino, id, fd.clone());
         Ok(())
     }
 
@@ -532,12 +533,20 @@ impl Merged {
         let ino = {
             let mut t = self.table.write().unwrap_or_else(PoisonError::into_inner);
             let ino = t.push(|ino| {
-                let up = UpperNode { id, fd: Some(fd) };
-                Inode::new(ino, parent, name, kind, Vec::new(), 0, Some(up))
+                Inode::new(
+                    ino,
+                    parent,
+                    name,
+                    kind,
+                    Vec::new(),
+                    0,
+                    Some(UpperNode::new(id)),
+                )
             });
             t.by_upper.insert(id, ino);
             ino
         };
+        self.fds.put(ino, id, fd);
         if opaque {
             if let Some(i) = self.inode(ino) {
                 i.state().lower_gone = true;
@@ -553,13 +562,24 @@ impl Merged {
         Ok(ino)
     }
 
-    /// Forgets upper entry `inode` when its last host link is gone (its host inode number may
-    /// be reused by a new file).
-    fn drop_if_unlinked(&self, inode: &Inode, fd: Option<&Arc<OwnedFd>>) {
+    /// After the upper name `name` of `parent` that led to `inode` (through `fd`) was removed:
+    /// forgets the upper entry when its last host link is gone (its host inode number may be
+    /// reused by a new file). A file the kernel still refers to (open, or known by another
+    /// name) keeps its fd pinned, since no recorded name leads to it any more.
+    fn drop_if_unlinked(&self, inode: &Inode, fd: Option<&Arc<OwnedFd>>, parent: Ino, name: &[u8]) {
         let gone = match fd {
             Some(fd) => host::stat_fd(fd.as_fd()).map_or(true, |st| st.st_nlink == 0),
             None => true,
         };
+        if let (Some(fd), false) = (fd, inode.kind == NodeKind::Dir) {
+            let mut st = inode.state();
+            let was_its_name = st.parent == parent && *st.name == *name;
+            if gone || was_its_name {
+                if let Some(u) = st.upper.as_mut() {
+                    u.pinned = Some(fd.clone());
+                }
+            }
+        }
         if !gone {
             return;
         }
@@ -611,7 +631,7 @@ impl Merged {
                 clear_markers(fd.as_fd())?;
             }
             host::unlink_at(pfd.as_fd(), name, dir)?;
-            self.drop_if_unlinked(&inode, Some(fd));
+            self.drop_if_unlinked(&inode, Some(fd), parent, name);
         } else if dir {
             let mut st = inode.state();
             st.lower_gone = true;
@@ -721,7 +741,7 @@ impl Merged {
         }
         if let Some(d) = &dinode {
             if dfd.is_some() {
-                self.drop_if_unlinked(d, dfd.as_ref());
+                self.drop_if_unlinked(d, dfd.as_ref(), newparent, newname);
             } else if d.kind == NodeKind::Dir {
                 d.state().lower_gone = true;
             }
