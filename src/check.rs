@@ -83,6 +83,8 @@ pub enum LeftoverKind {
     TempFile,
     /// A directory under `snapshots/` no snapshot row owns.
     OrphanSnapshotDir,
+    /// A shared lower (under `lowers/`, mounted or not) no overlay-mode snapshot uses.
+    UnusedLower,
 }
 
 impl LeftoverKind {
@@ -92,7 +94,7 @@ impl LeftoverKind {
             LeftoverKind::TempFile => {
                 "removed by `lazysnap gc`, `check --repair` or the next lazysnap command that opens the store"
             }
-            LeftoverKind::OrphanSnapshotDir => {
+            LeftoverKind::OrphanSnapshotDir | LeftoverKind::UnusedLower => {
                 "removed by `lazysnap check --repair`, `snapshot cleanup` or containerd's cleanup"
             }
         }
@@ -239,6 +241,29 @@ pub fn repair(root: &mut Root, opts: &Options) -> Result<Report> {
         }
     }
     done.extend(remove_orphan_snapshot_dirs(root)?);
+    for l in &first.leftovers {
+        if l.kind != LeftoverKind::UnusedLower {
+            continue;
+        }
+        let path = root.path.join(&l.subject);
+        let _lock = match crate::snapshot::overlay::LowersLock::take(&root.path) {
+            Ok(l) => l,
+            Err(e) => {
+                warn!(error = %format!("{e:#}"), "cannot lock the shared lowers");
+                break;
+            }
+        };
+        if lazysnap_fuse::is_mountpoint(&path) || lazysnap_fuse::is_stale_mount(&path) {
+            if let Err(e) = lazysnap_fuse::unmount(&path) {
+                warn!(path = %path.display(), error = %e, "could not unmount");
+                continue;
+            }
+        }
+        match std::fs::remove_dir(&path) {
+            Ok(()) => done.push(format!("removed unused shared lower {}", l.subject)),
+            Err(e) => warn!(path = %path.display(), error = %e, "could not remove"),
+        }
+    }
     for p in &first.problems {
         if p.kind == ProblemKind::SnapshotDirMissing {
             match root.meta.remove_snapshot(&p.subject) {
@@ -569,6 +594,30 @@ fn check_snapshots(
             });
         }
     }
+    let used: HashSet<String> = rows
+        .iter()
+        .filter(|r| {
+            r.kind != "committed" && crate::snapshot::is_overlay_dir(&dir.join(r.id.to_string()))
+        })
+        .filter_map(|r| r.chain_id.clone())
+        .collect();
+    for e in unused_lowers(root, &used) {
+        let mounted = lazysnap_fuse::is_mountpoint(&e);
+        leftovers.push(Leftover {
+            kind: LeftoverKind::UnusedLower,
+            subject: rel(root, &e),
+            bytes: 0,
+            detail: format!(
+                "shared lower no snapshot uses ({})",
+                if mounted {
+                    "still mounted"
+                } else {
+                    "not mounted"
+                }
+            ),
+            removed_by: LeftoverKind::UnusedLower.removed_by(),
+        });
+    }
     for r in &rows {
         checked.snapshots += 1;
         if r.kind != "committed" && !dir.join(r.id.to_string()).join("upper").is_dir() {
@@ -584,6 +633,20 @@ fn check_snapshots(
         }
     }
     Ok(())
+}
+
+/// Directories under `lowers/` whose chain is not in `used`.
+fn unused_lowers(root: &Root, used: &HashSet<String>) -> Vec<PathBuf> {
+    std::fs::read_dir(root.path.join("lowers"))
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.path())
+                .filter(|p| {
+                    crate::snapshot::overlay::chain_of_lower(p).is_some_and(|c| !used.contains(&c))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// Bytes of the regular files under `dir` (symlinks not followed; a mount point's contents

@@ -30,6 +30,12 @@ struct Cli {
     /// State directory [default: $LAZYSNAP_ROOT, /var/lib/lazysnap as root, else $XDG_DATA_HOME/lazysnap]
     #[arg(long, global = true)]
     root: Option<PathBuf>,
+    /// Who holds an active snapshot's writes: `overlay` (the kernel's overlayfs over a shared
+    /// read-only lazysnap mount of the chain), `fuse` (lazysnap's FUSE mount serves the upper
+    /// too), or `auto`: overlay as root or in a user namespace (kernel >= 5.11), else fuse
+    #[arg(long, global = true, default_value = "auto", env = "LAZYSNAP_UPPER",
+          value_parser = ["auto", "overlay", "fuse"])]
+    upper: String,
     #[command(subcommand)]
     command: Command,
 }
@@ -343,6 +349,7 @@ fn main() {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     let root_path = cli.root.clone().unwrap_or_else(default_root);
+    let upper_mode = lazysnap::snapshot::UpperMode::parse(&cli.upper)?;
     if matches!(
         cli.command,
         Command::Trace { .. }
@@ -597,6 +604,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     owners: owners.into(),
                 }),
             );
+            sn.upper_mode = upper_mode;
             let key = format!("rw:{}", dir.display());
             let start = std::time::Instant::now();
             if sn.root().meta.snapshot(&key)?.is_some() {
@@ -612,7 +620,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 start.elapsed().as_secs_f64() * 1000.0,
                 dir.display()
             );
-            println!("{}", owners_line(owners));
+            let mode = sn
+                .active_at(&dir)?
+                .map(|row| sn.mode_of(&row))
+                .unwrap_or(lazysnap::snapshot::UpperMode::Fuse);
+            match mode {
+                lazysnap::snapshot::UpperMode::Overlay => println!(
+                    "upper: overlay: the kernel's overlayfs holds the writes (upper {}), over the shared read-only mount of {parent}",
+                    sn.active_at(&dir)?.map(|r| sn.upper_dir(&r).display().to_string()).unwrap_or_default()
+                ),
+                lazysnap::snapshot::UpperMode::Fuse => {
+                    println!("upper: fuse: lazysnap's FUSE mount holds the writes ({})", sn.upper_mode().1);
+                    println!("{}", owners_line(owners));
+                }
+            }
         }
         Command::Mount {
             image,
@@ -715,7 +736,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Snapshot(cmd) => {
             let root = Root::open(&root_path)?;
-            snapshot_cmd(snapshotter(root, &root_path, 256 << 20), cmd)?;
+            let mut sn = snapshotter(root, &root_path, 256 << 20);
+            sn.upper_mode = upper_mode;
+            snapshot_cmd(sn, cmd)?;
         }
         Command::Serve {
             address,
@@ -735,6 +758,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 threads,
                 containerd_content: Some(containerd_content),
                 in_process_mounts,
+                upper_mode,
                 remote: (!no_lazy_pull).then_some(lazysnap::snapshot::remote::RemoteConfig {
                     mirrors: registry_mirrors,
                     insecure_registries,
@@ -850,7 +874,16 @@ fn snapshot_cmd(mut sn: Snapshotter, cmd: SnapshotCmd) -> anyhow::Result<()> {
             }
         }
         SnapshotCmd::Stat { key } => {
-            println!("{}", serde_json::to_string_pretty(&sn.stat(&key)?)?);
+            let mut info = serde_json::to_value(sn.stat(&key)?)?;
+            if let Some(row) = sn
+                .root()
+                .meta
+                .snapshot(&key)?
+                .filter(|r| r.kind != "committed")
+            {
+                info["upper"] = json!(sn.mode_of(&row).as_str());
+            }
+            println!("{}", serde_json::to_string_pretty(&info)?);
         }
         SnapshotCmd::Ls { filters, json } => {
             let mut all = Vec::new();

@@ -278,11 +278,16 @@ impl crate::snapshot::Mounter for DaemonMounter {
             .with_context(|| format!("creating {}", spec.mountpoint.display()))?;
         let req = MountRequest {
             target: spec.key.clone(),
-            snapshot: true,
+            // A shared lower is a chain served read-only, as the image's ids.
+            snapshot: !spec.shared_lower,
             dir: spec.mountpoint.clone(),
             cache_bytes: self.cache_bytes,
             threads: self.threads,
-            owners: self.owners,
+            owners: if spec.shared_lower {
+                Owners::Image
+            } else {
+                self.owners
+            },
         };
         let log = daemon_log(&self.root_path);
         if let Some(parent) = log.parent() {

@@ -295,13 +295,12 @@ fn an_active_snapshot_is_never_removed_for_a_missing_blob() {
         .unwrap()
         .to_string();
     ok(&root, &["snapshot", "prepare", "work", &chain]);
-    let mnt =
+    let mounts =
         serde_json::from_str::<serde_json::Value>(&ok(&root, &["snapshot", "mounts", "work"]))
-            .unwrap()[0]["source"]
-            .as_str()
-            .unwrap()
-            .to_string();
-    fs::write(Path::new(&mnt).join("mine"), b"changes").unwrap();
+            .unwrap();
+    let mnt = common::SnapshotMount::new(&mounts, &tmp.path().join("work"));
+    fs::write(mnt.dir.join("mine"), b"changes").unwrap();
+    drop(mnt);
     // Remove every layer blob.
     let blobs = root.join("content/blobs/sha256");
     for e in fs::read_dir(&blobs).unwrap() {

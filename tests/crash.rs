@@ -374,9 +374,10 @@ fn kill_at_random_points_then_check_and_compare() {
                 if op == Op::Commit {
                     // Something to commit: a file of random size in the upper.
                     let m = json(&root, &["snapshot", "mounts", &key]);
-                    let src = PathBuf::from(m[0]["source"].as_str().unwrap());
+                    let mnt = common::SnapshotMount::new(&m, &tmp.path().join("work"));
                     let size = rng.random_range(0..3_000_000usize);
-                    fs::write(src.join(format!("file-{i}")), vec![i as u8; size]).unwrap();
+                    fs::write(mnt.dir.join(format!("file-{i}")), vec![i as u8; size]).unwrap();
+                    drop(mnt);
                     vec!["snapshot".into(), "commit".into(), name.clone(), key]
                 } else {
                     vec!["snapshot".into(), "rm".into(), key]

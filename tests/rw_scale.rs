@@ -1,4 +1,5 @@
-//! A writable mount at the scale package managers work at, with few file descriptors: the mount
+//! A writable FUSE-upper mount (`--upper fuse`, the rootless mode) at the scale package managers
+//! work at, with few file descriptors: the mount
 //! daemon runs under `ulimit -n 256` (soft and hard, so it cannot lift it) while 100k files are
 //! untarred into the mount, 20k lower files are copied up, everything is chmod'ed, touched and
 //! half of it removed. The committed image must equal the same steps run on a plain directory,
@@ -166,7 +167,7 @@ fn a_daemon_under_ulimit_256_takes_100k_files_copy_up_chmod_rm_and_commit() {
     let out = Command::new("bash")
         .arg("-c")
         .arg(format!(
-            "ulimit -n {FD_LIMIT} && exec {lz} --root {root} mount --rw many {mnt}",
+            "ulimit -n {FD_LIMIT} && exec {lz} --root {root} --upper fuse mount --rw many {mnt}",
             lz = common::lazysnap_bin().display(),
             root = root.display(),
             mnt = mnt.display()

@@ -182,7 +182,19 @@ fn untar(layer: &Path, dir: &Path) {
 }
 
 #[test]
-fn seed_walkthrough_layers_then_a_container_then_a_new_image() {
+fn seed_walkthrough_in_overlay_mode() {
+    seed_walkthrough("overlay");
+}
+
+#[test]
+fn seed_walkthrough_in_fuse_mode() {
+    seed_walkthrough("fuse");
+}
+
+/// Importing layers into prepared snapshots, running a program in a container snapshot,
+/// committing, exporting and importing elsewhere, with the returned mounts mounted as
+/// containerd mounts them, in upper mode `mode`.
+fn seed_walkthrough(mode: &str) {
     if !can_mount() {
         return;
     }
@@ -204,19 +216,31 @@ fn seed_walkthrough_layers_then_a_container_then_a_new_image() {
     let mut parent = String::new();
     for (i, layer) in layers.iter().take(2).enumerate() {
         let key = format!("extract-{i}");
-        let m = json(&root, &["snapshot", "prepare", &key, &parent]);
-        let mnt = PathBuf::from(m[0]["source"].as_str().unwrap());
-        untar(layer, &mnt);
+        let m = json(
+            &root,
+            &["--upper", mode, "snapshot", "prepare", &key, &parent],
+        );
+        let mnt = common::SnapshotMount::new(&m, &tmp.path().join(&key));
+        untar(layer, &mnt.dir);
+        drop(mnt);
         let name = format!("layer-{i}");
         ok(&root, &["snapshot", "commit", &name, &key]);
         ok(&root, &["snapshot", "rm", &key]);
         parent = name;
     }
     // Running a container: Prepare on the top layer, run a program that writes, commit.
-    let m = json(&root, &["snapshot", "prepare", "container", &parent]);
-    let mnt = PathBuf::from(m[0]["source"].as_str().unwrap());
+    let m = json(
+        &root,
+        &["--upper", mode, "snapshot", "prepare", "container", &parent],
+    );
+    let info = json(&root, &["snapshot", "stat", "container"]);
+    assert_eq!(info["upper"], mode, "{info}");
+    if mode == "overlay" {
+        assert_eq!(m[0]["type"], "overlay", "{m}");
+    }
+    let mnt = common::SnapshotMount::new(&m, &tmp.path().join("container"));
     let out = Command::new("chroot")
-        .arg(&mnt)
+        .arg(&mnt.dir)
         .args(["/usr/bin/python3", "-c", "open('/root/hello.txt','w').write('hi from python'); import os; os.remove('/etc/debian_version')"])
         .output()
         .unwrap();
@@ -225,6 +249,7 @@ fn seed_walkthrough_layers_then_a_container_then_a_new_image() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    drop(mnt);
     ok(&root, &["snapshot", "commit", "app", "container"]);
     ok(&root, &["snapshot", "rm", "container"]);
     // The committed chain, exported and imported elsewhere, shows the container's changes.
@@ -315,7 +340,16 @@ fn run_script(dir: &Path) {
 }
 
 #[test]
-fn writable_mount_matches_a_plain_copy_and_commit_round_trips() {
+fn writable_overlay_mount_matches_a_plain_copy_and_commit_round_trips() {
+    writable_mount_round_trip("overlay");
+}
+
+#[test]
+fn writable_fuse_mount_matches_a_plain_copy_and_commit_round_trips() {
+    writable_mount_round_trip("fuse");
+}
+
+fn writable_mount_round_trip(mode: &str) {
     if !can_mount() || !common::require(common::have_cmd("umoci"), "umoci") {
         return;
     }
@@ -343,7 +377,18 @@ fn writable_mount_matches_a_plain_copy_and_commit_round_trips() {
         .success());
     let mnt = tmp.path().join("rw");
     fs::create_dir_all(&mnt).unwrap();
-    ok(&root, &["mount", "deb", mnt.to_str().unwrap(), "--rw"]);
+    let out = ok(
+        &root,
+        &[
+            "--upper",
+            mode,
+            "mount",
+            "deb",
+            mnt.to_str().unwrap(),
+            "--rw",
+        ],
+    );
+    assert!(out.contains(&format!("upper: {mode}")), "{out}");
     run_script(&mnt);
     run_script(&plain);
     let diffs = common::compare_trees(&mnt, &plain);

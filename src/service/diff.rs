@@ -43,9 +43,16 @@ pub fn content_blob_path(content_dir: &Path, digest: &Digest) -> Option<PathBuf>
 
 /// The bind source of `mounts` when they are exactly one bind mount (what lazysnap's Prepare
 /// returns), else None.
+/// The directory that names the snapshot behind `mounts`: a single bind's source (a FUSE
+/// mountpoint, or an overlay-mode upper on no parent) or an overlay's `upperdir`.
 fn single_bind_source(mounts: &[types::Mount]) -> Option<PathBuf> {
     match mounts {
         [m] if m.r#type == "bind" || m.r#type == "rbind" => Some(PathBuf::from(&m.source)),
+        [m] if m.r#type == "overlay" => m
+            .options
+            .iter()
+            .find_map(|o| o.strip_prefix("upperdir="))
+            .map(PathBuf::from),
         _ => None,
     }
 }
@@ -83,7 +90,7 @@ fn apply_blocking(
 ) -> Result<Applied, Status> {
     let Some(source) = single_bind_source(mounts) else {
         return Ok(Applied::NotMine(format!(
-            "mounts are not a single bind ({} mounts)",
+            "mounts are not a single bind or overlay ({} mounts)",
             mounts.len()
         )));
     };

@@ -34,6 +34,8 @@ pub struct ServeOptions {
     pub containerd_content: Option<PathBuf>,
     /// Serve filesystems from this process instead of one detached daemon per snapshot.
     pub in_process_mounts: bool,
+    /// Who holds active snapshots' writes (None: what works here).
+    pub upper_mode: Option<crate::snapshot::UpperMode>,
     /// Lazy layers for remote-snapshot pulls (None: containerd fetches every layer).
     pub remote: Option<crate::snapshot::remote::RemoteConfig>,
 }
@@ -96,9 +98,16 @@ pub async fn serve(
     let in_process = opts.in_process_mounts;
     let containerd_content = opts.containerd_content.clone();
     let remote = opts.remote.clone();
+    let upper_mode = opts.upper_mode;
     let sn = tokio::task::spawn_blocking(move || -> anyhow::Result<Snapshotter> {
         let root = Root::open(&root_path)?;
         let mut sn = Snapshotter::new(root, mounter);
+        sn.upper_mode = upper_mode;
+        let (mode, why) = sn.upper_mode();
+        info!(
+            upper = mode.as_str(),
+            why, "active snapshots' writable layer"
+        );
         sn.containerd_content = containerd_content;
         sn.remote = remote.map(crate::snapshot::remote::Resolver::new);
         reattach(&mut sn);

@@ -29,6 +29,35 @@ use crate::unpack::{index_blob, UnpackProgress};
 /// Temp names the fuse crate uses inside the upper while copying up; never part of a layer.
 const UPPER_TEMP_PREFIX: &[u8] = b".wh..lazysnap-tmp.";
 
+/// The form an upper directory holds its change in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpperFormat {
+    /// lazysnap's FUSE upper: an OCI layer in directory form (`.wh.` files), tarred as it is.
+    OciDir,
+    /// The kernel overlayfs's: a whiteout is a 0/0 character device (or a file carrying
+    /// `*.overlay.whiteout`), an opaque directory carries `*.overlay.opaque` = `y`; both become
+    /// OCI `.wh.` entries and overlay's own xattrs are left out.
+    Overlay,
+}
+
+/// Overlay's xattr namespaces (`trusted.` as root, `user.` with `userxattr`).
+const OVERLAY_XATTR_PREFIXES: [&str; 2] = ["trusted.overlay.", "user.overlay."];
+
+fn overlay_xattr<'a>(xattrs: &'a [(String, Vec<u8>)], name: &str) -> Option<&'a [u8]> {
+    xattrs
+        .iter()
+        .find(|(k, _)| {
+            OVERLAY_XATTR_PREFIXES
+                .iter()
+                .any(|p| k.strip_prefix(p) == Some(name))
+        })
+        .map(|(_, v)| v.as_slice())
+}
+
+fn is_overlay_xattr(name: &str) -> bool {
+    OVERLAY_XATTR_PREFIXES.iter().any(|p| name.starts_with(p))
+}
+
 pub struct Made {
     pub layer: LayerRow,
     pub blob: BlobRow,
@@ -59,6 +88,7 @@ impl<W: Write> Write for DiffWriter<W> {
 pub fn commit_upper(
     root: &mut Root,
     upper: &Path,
+    format: UpperFormat,
     parent_chain: Option<&str>,
     compression: Compression,
 ) -> anyhow::Result<Made> {
@@ -99,7 +129,7 @@ pub fn commit_upper(
             })
             .context("starting the indexer thread")?
     };
-    let written = write_blob(root, upper, compression, tx);
+    let written = write_blob(root, upper, format, compression, tx);
     let indexed = indexer
         .join()
         .map_err(|_| anyhow::anyhow!("the commit's indexer thread panicked"))?;
@@ -150,6 +180,7 @@ pub fn commit_upper(
 fn write_blob(
     root: &mut Root,
     upper: &Path,
+    format: UpperFormat,
     compression: Compression,
     tx: std::sync::mpsc::SyncSender<Vec<u8>>,
 ) -> anyhow::Result<(Digest, u64, Digest)> {
@@ -159,7 +190,7 @@ fn write_blob(
     };
     // Finishing the tee drops the sender: the indexer sees the end of the stream.
     let enc = LayerEncoder::new(tee, compression, crate::blob::DEFAULT_SPAN_SIZE)?;
-    let (enc, diff) = write_tar(upper, enc)?;
+    let (enc, diff) = write_tar(upper, format, enc)?;
     let (d, s) = enc.finish()?.inner.commit()?;
     Ok((d, s, diff))
 }
@@ -338,7 +369,7 @@ pub fn index_external_blob(
     )
 }
 
-fn write_tar<W: Write>(upper: &Path, out: W) -> anyhow::Result<(W, Digest)> {
+fn write_tar<W: Write>(upper: &Path, format: UpperFormat, out: W) -> anyhow::Result<(W, Digest)> {
     let dir = open_dir_nofollow(libc::AT_FDCWD, &path_cstring(upper.as_os_str())?)
         .with_context(|| format!("opening upper {}", upper.display()))?;
     let diff = DiffWriter {
@@ -350,7 +381,7 @@ fn write_tar<W: Write>(upper: &Path, out: W) -> anyhow::Result<(W, Digest)> {
     builder.mode(tar::HeaderMode::Complete);
     let mut links: HashMap<(u64, u64), Vec<u8>> = HashMap::new();
     append_root(&dir, &mut builder)?;
-    walk(&dir, b"", &mut builder, &mut links)?;
+    walk(&dir, b"", format, &mut builder, &mut links)?;
     let diff = builder.into_inner()?;
     let digest = Digest::sha256_from_bytes(diff.hasher.finalize().into());
     Ok((diff.inner, digest))
@@ -448,6 +479,7 @@ fn append_root<W: Write>(dir: &OwnedFd, builder: &mut tar::Builder<W>) -> anyhow
     let dot = CString::new(".")?;
     let st = fstatat(dir.as_raw_fd(), &dot)?;
     let mut xattrs = xattrs_at(dir.as_raw_fd(), b".")?;
+    xattrs.retain(|(k, _)| !is_overlay_xattr(k));
     let EntryMeta { uid, gid, perm, .. } = entry_meta(&st, &mut xattrs);
     let mut header = tar::Header::new_gnu();
     header.set_entry_type(tar::EntryType::Directory);
@@ -523,14 +555,33 @@ fn pax_records(
     pax
 }
 
+/// An empty regular file entry: an OCI whiteout or opaque marker.
+fn append_marker<W: Write>(
+    builder: &mut tar::Builder<W>,
+    path: &[u8],
+    mtime: i64,
+) -> anyhow::Result<()> {
+    let mut header = tar::Header::new_gnu();
+    header.set_entry_type(tar::EntryType::Regular);
+    header.set_uid(0);
+    header.set_gid(0);
+    header.set_mode(0o644);
+    header.set_mtime(mtime.max(0) as u64);
+    header.set_size(0);
+    builder.append_data(&mut header, OsStr::from_bytes(path), io::empty())?;
+    Ok(())
+}
+
 fn walk<W: Write>(
     dir: &OwnedFd,
     prefix: &[u8],
+    format: UpperFormat,
     builder: &mut tar::Builder<W>,
     links: &mut HashMap<(u64, u64), Vec<u8>>,
 ) -> anyhow::Result<()> {
+    let overlay = format == UpperFormat::Overlay;
     for name in list_dir(dir)? {
-        if name.starts_with(UPPER_TEMP_PREFIX) {
+        if !overlay && name.starts_with(UPPER_TEMP_PREFIX) {
             continue;
         }
         let cname = CString::new(name.clone()).context("file name with NUL")?;
@@ -545,7 +596,20 @@ fn walk<W: Write>(
             perm,
             rdev,
         } = entry_meta(&st, &mut xattrs);
-        if name.starts_with(b".wh.") {
+        let mut opaque = false;
+        if overlay {
+            let whiteout = (fmt == libc::S_IFCHR && rdev == (0, 0))
+                || (fmt == libc::S_IFREG && overlay_xattr(&xattrs, "whiteout").is_some());
+            if whiteout {
+                let mut wh = prefix.to_vec();
+                wh.extend_from_slice(b".wh.");
+                wh.extend_from_slice(&name);
+                append_marker(builder, &wh, st.st_mtime)?;
+                continue;
+            }
+            opaque = fmt == libc::S_IFDIR && overlay_xattr(&xattrs, "opaque") == Some(b"y");
+            xattrs.retain(|(k, _)| !is_overlay_xattr(k));
+        } else if name.starts_with(b".wh.") {
             // A marker: who made it on the host says nothing about the image.
             (uid, gid) = (0, 0);
         }
@@ -579,8 +643,18 @@ fn walk<W: Write>(
                 let mut p = path.clone();
                 p.push(b'/');
                 builder.append_data(&mut header, OsStr::from_bytes(&p), io::empty())?;
+                if opaque {
+                    p.extend_from_slice(b".wh..wh..opq");
+                    append_marker(builder, &p, st.st_mtime)?;
+                }
                 let sub = open_dir_nofollow(dir.as_raw_fd(), &cname)?;
-                walk(&sub, &[path.as_slice(), b"/"].concat(), builder, links)?;
+                walk(
+                    &sub,
+                    &[path.as_slice(), b"/"].concat(),
+                    format,
+                    builder,
+                    links,
+                )?;
             }
             libc::S_IFREG => {
                 // SAFETY: plain syscall; the fd is owned on success.

@@ -6,6 +6,7 @@
 pub mod commit;
 pub mod content_scan;
 pub mod filter;
+pub mod overlay;
 pub mod remote;
 
 use std::collections::BTreeMap;
@@ -20,6 +21,7 @@ use crate::meta::{MetaError, SnapshotRow};
 use crate::root::Root;
 
 pub use filter::Filter;
+pub use overlay::UpperMode;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -132,6 +134,9 @@ pub struct MountSpec {
     /// The writable upper directory (None = read-only view).
     pub upper: Option<PathBuf>,
     pub mountpoint: PathBuf,
+    /// `key` is a chain ID served read-only with no snapshot row behind it: the shared lower
+    /// of overlay-mode snapshots.
+    pub shared_lower: bool,
 }
 
 /// Serves snapshot filesystems. The CLI starts a daemon per mount; `serve` mounts in-process.
@@ -169,7 +174,14 @@ pub fn spec_for(root: &Root, key: &str) -> Result<MountSpec> {
         chain_id: row.chain_id.clone(),
         upper: (row.kind == "active").then(|| snapshot_dir(root, &row).join("upper")),
         mountpoint: mountpoint_of(root, &row),
+        shared_lower: false,
     })
+}
+
+/// An overlay-mode snapshot has a `work` directory beside its upper (made with the row): its
+/// upper is in overlay's form (whiteouts are 0/0 devices) and its filesystem is the kernel's.
+pub fn is_overlay_dir(snapshot_dir: &Path) -> bool {
+    snapshot_dir.join("work").is_dir()
 }
 
 /// Gives a new upper directory the attributes of the parent's root (mode, owner, times,
@@ -282,6 +294,8 @@ pub struct Snapshotter {
     scan: content_scan::ContentScan,
     /// Lazy layers from lazysnap index artifacts for the remote-snapshot labels (`serve`).
     pub remote: Option<remote::Resolver>,
+    /// Who holds new active snapshots' writes; None: what works here ([`UpperMode::detect`]).
+    pub upper_mode: Option<UpperMode>,
 }
 
 impl Snapshotter {
@@ -293,7 +307,115 @@ impl Snapshotter {
             containerd_content: None,
             scan: content_scan::ContentScan::default(),
             remote: None,
+            upper_mode: None,
         }
+    }
+
+    /// The upper mode new snapshots get, and why.
+    pub fn upper_mode(&self) -> (UpperMode, &'static str) {
+        match self.upper_mode {
+            Some(m) => (m, "chosen with --upper"),
+            None => UpperMode::detect(),
+        }
+    }
+
+    /// The upper mode of an existing snapshot.
+    pub fn mode_of(&self, row: &SnapshotRow) -> UpperMode {
+        if is_overlay_dir(&self.dir(row)) {
+            UpperMode::Overlay
+        } else {
+            UpperMode::Fuse
+        }
+    }
+
+    fn lower_mountpoint(&self, chain: &str) -> PathBuf {
+        overlay::lower_mountpoint(&self.root.path, chain)
+    }
+
+    /// Mounts the shared read-only lower of `chain` unless it is mounted; returns where.
+    fn ensure_lower(&self, chain: &str) -> Result<PathBuf> {
+        let mp = self.lower_mountpoint(chain);
+        let _lock = overlay::LowersLock::take(&self.root.path)?;
+        if self.mounter.is_mounted(&mp) {
+            return Ok(mp);
+        }
+        let _span = info_span!("mount_lower", chain).entered();
+        if lazysnap_fuse::is_stale_mount(&mp) {
+            warn!(
+                chain,
+                "the shared lower's daemon is gone; mounting it again"
+            );
+            lazysnap_fuse::unmount(&mp).map_err(|e| {
+                SnapshotError::Internal(
+                    anyhow::Error::new(e)
+                        .context(format!("cleaning the stale mount at {}", mp.display())),
+                )
+            })?;
+        }
+        let spec = MountSpec {
+            key: chain.to_string(),
+            chain_id: Some(chain.to_string()),
+            upper: None,
+            mountpoint: mp.clone(),
+            shared_lower: true,
+        };
+        self.mounter.mount(&self.root, &spec).map_err(|e| {
+            SnapshotError::Internal(e.context(format!("mounting the shared lower of {chain}")))
+        })?;
+        tracing::info!(chain, mountpoint = %mp.display(), "shared lower mounted");
+        Ok(mp)
+    }
+
+    /// Unmounts the shared lower of `chain` when no snapshot uses it any more.
+    fn release_lower(&self, chain: &str) -> Result<()> {
+        let _lock = overlay::LowersLock::take(&self.root.path)?;
+        let users = self
+            .root
+            .meta
+            .snapshots()?
+            .into_iter()
+            .filter(|r| {
+                r.kind != "committed"
+                    && r.chain_id.as_deref() == Some(chain)
+                    && self.mode_of(r) == UpperMode::Overlay
+            })
+            .count();
+        if users > 0 {
+            return Ok(());
+        }
+        let mp = self.lower_mountpoint(chain);
+        if self.mounter.is_mounted(&mp) || lazysnap_fuse::is_stale_mount(&mp) {
+            self.mounter.unmount(&mp)?;
+            tracing::info!(chain, "shared lower unmounted: no snapshot uses it");
+        }
+        let _ = std::fs::remove_dir(&mp);
+        Ok(())
+    }
+
+    /// The chains whose shared lowers some snapshot uses.
+    fn lowers_in_use(
+        rows: &[SnapshotRow],
+        dir_of: impl Fn(&SnapshotRow) -> PathBuf,
+    ) -> std::collections::HashSet<String> {
+        rows.iter()
+            .filter(|r| r.kind != "committed" && is_overlay_dir(&dir_of(r)))
+            .filter_map(|r| r.chain_id.clone())
+            .collect()
+    }
+
+    /// The mounts of overlay-mode snapshot `row`, its lower mounted.
+    fn overlay_mounts(&self, row: &SnapshotRow) -> Result<Vec<Mount>> {
+        let lower = match &row.chain_id {
+            Some(chain) => Some(self.ensure_lower(chain)?),
+            None => None,
+        };
+        let dir = self.dir(row);
+        Ok(overlay::mounts(
+            lower.as_deref(),
+            &dir.join("upper"),
+            &dir.join("work"),
+            row.kind == "view",
+        ))
     }
 
     pub fn root(&self) -> &Root {
@@ -316,14 +438,15 @@ impl Snapshotter {
         mountpoint_of(&self.root, row)
     }
 
-    /// The active snapshot mounted at `dir` (for `mount --rw` / `commit DIR`).
+    /// The active snapshot mounted at `dir` (for `mount --rw` / `commit DIR`), or whose upper
+    /// directory `dir` is (an overlay's `upperdir`, the bind of an overlay-mode snapshot on no
+    /// parent: what the diff service is handed).
     pub fn active_at(&self, dir: &Path) -> Result<Option<SnapshotRow>> {
-        Ok(self
-            .root
-            .meta
-            .snapshots()?
-            .into_iter()
-            .find(|r| r.kind == "active" && self.mountpoint(r) == dir))
+        Ok(self.root.meta.snapshots()?.into_iter().find(|r| {
+            r.kind == "active"
+                && (self.mountpoint(r) == dir
+                    || (self.upper_dir(r) == dir && self.mode_of(r) == UpperMode::Overlay))
+        }))
     }
 
     fn row(&self, key: &str) -> Result<SnapshotRow> {
@@ -354,6 +477,24 @@ impl Snapshotter {
     /// Mounts of an active snapshot; re-attaches its filesystem if its daemon is gone.
     pub fn mounts(&self, key: &str) -> Result<Vec<Mount>> {
         let _span = info_span!("mounts", key).entered();
+        let row = self.row(key)?;
+        if row.kind != "committed" && self.mode_of(&row) == UpperMode::Overlay {
+            let mounts = self.overlay_mounts(&row)?;
+            return match &row.mountpoint {
+                Some(mp) => {
+                    let mp = PathBuf::from(mp);
+                    if overlay::mounted_type(&mp).is_none() {
+                        warn!(
+                            key,
+                            "overlay of the snapshot was not mounted; mounting it again"
+                        );
+                        overlay::mount(&mounts[0], &mp).map_err(SnapshotError::Internal)?;
+                    }
+                    Ok(self.mounts_of(&row))
+                }
+                None => Ok(mounts),
+            };
+        }
         let spec = self.mount_spec(key)?;
         if !self.mounter.is_mounted(&spec.mountpoint) {
             warn!(
@@ -688,6 +829,8 @@ impl Snapshotter {
         // The directory is made inside the transaction that records the snapshot: a crash
         // leaves either both or an orphan directory `cleanup`/`check --repair` remove.
         let snapshots = self.root.path.join("snapshots");
+        let (mode, why) = self.upper_mode();
+        let overlay_mode = mode == UpperMode::Overlay;
         let mounter = &self.mounter;
         let row = self.root.meta.create_active_with(
             key,
@@ -707,7 +850,9 @@ impl Snapshotter {
                     if let Some(u) = &upper_root {
                         init_upper_root(u, &dir.join("upper"))?;
                     }
-                    if row.mountpoint.is_none() {
+                    if overlay_mode {
+                        std::fs::create_dir_all(dir.join("work"))?;
+                    } else if row.mountpoint.is_none() {
                         std::fs::create_dir_all(dir.join("mnt"))?;
                     }
                     crate::store::sync_dir(&snapshots)?;
@@ -719,12 +864,34 @@ impl Snapshotter {
                 })
             },
         )?;
+        tracing::info!(key, upper = mode.as_str(), why, "snapshot prepared");
+        if overlay_mode {
+            let mounted = self
+                .overlay_mounts(&row)
+                .and_then(|mounts| match &row.mountpoint {
+                    Some(mp) => {
+                        overlay::mount(&mounts[0], Path::new(mp))
+                            .map_err(SnapshotError::Internal)?;
+                        Ok(self.mounts_of(&row))
+                    }
+                    None => Ok(mounts),
+                });
+            if mounted.is_err() {
+                let _ = self.root.meta.remove_snapshot(key);
+                let _ = std::fs::remove_dir_all(self.dir(&row));
+                if let Some(chain) = &row.chain_id {
+                    let _ = self.release_lower(chain);
+                }
+            }
+            return mounted;
+        }
         let dir = self.dir(&row);
         let spec = MountSpec {
             key: key.to_string(),
             chain_id: row.chain_id.clone(),
             upper: (!view).then(|| dir.join("upper")),
             mountpoint: self.mountpoint(&row),
+            shared_lower: false,
         };
         if let Err(e) = self.mounter.mount(&self.root, &spec) {
             let _ = self.root.meta.remove_snapshot(key);
@@ -756,6 +923,10 @@ impl Snapshotter {
             return Err(SnapshotError::AlreadyExists(format!("snapshot {name}")));
         }
         let upper = self.upper_dir(&row);
+        let format = match self.mode_of(&row) {
+            UpperMode::Overlay => commit::UpperFormat::Overlay,
+            UpperMode::Fuse => commit::UpperFormat::OciDir,
+        };
         let _writing = self.root.writer_lock()?;
         let made = match &row.applied_blob {
             // The diff service applied a layer by indexing it: that layer is the change.
@@ -765,6 +936,7 @@ impl Snapshotter {
             _ => commit::commit_upper(
                 &mut self.root,
                 &upper,
+                format,
                 row.chain_id.as_deref(),
                 self.compression,
             )?,
@@ -812,9 +984,14 @@ impl Snapshotter {
         // The row goes first, in one transaction that also refuses a parent with children; a
         // crash before the unmount below leaves a directory and mount `cleanup` removes.
         let row = self.root.meta.remove_snapshot(key)?;
+        let overlay_mode = self.mode_of(&row) == UpperMode::Overlay;
         if row.kind != "committed" {
             let mp = self.mountpoint(&row);
-            if self.mounter.is_mounted(&mp) || lazysnap_fuse::is_stale_mount(&mp) {
+            if overlay_mode {
+                if row.mountpoint.is_some() && overlay::mounted_type(&mp).is_some() {
+                    overlay::unmount(&mp).map_err(SnapshotError::Internal)?;
+                }
+            } else if self.mounter.is_mounted(&mp) || lazysnap_fuse::is_stale_mount(&mp) {
                 self.mounter.unmount(&mp)?;
             }
         }
@@ -823,6 +1000,9 @@ impl Snapshotter {
             std::fs::remove_dir_all(&dir).map_err(|e| {
                 SnapshotError::Internal(anyhow::anyhow!("removing {}: {e}", dir.display()))
             })?;
+        }
+        if let (true, Some(chain)) = (overlay_mode && row.kind != "committed", &row.chain_id) {
+            self.release_lower(chain)?;
         }
         Ok(())
     }
@@ -921,17 +1101,60 @@ impl Snapshotter {
                 }
             }
         })?;
+        for chain in self.unused_lowers()? {
+            self.release_lower(&chain)?;
+        }
         Ok(())
+    }
+
+    /// Shared lowers (mounted or left as directories) that no snapshot uses: what `cleanup`
+    /// removes and `check` reports.
+    pub fn unused_lowers(&self) -> Result<Vec<String>> {
+        let rows = self.root.meta.snapshots()?;
+        let used = Self::lowers_in_use(&rows, |r| self.dir(r));
+        let Ok(entries) = std::fs::read_dir(self.root.path.join("lowers")) else {
+            return Ok(Vec::new());
+        };
+        Ok(entries
+            .flatten()
+            .filter_map(|e| overlay::chain_of_lower(&e.path()))
+            .filter(|c| !used.contains(c))
+            .collect())
+    }
+
+    /// The shared lowers in use, with how many snapshots use each.
+    pub fn lowers(&self) -> Result<Vec<(String, PathBuf, usize)>> {
+        let rows = self.root.meta.snapshots()?;
+        let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+        for r in &rows {
+            if r.kind != "committed" && self.mode_of(r) == UpperMode::Overlay {
+                if let Some(c) = &r.chain_id {
+                    *counts.entry(c.clone()).or_default() += 1;
+                }
+            }
+        }
+        Ok(counts
+            .into_iter()
+            .map(|(c, n)| {
+                let mp = self.lower_mountpoint(&c);
+                (c, mp, n)
+            })
+            .collect())
     }
 
     /// Unmounts every mount of active snapshots (for a clean shutdown of `serve`).
     pub fn close(&mut self) -> Result<()> {
         for row in self.root.meta.snapshots()? {
-            if row.kind != "committed" {
+            if row.kind != "committed" && self.mode_of(&row) == UpperMode::Fuse {
                 let mp = self.mountpoint(&row);
                 if self.mounter.is_mounted(&mp) {
                     self.mounter.unmount(&mp)?;
                 }
+            }
+        }
+        for (_, mp, _) in self.lowers()? {
+            if self.mounter.is_mounted(&mp) {
+                self.mounter.unmount(&mp)?;
             }
         }
         Ok(())

@@ -662,3 +662,56 @@ impl Drop for Mounted {
         let _ = lazysnap(&self.root, &["umount", self.dir.to_str().unwrap()]);
     }
 }
+
+/// The mounts a snapshot's Prepare or View returned, mounted at a directory as containerd would
+/// (`mount -t overlay` / `mount --rbind`), unmounted when dropped.
+pub struct SnapshotMount {
+    pub dir: PathBuf,
+}
+
+impl SnapshotMount {
+    /// Mounts `mounts` (the JSON list `snapshot prepare|view|mounts` prints) at `dir`.
+    pub fn new(mounts: &serde_json::Value, dir: &Path) -> SnapshotMount {
+        fs::create_dir_all(dir).unwrap();
+        let list = mounts.as_array().expect("a list of mounts");
+        assert_eq!(list.len(), 1, "one mount: {mounts}");
+        let m = &list[0];
+        let kind = m["type"].as_str().unwrap();
+        let source = m["source"].as_str().unwrap();
+        let options: Vec<&str> = m["options"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|o| o.as_str().unwrap())
+            .collect();
+        let out = match kind {
+            "overlay" => Command::new("mount")
+                .args(["-t", "overlay", "overlay", "-o", &options.join(",")])
+                .arg(dir)
+                .output()
+                .unwrap(),
+            "bind" => Command::new("mount")
+                .args(["--rbind", "-o", &options.join(",")])
+                .arg(source)
+                .arg(dir)
+                .output()
+                .unwrap(),
+            other => panic!("unexpected mount type {other}: {mounts}"),
+        };
+        assert!(
+            out.status.success(),
+            "mounting {mounts} at {}: {}",
+            dir.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        SnapshotMount {
+            dir: dir.to_path_buf(),
+        }
+    }
+}
+
+impl Drop for SnapshotMount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-R").arg(&self.dir).status();
+    }
+}

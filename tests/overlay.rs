@@ -1,0 +1,229 @@
+//! [overlay] Active snapshots as the kernel's overlayfs over one shared read-only lazysnap mount
+//! per chain: every snapshot of an image uses the same lower mount and daemon, which goes with
+//! the last of them; a commit of an overlay upper (0/0 whiteouts, opaque xattrs, copied-up
+//! renames, hardlinks, xattrs, devices, sparse files) equals the kernel's merged tree. (A new
+//! link to a copied-up lower file is left out: without `index=on` the kernel itself shows the
+//! two names with different inode numbers, while the upper holds one hardlinked inode.)
+
+mod common;
+
+use common::{ok, SnapshotMount};
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn json(root: &Path, args: &[&str]) -> serde_json::Value {
+    serde_json::from_str(&ok(root, args)).unwrap()
+}
+
+fn top_chain(root: &Path, image: &str) -> String {
+    json(root, &["inspect", image])["Snapshot"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+/// The lazysnap FUSE mounts under `root/lowers`.
+fn lower_mounts(root: &Path) -> Vec<String> {
+    let lowers = format!("{}/lowers/", root.display());
+    fs::read_to_string("/proc/self/mounts")
+        .unwrap()
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            (f.get(2) == Some(&"fuse.lazysnap") && f[1].starts_with(&lowers))
+                .then(|| f[1].to_string())
+        })
+        .collect()
+}
+
+/// Mount daemons of `root` (processes of this test's binary naming the root).
+fn daemons(root: &Path) -> usize {
+    let needle = root.to_str().unwrap().as_bytes().to_vec();
+    fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            fs::read_link(e.path().join("exe")).ok() == Some(common::lazysnap_bin())
+                && fs::read(e.path().join("cmdline"))
+                    .is_ok_and(|c| c.windows(needle.len()).any(|w| w == needle))
+        })
+        .count()
+}
+
+/// Removes the test's snapshots even when it fails.
+struct Cleanup(PathBuf, Vec<String>);
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        for k in &self.1 {
+            let _ = common::lazysnap(&self.0, &["snapshot", "rm", k]);
+        }
+    }
+}
+
+fn prerequisites() -> bool {
+    common::can_mount() && common::require(common::is_root(), "root (kernel overlayfs)")
+}
+
+#[test]
+fn every_snapshot_of_a_chain_shares_one_lower_which_goes_with_the_last() {
+    if !prerequisites() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("root");
+    ok(
+        &root,
+        &[
+            "import",
+            common::image("debian-gzip").to_str().unwrap(),
+            "--name",
+            "deb",
+        ],
+    );
+    let chain = top_chain(&root, "deb");
+    let keys: Vec<String> = (0..5).map(|i| format!("c{i}")).collect();
+    let _c = Cleanup(root.clone(), keys.clone());
+    let mut mounts = Vec::new();
+    for k in &keys {
+        let m = json(
+            &root,
+            &["--upper", "overlay", "snapshot", "prepare", k, &chain],
+        );
+        assert_eq!(m[0]["type"], "overlay", "{m}");
+        mounts.push(SnapshotMount::new(&m, &tmp.path().join(k)));
+    }
+    assert_eq!(lower_mounts(&root).len(), 1, "one lower for five snapshots");
+    assert_eq!(daemons(&root), 1, "one daemon for five snapshots");
+    for (m, k) in mounts.iter().zip(&keys) {
+        fs::write(m.dir.join("etc/who"), k).unwrap();
+    }
+    for (m, k) in mounts.iter().zip(&keys) {
+        assert_eq!(fs::read_to_string(m.dir.join("etc/who")).unwrap(), *k);
+        assert!(fs::read(m.dir.join("usr/bin/python3")).unwrap().len() > 1000);
+    }
+    // All but the last removed: the lower stays for it.
+    let last = mounts.pop().unwrap();
+    drop(mounts);
+    for k in &keys[..4] {
+        ok(&root, &["snapshot", "rm", k]);
+    }
+    assert_eq!(lower_mounts(&root).len(), 1);
+    assert_eq!(fs::read_to_string(last.dir.join("etc/who")).unwrap(), "c4");
+    let check = ok(&root, &["check"]);
+    assert!(!check.contains("leftover"), "{check}");
+    // The last one goes: so does the lower.
+    drop(last);
+    ok(&root, &["snapshot", "rm", "c4"]);
+    assert!(
+        lower_mounts(&root).is_empty(),
+        "the lower went with its last snapshot"
+    );
+    // Its daemon exits once the kernel has let go of the connection.
+    let t = std::time::Instant::now();
+    while daemons(&root) > 0 && t.elapsed() < std::time::Duration::from_secs(10) {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert_eq!(daemons(&root), 0);
+    let check = ok(&root, &["check"]);
+    assert!(!check.contains("leftover"), "{check}");
+}
+
+/// Changes that exercise every form an overlay upper holds a change in.
+const CHANGES: &str = r#"
+set -e
+rm -f etc/host.conf bin/ls                      # whiteouts of lower files
+rm -rf usr/share/doc                            # a whiteout of a lower directory
+mkdir -p usr/share/doc/again && echo again > usr/share/doc/again/file
+rm -rf usr/share/base-files && mkdir usr/share/base-files && echo only > usr/share/base-files/only  # opaque
+mv usr/lib/python3.11/json usr/lib/python3.11/json-renamed   # a lower dir renamed (copied up)
+mv etc/debian_version etc/debian_version.moved
+echo new > new.txt && ln new.txt new-hardlink.txt
+printf 'appended\n' >> etc/issue
+truncate -s 10 usr/bin/python3.11
+chmod 0600 etc/issue.net && chown 1234:5678 etc/xattr.conf
+setfattr -n user.test -v hello new.txt
+ln -s /etc/debian_version.moved version-link
+mkfifo a-fifo && mknod a-char c 1 3
+yes sparse | head -c 4096 | dd of=sparse bs=4096 count=1 seek=1000 status=none
+mkdir -p deep/a/b/c && echo x > deep/a/b/c/f && rm -rf deep/a/b
+"#;
+
+#[test]
+fn a_commit_of_an_overlay_upper_equals_the_kernels_merged_tree() {
+    if !prerequisites() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("root");
+    ok(
+        &root,
+        &[
+            "import",
+            common::image("debian-gzip").to_str().unwrap(),
+            "--name",
+            "deb",
+        ],
+    );
+    let chain = top_chain(&root, "deb");
+    let _c = Cleanup(root.clone(), vec!["work".into()]);
+    let m = json(
+        &root,
+        &["--upper", "overlay", "snapshot", "prepare", "work", &chain],
+    );
+    let merged = SnapshotMount::new(&m, &tmp.path().join("merged"));
+    let out = Command::new("bash")
+        .args(["-c", CHANGES])
+        .current_dir(&merged.dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let upper = fs::read_dir(root.join("snapshots"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path().join("upper"))
+        .find(|u| u.join("new.txt").exists())
+        .expect("the upper");
+    let whiteout = fs::symlink_metadata(upper.join("etc/host.conf")).unwrap();
+    assert!(
+        std::os::unix::fs::FileTypeExt::is_char_device(&whiteout.file_type()),
+        "the kernel's whiteout form"
+    );
+    ok(&root, &["snapshot", "commit", "committed", "work"]);
+    // A view of the commit: a read-only bind of its chain's shared lower.
+    let _v = Cleanup(root.clone(), vec!["view".into()]);
+    let v = json(
+        &root,
+        &[
+            "--upper",
+            "overlay",
+            "snapshot",
+            "view",
+            "view",
+            "committed",
+        ],
+    );
+    assert_eq!(v[0]["type"], "bind", "{v}");
+    let view = SnapshotMount::new(&v, &tmp.path().join("view"));
+    assert!(
+        fs::write(view.dir.join("x"), b"x").is_err(),
+        "a view is read-only"
+    );
+    let diffs = common::compare_trees(&view.dir, &merged.dir);
+    assert!(
+        diffs.is_empty(),
+        "commit vs the kernel's merged tree:\n{}",
+        diffs
+            .iter()
+            .take(40)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    drop(merged);
+}
