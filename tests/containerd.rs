@@ -331,9 +331,19 @@ fn lazysnap_import_secs(archive: &Path) -> f64 {
     t.elapsed().as_secs_f64()
 }
 
+/// The upper directory behind a snapshot's mounts: an overlay's `upperdir`, the bind of an
+/// overlay-mode upper (no parent), or beside a FUSE mountpoint.
 fn upper_of(mounts: &[types::Mount]) -> PathBuf {
     assert_eq!(mounts.len(), 1, "{mounts:?}");
-    Path::new(&mounts[0].source).parent().unwrap().join("upper")
+    let m = &mounts[0];
+    if let Some(u) = m.options.iter().find_map(|o| o.strip_prefix("upperdir=")) {
+        return PathBuf::from(u);
+    }
+    let source = Path::new(&m.source);
+    if source.ends_with("upper") {
+        return source.to_path_buf();
+    }
+    source.parent().unwrap().join("upper")
 }
 
 /// What containerd's unpacker does per layer (rootfs.applyLayers: Prepare an `extract-…` key
@@ -475,11 +485,25 @@ fn diff_apply_indexes_the_layer_instead_of_extracting_it() {
             .expect("prepare on the applied chain")
             .into_inner()
             .mounts;
+        // Mounted as containerd mounts a container's rootfs.
+        let as_json = serde_json::json!([{
+            "type": mounts[0].r#type,
+            "source": mounts[0].source,
+            "options": mounts[0].options,
+        }]);
+        let rootfs = tempfile::tempdir().unwrap();
+        let mounted = common::SnapshotMount::new(&as_json, &rootfs.path().join("rootfs"));
         let out = run_timeout(
             "chroot",
-            &[&mounts[0].source, "/usr/bin/python3", "-c", "print(6*7)"],
+            &[
+                mounted.dir.to_str().unwrap(),
+                "/usr/bin/python3",
+                "-c",
+                "print(6*7)",
+            ],
             &[],
         );
+        drop(mounted);
         assert_eq!(text(&out.stdout), "42\n", "{}", text(&out.stderr));
         sn.remove(RemoveSnapshotRequest {
             snapshotter: "lazysnap".into(),

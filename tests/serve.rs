@@ -45,6 +45,10 @@ impl Server {
             .arg(root)
             .args(["serve", "--threads", "2", "--address"])
             .arg(&sock)
+            // These tests write into a Prepare's bind mount directly; overlay mode (whose
+            // mounts the caller mounts) is run through containerd in tests/containerd.rs and by
+            // the conformance suite below.
+            .env("LAZYSNAP_UPPER", "fuse")
             .env("LAZYSNAP_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log fd"))
@@ -518,7 +522,17 @@ fn mount_daemon_of(mountpoint: &Path) -> Option<i32> {
 /// containerd's `snapshots/testsuite.SnapshotterSuite` and our rename check, in Go, against
 /// this build's binary (tests/conformance/lazysnap_conformance_test.go).
 #[test]
-fn containerd_conformance_suite() {
+fn containerd_conformance_suite_in_overlay_mode() {
+    conformance_suite("overlay");
+}
+
+#[test]
+fn containerd_conformance_suite_in_fuse_mode() {
+    conformance_suite("fuse");
+}
+
+/// containerd's snapshotter suite against `lazysnap serve` with upper mode `mode`.
+fn conformance_suite(mode: &str) {
     if !can_mount() {
         return;
     }
@@ -547,6 +561,7 @@ fn containerd_conformance_suite() {
         .env("GOFLAGS", "")
         .env("LAZYSNAP_BIN", env!("CARGO_BIN_EXE_lazysnap"))
         .env("LAZYSNAP_CONFORMANCE_LOGS", &logs)
+        .env("LAZYSNAP_UPPER", mode)
         .output()
         .expect("running go test");
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -556,7 +571,7 @@ fn containerd_conformance_suite() {
         .filter(|l| l.trim_start().starts_with("--- "))
         .collect();
     eprintln!(
-        "go test took {:.1}s:\n{}",
+        "go test ({mode} upper) took {:.1}s:\n{}",
         start.elapsed().as_secs_f64(),
         summary.join("\n")
     );

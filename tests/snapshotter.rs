@@ -156,17 +156,21 @@ fn contract_rules_and_errors() {
     assert!(err(&root, &["snapshot", "ls", "--filter", "bogus==1"]).contains("invalid"));
 
     // Usage: an active snapshot's own changes; removing an active snapshot unmounts it.
-    let mnt = PathBuf::from(
-        json(&root, &["snapshot", "mounts", "a1"])[0]["source"]
-            .as_str()
-            .unwrap(),
-    );
-    fs::write(mnt.join("new-file"), vec![7u8; 100_000]).unwrap();
+    let m = json(&root, &["snapshot", "mounts", "a1"]);
+    let mnt = common::SnapshotMount::new(&m, &tmp.path().join("a1"));
+    fs::write(mnt.dir.join("new-file"), vec![7u8; 100_000]).unwrap();
+    drop(mnt);
     let usage = json(&root, &["snapshot", "usage", "a1"]);
     assert!(usage["size"].as_i64().unwrap() >= 100_000, "{usage}");
     assert!(usage["inodes"].as_i64().unwrap() >= 1);
+    let dirs = |root: &Path| {
+        fs::read_dir(root.join("snapshots"))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    };
+    let before = dirs(&root);
     ok(&root, &["snapshot", "rm", "a1"]);
-    assert!(!mnt.exists() || fs::read_dir(&mnt).map(|d| d.count() == 0).unwrap_or(true));
+    assert_eq!(dirs(&root), before - 1, "its directory went with it");
 }
 
 /// Untars `layer` into `dir` as containerd's apply would (GNU tar keeps owners as root).
@@ -300,7 +304,9 @@ sleep 0.01
 echo "new file" > new.txt
 printf 'appended\n' >> etc/os-release
 printf 'appended\n' >> etc/issue
-printf 'through a hardlink\n' >> usr/share/lazysnap/hl/orig
+# Kernel overlayfs without `index` breaks a lower hardlink group on copy-up (containerd's
+# overlayfs snapshotter too): only the FUSE upper keeps it.
+if [ "$UPPER" = fuse ]; then printf 'through a hardlink\n' >> usr/share/lazysnap/hl/orig; fi
 truncate -s 10 usr/bin/python3.11
 rm -f etc/host.conf bin/ls
 rm -rf usr/share/doc
@@ -324,10 +330,11 @@ touch -h -d @1700000000 .
 rm -f /tmp/.lazysnap-stamp-$$
 "#;
 
-fn run_script(dir: &Path) {
+fn run_script(dir: &Path, mode: &str) {
     let out = Command::new("bash")
         .arg("-c")
         .arg(SCRIPT)
+        .env("UPPER", mode)
         .current_dir(dir)
         .output()
         .unwrap();
@@ -389,8 +396,8 @@ fn writable_mount_round_trip(mode: &str) {
         ],
     );
     assert!(out.contains(&format!("upper: {mode}")), "{out}");
-    run_script(&mnt);
-    run_script(&plain);
+    run_script(&mnt, mode);
+    run_script(&plain, mode);
     let diffs = common::compare_trees(&mnt, &plain);
     assert!(
         diffs.is_empty(),

@@ -247,6 +247,14 @@ func TestSnapshotterSuite(t *testing.T) {
 // and in a child snapshot.
 func TestRename(t *testing.T) {
 	requireRoot(t)
+	// Renaming a lower directory is the FUSE upper's own feature: the kernel's overlayfs
+	// (redirect_dir=off, as containerd's overlayfs snapshotter) answers EXDEV and `mv` copies.
+	if old, had := os.LookupEnv("LAZYSNAP_UPPER"); had {
+		defer os.Setenv("LAZYSNAP_UPPER", old)
+	} else {
+		defer os.Unsetenv("LAZYSNAP_UPPER")
+	}
+	os.Setenv("LAZYSNAP_UPPER", "fuse")
 	ctx := namespaces.WithNamespace(context.Background(), "conformance")
 	tmp, err := os.MkdirTemp("", "lazysnap-rename-")
 	if err != nil {
