@@ -531,11 +531,15 @@ fn containerd_conformance_suite_in_fuse_mode() {
     conformance_suite("fuse");
 }
 
-/// containerd's snapshotter suite against `lazysnap serve` with upper mode `mode`.
+/// containerd's snapshotter suite against `lazysnap serve` with upper mode `mode`. The two
+/// modes' runs take turns: run side by side (with 128LayersMount in both) one overlay-mode
+/// LayerFileupdate once found its lower empty, which no run alone has shown (see the closing
+/// note of #15).
 fn conformance_suite(mode: &str) {
     if !can_mount() {
         return;
     }
+    let _turn = common::FileLock::acquire(&std::env::temp_dir().join("lazysnap-conformance.lock"));
     let suite = Path::new(GOCODE).join("src/github.com/containerd/containerd/snapshots/testsuite");
     if !(common::require(
         common::have_cmd("go"),
