@@ -1,9 +1,9 @@
 //! A writable FUSE-upper mount (`--upper fuse`, the rootless mode) at the scale package managers
-//! work at, with few file descriptors: the mount
-//! daemon runs under `ulimit -n 256` (soft and hard, so it cannot lift it) while 100k files are
-//! untarred into the mount, 20k lower files are copied up, everything is chmod'ed, touched and
-//! half of it removed. The committed image must equal the same steps run on a plain directory,
-//! field for field, and the daemon's open files stay under the limit throughout.
+//! work at, with few file descriptors: the mount daemon runs under `ulimit -n 256` (soft and
+//! hard, so it cannot lift it) while 100k files are untarred into the mount, 20k lower files are
+//! copied up, everything is chmod'ed, touched and half of it removed. The committed image must
+//! equal the same steps run on a plain directory, field for field, and the daemon's open files
+//! stay under the limit throughout.
 
 mod common;
 
