@@ -241,29 +241,7 @@ pub fn repair(root: &mut Root, opts: &Options) -> Result<Report> {
         }
     }
     done.extend(remove_orphan_snapshot_dirs(root)?);
-    for l in &first.leftovers {
-        if l.kind != LeftoverKind::UnusedLower {
-            continue;
-        }
-        let path = root.path.join(&l.subject);
-        let _lock = match crate::snapshot::overlay::LowersLock::take(&root.path) {
-            Ok(l) => l,
-            Err(e) => {
-                warn!(error = %format!("{e:#}"), "cannot lock the shared lowers");
-                break;
-            }
-        };
-        if lazysnap_fuse::is_mountpoint(&path) || lazysnap_fuse::is_stale_mount(&path) {
-            if let Err(e) = lazysnap_fuse::unmount(&path) {
-                warn!(path = %path.display(), error = %e, "could not unmount");
-                continue;
-            }
-        }
-        match std::fs::remove_dir(&path) {
-            Ok(()) => done.push(format!("removed unused shared lower {}", l.subject)),
-            Err(e) => warn!(path = %path.display(), error = %e, "could not remove"),
-        }
-    }
+    done.extend(remove_unused_lowers(root));
     for p in &first.problems {
         if p.kind == ProblemKind::SnapshotDirMissing {
             match root.meta.remove_snapshot(&p.subject) {
@@ -594,14 +572,7 @@ fn check_snapshots(
             });
         }
     }
-    let used: HashSet<String> = rows
-        .iter()
-        .filter(|r| {
-            r.kind != "committed" && crate::snapshot::is_overlay_dir(&dir.join(r.id.to_string()))
-        })
-        .filter_map(|r| r.chain_id.clone())
-        .collect();
-    for e in unused_lowers(root, &used) {
+    for (_, e) in crate::snapshot::unused_lowers(root, &rows) {
         let mounted = lazysnap_fuse::is_mountpoint(&e);
         leftovers.push(Leftover {
             kind: LeftoverKind::UnusedLower,
@@ -633,20 +604,6 @@ fn check_snapshots(
         }
     }
     Ok(())
-}
-
-/// Directories under `lowers/` whose chain is not in `used`.
-fn unused_lowers(root: &Root, used: &HashSet<String>) -> Vec<PathBuf> {
-    std::fs::read_dir(root.path.join("lowers"))
-        .map(|rd| {
-            rd.flatten()
-                .map(|e| e.path())
-                .filter(|p| {
-                    crate::snapshot::overlay::chain_of_lower(p).is_some_and(|c| !used.contains(&c))
-                })
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 /// Bytes of the regular files under `dir` (symlinks not followed; a mount point's contents
@@ -701,6 +658,41 @@ fn remove_orphan_snapshot_dirs(root: &mut Root) -> Result<Vec<String>> {
         done
     })?;
     Ok(done)
+}
+
+/// Unmounts and removes the shared lowers no snapshot uses, decided again under the lowers'
+/// lock (a prepare records its row before it takes that lock to mount its lower).
+fn remove_unused_lowers(root: &Root) -> Vec<String> {
+    let unused = crate::snapshot::overlay::lock_lowers(&root.path).and_then(|lock| {
+        Ok((
+            lock,
+            crate::snapshot::unused_lowers(root, &root.meta.snapshots()?),
+        ))
+    });
+    let (_lock, unused) = match unused {
+        Ok(u) => u,
+        Err(e) => {
+            warn!(error = %format!("{e:#}"), "cannot list the unused shared lowers");
+            return Vec::new();
+        }
+    };
+    let mut done = Vec::new();
+    for (_, path) in unused {
+        let unmounted =
+            if lazysnap_fuse::is_mountpoint(&path) || lazysnap_fuse::is_stale_mount(&path) {
+                lazysnap_fuse::unmount(&path).map(|_| ())
+            } else {
+                Ok(())
+            };
+        match unmounted
+            .map_err(io::Error::other)
+            .and_then(|()| std::fs::remove_dir(&path))
+        {
+            Ok(()) => done.push(format!("removed unused shared lower {}", rel(root, &path))),
+            Err(e) => warn!(path = %path.display(), error = %e, "could not remove"),
+        }
+    }
+    done
 }
 
 /// Unmounts a filesystem a surviving daemon may serve on the orphan's `mnt`, then removes it.

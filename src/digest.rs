@@ -1,6 +1,7 @@
 //! `sha256:<hex>` digests, parsed strictly so a digest can name a file without escaping.
 
 use std::fmt;
+use std::io::{self, Write};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
@@ -84,6 +85,44 @@ impl std::str::FromStr for Digest {
     type Err = InvalidDigest;
     fn from_str(s: &str) -> Result<Self, InvalidDigest> {
         Digest::parse(s)
+    }
+}
+
+/// Hashes (sha256) and counts what passes through to `inner`.
+pub struct HashWriter<W> {
+    inner: W,
+    hasher: Sha256,
+    size: u64,
+}
+
+impl<W: Write> HashWriter<W> {
+    pub fn new(inner: W) -> Self {
+        HashWriter {
+            inner,
+            hasher: Sha256::new(),
+            size: 0,
+        }
+    }
+
+    pub fn finish(self) -> (W, Digest, u64) {
+        (
+            self.inner,
+            Digest::sha256_from_bytes(self.hasher.finalize().into()),
+            self.size,
+        )
+    }
+}
+
+impl<W: Write> Write for HashWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.size += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
     }
 }
 

@@ -620,17 +620,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 start.elapsed().as_secs_f64() * 1000.0,
                 dir.display()
             );
-            let mode = sn
+            let row = sn
                 .active_at(&dir)?
-                .map(|row| sn.mode_of(&row))
-                .unwrap_or(lazysnap::snapshot::UpperMode::Fuse);
-            match mode {
+                .context("the snapshot of the mount is gone")?;
+            match sn.mode_of(&row) {
                 lazysnap::snapshot::UpperMode::Overlay => println!(
                     "upper: overlay: the kernel's overlayfs holds the writes (upper {}), over the shared read-only mount of {parent}",
-                    sn.active_at(&dir)?.map(|r| sn.upper_dir(&r).display().to_string()).unwrap_or_default()
+                    sn.upper_dir(&row).display()
                 ),
                 lazysnap::snapshot::UpperMode::Fuse => {
-                    println!("upper: fuse: lazysnap's FUSE mount holds the writes ({})", sn.upper_mode().1);
+                    println!(
+                        "upper: fuse: lazysnap's FUSE mount holds the writes ({})",
+                        sn.upper_mode().1
+                    );
                     println!("{}", owners_line(owners));
                 }
             }

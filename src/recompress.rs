@@ -15,7 +15,7 @@ use tracing::info_span;
 
 use crate::blob::encode::LayerEncoder;
 use crate::blob::Compression;
-use crate::digest::Digest;
+use crate::digest::{Digest, HashWriter};
 use crate::image::{layer_compression, layer_media_type, OCI_CONFIG, OCI_MANIFEST};
 use crate::meta::ImageLayerRow;
 
@@ -167,44 +167,6 @@ pub fn recompress_layers<W: Write>(
         out.push(Some((sink, r)));
     }
     Ok(out)
-}
-
-/// Hashes (sha256) and counts what passes through to `inner`.
-pub struct HashWriter<W> {
-    inner: W,
-    hasher: Sha256,
-    size: u64,
-}
-
-impl<W: Write> HashWriter<W> {
-    pub fn new(inner: W) -> Self {
-        HashWriter {
-            inner,
-            hasher: Sha256::new(),
-            size: 0,
-        }
-    }
-
-    pub fn finish(self) -> (W, Digest, u64) {
-        (
-            self.inner,
-            Digest::sha256_from_bytes(self.hasher.finalize().into()),
-            self.size,
-        )
-    }
-}
-
-impl<W: Write> Write for HashWriter<W> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        self.hasher.update(&buf[..n]);
-        self.size += n as u64;
-        Ok(n)
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        self.inner.flush()
-    }
 }
 
 #[cfg(test)]

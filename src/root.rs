@@ -156,24 +156,28 @@ impl Root {
     }
 
     fn store_lock(&self, op: i32) -> anyhow::Result<StoreLock> {
-        use std::os::fd::AsRawFd as _;
-        let path = self.path.join("gc.lock");
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .read(true)
-            .write(true)
-            .open(&path)
-            .with_context(|| format!("opening {}", path.display()))?;
-        loop {
-            // SAFETY: flock on a descriptor this function owns.
-            if unsafe { libc::flock(file.as_raw_fd(), op) } == 0 {
-                return Ok(StoreLock { _file: file });
-            }
-            let e = std::io::Error::last_os_error();
-            if e.kind() != std::io::ErrorKind::Interrupted {
-                return Err(e).with_context(|| format!("locking {}", path.display()));
-            }
+        lock_file(&self.path.join("gc.lock"), op)
+    }
+}
+
+/// `flock(op)` on `path` (created if missing), held until the result is dropped.
+pub fn lock_file(path: &Path, op: i32) -> anyhow::Result<StoreLock> {
+    use std::os::fd::AsRawFd as _;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    loop {
+        // SAFETY: flock on a descriptor this function owns.
+        if unsafe { libc::flock(file.as_raw_fd(), op) } == 0 {
+            return Ok(StoreLock { _file: file });
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(e).with_context(|| format!("locking {}", path.display()));
         }
     }
 }

@@ -40,18 +40,6 @@ fn kinds(v: &serde_json::Value, field: &str) -> Vec<(String, String)> {
     k
 }
 
-fn import(root: &Path, src: &str, name: &str) {
-    ok(
-        root,
-        &[
-            "import",
-            common::image(src).to_str().unwrap(),
-            "--name",
-            name,
-        ],
-    );
-}
-
 /// The hex diffID of the image's top layer (its index file is `index/<hex>`).
 fn top_diff_hex(root: &Path, image: &str) -> String {
     let v: serde_json::Value = serde_json::from_str(&ok(root, &["inspect", image])).unwrap();
@@ -69,8 +57,8 @@ fn top_diff_hex(root: &Path, image: &str) -> String {
 fn finds_and_repairs_damage_without_touching_intact_data() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path().join("root");
-    import(&root, "edge-gzip", "edge");
-    import(&root, "debian-zstd", "deb");
+    common::import_image(&root, "edge-gzip", "edge");
+    common::import_image(&root, "debian-zstd", "deb");
     let (clean, v) = check_json(&root, &["--verify-digests"]);
     assert!(clean, "{v:#}");
     assert!(v["checked"]["bytes_hashed"].as_u64().unwrap() > 1_000_000);
@@ -167,7 +155,7 @@ fn finds_and_repairs_damage_without_touching_intact_data() {
     assert!(!root.join("content/ingest/write.stale2").exists());
     assert!(live.path().exists());
     // Re-importing brings the removed image back.
-    import(&root, "debian-zstd", "deb");
+    common::import_image(&root, "debian-zstd", "deb");
     let (clean, v) = check_json(&root, &["--verify-digests"]);
     assert!(clean, "{v:#}");
 }
@@ -268,7 +256,7 @@ fn check_after_a_killed_import_reports_leftovers_and_exits_zero() {
 
     // A real inconsistency still exits 2, even beside leftovers.
     fs::write(root.join("content/ingest/write.stale"), b"partial").unwrap();
-    import(&root, "edge-gzip", "edge");
+    common::import_image(&root, "edge-gzip", "edge");
     fs::write(root.join("content/ingest/write.stale"), b"partial").unwrap();
     let diff_hex = top_diff_hex(&root, "edge");
     fs::write(root.join("index").join(&diff_hex), b"not an index").unwrap();
@@ -288,7 +276,7 @@ fn an_active_snapshot_is_never_removed_for_a_missing_blob() {
     }
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path().join("root");
-    import(&root, "edge-none", "edge");
+    common::import_image(&root, "edge-none", "edge");
     let chain = serde_json::from_str::<serde_json::Value>(&ok(&root, &["inspect", "edge"]))
         .unwrap()["Snapshot"]
         .as_str()
@@ -329,8 +317,8 @@ fn an_active_snapshot_is_never_removed_for_a_missing_blob() {
 fn df_adds_up_and_shows_what_gc_reclaims() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path().join("root");
-    import(&root, "edge-zstd", "a");
-    import(&root, "debian-gzip", "b");
+    common::import_image(&root, "edge-zstd", "a");
+    common::import_image(&root, "debian-gzip", "b");
     let df: serde_json::Value = serde_json::from_str(&ok(&root, &["df", "--json"])).unwrap();
     let blob_bytes: u64 = fs::read_dir(root.join("content/blobs/sha256"))
         .unwrap()

@@ -21,11 +21,7 @@ use std::time::{Duration, Instant};
 use rand::{Rng as _, SeedableRng as _};
 use sha2::{Digest as _, Sha256};
 
-use common::{can_mount, lazysnap, lazysnap_bin, ok};
-
-fn json(root: &Path, args: &[&str]) -> serde_json::Value {
-    serde_json::from_str(&ok(root, args)).unwrap()
-}
+use common::{can_mount, json, lazysnap, lazysnap_bin, ok};
 
 /// Removes every active snapshot and view (unmounting them) and the rw mounts, even when the
 /// test fails, so no daemon outlives it.

@@ -432,18 +432,7 @@ fn symlinks_out_of_the_rootfs_never_reach_the_host() {
         root: root.clone(),
         dir: mnt.clone(),
     };
-    let sh = |script: &str| {
-        let out = Command::new("bash")
-            .args(["-euo", "pipefail", "-c", script])
-            .current_dir(&mnt)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{script}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
+    let sh = |script: &str| common::bash_in(&mnt, script, &[]);
     // Operations on the links themselves (copy-up of the link, never of its target).
     sh("chown -h 12:34 etc/abs-file etc/abs-dir etc/rel-file");
     sh("touch -h -d @1600000000 etc/abs-file etc/abs-dir");

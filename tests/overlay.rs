@@ -7,22 +7,10 @@
 
 mod common;
 
-use common::{ok, SnapshotMount};
+use common::{json, ok, top_chain, SnapshotMount};
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::Command;
-
-fn json(root: &Path, args: &[&str]) -> serde_json::Value {
-    serde_json::from_str(&ok(root, args)).unwrap()
-}
-
-fn top_chain(root: &Path, image: &str) -> String {
-    json(root, &["inspect", image])["Snapshot"]
-        .as_str()
-        .unwrap()
-        .to_string()
-}
 
 /// The lazysnap FUSE mounts under `root/lowers`.
 fn lower_mounts(root: &Path) -> Vec<String> {
@@ -38,18 +26,9 @@ fn lower_mounts(root: &Path) -> Vec<String> {
         .collect()
 }
 
-/// Mount daemons of `root` (processes of this test's binary naming the root).
+/// Mount daemons of `root`.
 fn daemons(root: &Path) -> usize {
-    let needle = root.to_str().unwrap().as_bytes().to_vec();
-    fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter(|e| {
-            fs::read_link(e.path().join("exe")).ok() == Some(common::lazysnap_bin())
-                && fs::read(e.path().join("cmdline"))
-                    .is_ok_and(|c| c.windows(needle.len()).any(|w| w == needle))
-        })
-        .count()
+    common::lazysnap_processes(root).len()
 }
 
 /// Removes the test's snapshots even when it fails.
@@ -73,15 +52,7 @@ fn every_snapshot_of_a_chain_shares_one_lower_which_goes_with_the_last() {
     }
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path().join("root");
-    ok(
-        &root,
-        &[
-            "import",
-            common::image("debian-gzip").to_str().unwrap(),
-            "--name",
-            "deb",
-        ],
-    );
+    common::import_image(&root, "debian-gzip", "deb");
     let chain = top_chain(&root, "deb");
     let keys: Vec<String> = (0..5).map(|i| format!("c{i}")).collect();
     let _c = Cleanup(root.clone(), keys.clone());
@@ -146,7 +117,7 @@ chmod 0600 etc/issue.net && chown 1234:5678 etc/xattr.conf
 setfattr -n user.test -v hello new.txt
 ln -s /etc/debian_version.moved version-link
 mkfifo a-fifo && mknod a-char c 1 3
-yes sparse | head -c 4096 | dd of=sparse bs=4096 count=1 seek=1000 status=none
+head -c 4096 /dev/zero | tr "\\0" s | dd of=sparse bs=4096 count=1 seek=1000 status=none
 mkdir -p deep/a/b/c && echo x > deep/a/b/c/f && rm -rf deep/a/b
 "#;
 
@@ -157,15 +128,7 @@ fn a_commit_of_an_overlay_upper_equals_the_kernels_merged_tree() {
     }
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path().join("root");
-    ok(
-        &root,
-        &[
-            "import",
-            common::image("debian-gzip").to_str().unwrap(),
-            "--name",
-            "deb",
-        ],
-    );
+    common::import_image(&root, "debian-gzip", "deb");
     let chain = top_chain(&root, "deb");
     let _c = Cleanup(root.clone(), vec!["work".into()]);
     let m = json(
@@ -173,16 +136,7 @@ fn a_commit_of_an_overlay_upper_equals_the_kernels_merged_tree() {
         &["--upper", "overlay", "snapshot", "prepare", "work", &chain],
     );
     let merged = SnapshotMount::new(&m, &tmp.path().join("merged"));
-    let out = Command::new("bash")
-        .args(["-c", CHANGES])
-        .current_dir(&merged.dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::bash_in(&merged.dir, CHANGES, &[]);
     let upper = fs::read_dir(root.join("snapshots"))
         .unwrap()
         .flatten()

@@ -80,32 +80,13 @@ const STEPS: &[(&str, &str)] = &[
 fn run_steps(dir: &Path, big: &Path, label: &str) {
     for (what, script) in STEPS {
         let t = Instant::now();
-        let out = Command::new("bash")
-            .args(["-euo", "pipefail", "-c", script])
-            .env("D", dir)
-            .env("BIG", big)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{what} in {}: {}",
-            dir.display(),
-            String::from_utf8_lossy(&out.stderr)
+        common::bash_in(
+            dir,
+            script,
+            &[("D", dir.as_os_str()), ("BIG", big.as_os_str())],
         );
         eprintln!("{label}: {what}: {:.2} s", t.elapsed().as_secs_f64());
     }
-}
-
-/// The pid of the mount daemon serving `mnt`.
-fn daemon_pid(mnt: &Path) -> Option<u32> {
-    let needle = mnt.to_str()?.as_bytes().to_vec();
-    fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
-        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
-        let cmd = fs::read(e.path().join("cmdline")).ok()?;
-        let exe = fs::read_link(e.path().join("exe")).ok()?;
-        (exe == common::lazysnap_bin() && cmd.windows(needle.len()).any(|w| w == needle))
-            .then_some(pid)
-    })
 }
 
 fn open_fds(pid: u32) -> usize {
@@ -183,7 +164,9 @@ fn a_daemon_under_ulimit_256_takes_100k_files_copy_up_chmod_rm_and_commit() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let pid = daemon_pid(&mnt).expect("the mount daemon's pid");
+    let pid = *common::lazysnap_processes(&mnt)
+        .first()
+        .expect("the mount daemon's pid");
     let limits = fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
     assert!(
         limits

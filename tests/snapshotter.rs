@@ -5,15 +5,11 @@
 
 mod common;
 
-use common::{can_mount, fails as err, lazysnap, ok};
+use common::{can_mount, fails as err, json, lazysnap, ok, top_chain};
 
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-
-fn json(root: &Path, args: &[&str]) -> serde_json::Value {
-    serde_json::from_str(&ok(root, args)).unwrap()
-}
 
 /// Removes every snapshot (children first) so no mount outlives the test.
 struct Cleanup(PathBuf);
@@ -39,13 +35,6 @@ impl Drop for Cleanup {
             }
         }
     }
-}
-
-fn top_chain(root: &Path, image: &str) -> String {
-    json(root, &["inspect", image])["Snapshot"]
-        .as_str()
-        .unwrap()
-        .to_string()
 }
 
 #[test]
@@ -321,7 +310,7 @@ chmod u+s new.txt
 setfattr -n user.test -v hello new.txt
 mkfifo a-fifo
 mknod a-char c 1 3
-yes sparse-data | head -c 4096 | dd of=sparse bs=4096 count=1 seek=1000 status=none
+head -c 4096 /dev/zero | tr "\\0" s | dd of=sparse bs=4096 count=1 seek=1000 status=none
 echo replaced > usr/lib/os-release
 mkdir -p deep/a/b/c && echo x > deep/a/b/c/f && rm -rf deep/a/b
 rmdir opt 2>/dev/null || true
@@ -331,19 +320,7 @@ rm -f /tmp/.lazysnap-stamp-$$
 "#;
 
 fn run_script(dir: &Path, mode: &str) {
-    let out = Command::new("bash")
-        .arg("-c")
-        .arg(SCRIPT)
-        .env("UPPER", mode)
-        .current_dir(dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "script failed in {}: {}",
-        dir.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::bash_in(dir, SCRIPT, &[("UPPER", std::ffi::OsStr::new(mode))]);
 }
 
 #[test]

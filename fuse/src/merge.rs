@@ -210,16 +210,16 @@ impl Inode {
     /// Records that an upper entry was just found as `name` in `parent`: a name that leads to
     /// it now (a hardlink's recorded name may have been removed), so no fd needs pinning.
     pub(crate) fn seen_at(&self, parent: Ino, name: &[u8]) {
-        let mut st = self.state();
-        if self.ino == ROOT_INO || st.upper.is_none() {
+        if self.ino == ROOT_INO {
             return;
         }
-        if st.parent != parent || *st.name != *name {
-            st.parent = parent;
+        let mut st = self.state();
+        let Some(u) = st.upper.as_mut() else { return };
+        u.pinned = None;
+        st.parent = parent;
+        if *st.name != *name {
+            // Lookups repeat the same name: no allocation then.
             st.name = name.into();
-        }
-        if let Some(u) = st.upper.as_mut() {
-            u.pinned = None;
         }
     }
 
@@ -474,7 +474,8 @@ impl Merged {
             }
         };
         let inode = self.inode(ino).ok_or(Errno::NoEntry)?;
-        if !matches!(name, b"." | b"..") {
+        // Only a writable view has upper entries whose recorded name can go stale.
+        if self.upper.is_some() && !matches!(name, b"." | b"..") {
             inode.seen_at(parent, name);
         }
         let (attr, _) = self.attr_ext(&inode)?;

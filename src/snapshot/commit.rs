@@ -19,7 +19,7 @@ use sha2::{Digest as _, Sha256};
 
 use crate::blob::encode::LayerEncoder;
 use crate::blob::Compression;
-use crate::digest::Digest;
+use crate::digest::{Digest, HashWriter};
 use crate::image::resolve::Desc;
 use crate::image::LayerDesc;
 use crate::meta::{BlobRow, ChainRow, LayerRow};
@@ -62,25 +62,6 @@ pub struct Made {
     pub layer: LayerRow,
     pub blob: BlobRow,
     pub chain: ChainRow,
-}
-
-/// Hashes (diffID) and counts the uncompressed tar stream on its way to the compressor.
-struct DiffWriter<W: Write> {
-    inner: W,
-    hasher: Sha256,
-    size: u64,
-}
-
-impl<W: Write> Write for DiffWriter<W> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        self.hasher.update(&buf[..n]);
-        self.size += n as u64;
-        Ok(n)
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        self.inner.flush()
-    }
 }
 
 /// Tars `upper` into a new layer blob on top of `parent_chain`, indexes it, and returns the
@@ -372,19 +353,14 @@ pub fn index_external_blob(
 fn write_tar<W: Write>(upper: &Path, format: UpperFormat, out: W) -> anyhow::Result<(W, Digest)> {
     let dir = open_dir_nofollow(libc::AT_FDCWD, &path_cstring(upper.as_os_str())?)
         .with_context(|| format!("opening upper {}", upper.display()))?;
-    let diff = DiffWriter {
-        inner: out,
-        hasher: Sha256::new(),
-        size: 0,
-    };
-    let mut builder = tar::Builder::new(diff);
+    // The diffID: the uncompressed tar's sha256, taken on its way to the compressor.
+    let mut builder = tar::Builder::new(HashWriter::new(out));
     builder.mode(tar::HeaderMode::Complete);
     let mut links: HashMap<(u64, u64), Vec<u8>> = HashMap::new();
     append_root(&dir, &mut builder)?;
     walk(&dir, b"", format, &mut builder, &mut links)?;
-    let diff = builder.into_inner()?;
-    let digest = Digest::sha256_from_bytes(diff.hasher.finalize().into());
-    Ok((diff.inner, digest))
+    let (out, digest, _) = builder.into_inner()?.finish();
+    Ok((out, digest))
 }
 
 fn path_cstring(p: &OsStr) -> anyhow::Result<CString> {

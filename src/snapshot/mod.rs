@@ -184,6 +184,28 @@ pub fn is_overlay_dir(snapshot_dir: &Path) -> bool {
     snapshot_dir.join("work").is_dir()
 }
 
+/// The chains whose shared lower some overlay-mode active snapshot or view of `rows` uses.
+pub fn lowers_in_use(root: &Root, rows: &[SnapshotRow]) -> std::collections::HashSet<String> {
+    rows.iter()
+        .filter(|r| r.kind != "committed" && is_overlay_dir(&snapshot_dir(root, r)))
+        .filter_map(|r| r.chain_id.clone())
+        .collect()
+}
+
+/// The shared lowers under the root (mounted or left as directories) that none of `rows`
+/// uses, as (chain, directory): what `cleanup` and `check --repair` remove.
+pub fn unused_lowers(root: &Root, rows: &[SnapshotRow]) -> Vec<(String, PathBuf)> {
+    let used = lowers_in_use(root, rows);
+    let Ok(entries) = std::fs::read_dir(root.path.join("lowers")) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| Some((overlay::chain_of_lower(&e.path())?, e.path())))
+        .filter(|(c, _)| !used.contains(c))
+        .collect()
+}
+
 /// Gives a new upper directory the attributes of the parent's root (mode, owner, times,
 /// xattrs): the upper root stands for the merged root, and a commit writes it as `./`. The
 /// merged view decides which layer's root that is (implicit roots defer to lower layers).
@@ -335,32 +357,17 @@ impl Snapshotter {
     /// Mounts the shared read-only lower of `chain` unless it is mounted; returns where.
     fn ensure_lower(&self, chain: &str) -> Result<PathBuf> {
         let mp = self.lower_mountpoint(chain);
-        let _lock = overlay::LowersLock::take(&self.root.path)?;
+        let _lock = overlay::lock_lowers(&self.root.path)?;
         if self.mounter.is_mounted(&mp) {
             return Ok(mp);
         }
         let _span = info_span!("mount_lower", chain).entered();
-        if lazysnap_fuse::is_stale_mount(&mp) {
-            warn!(
-                chain,
-                "the shared lower's daemon is gone; mounting it again"
-            );
-            lazysnap_fuse::unmount(&mp).map_err(|e| {
-                SnapshotError::Internal(
-                    anyhow::Error::new(e)
-                        .context(format!("cleaning the stale mount at {}", mp.display())),
-                )
-            })?;
-        }
-        let spec = MountSpec {
+        self.serve_spec(&MountSpec {
             key: chain.to_string(),
             chain_id: Some(chain.to_string()),
             upper: None,
             mountpoint: mp.clone(),
             shared_lower: true,
-        };
-        self.mounter.mount(&self.root, &spec).map_err(|e| {
-            SnapshotError::Internal(e.context(format!("mounting the shared lower of {chain}")))
         })?;
         tracing::info!(chain, mountpoint = %mp.display(), "shared lower mounted");
         Ok(mp)
@@ -368,19 +375,8 @@ impl Snapshotter {
 
     /// Unmounts the shared lower of `chain` when no snapshot uses it any more.
     fn release_lower(&self, chain: &str) -> Result<()> {
-        let _lock = overlay::LowersLock::take(&self.root.path)?;
-        let users = self
-            .root
-            .meta
-            .snapshots()?
-            .into_iter()
-            .filter(|r| {
-                r.kind != "committed"
-                    && r.chain_id.as_deref() == Some(chain)
-                    && self.mode_of(r) == UpperMode::Overlay
-            })
-            .count();
-        if users > 0 {
+        let _lock = overlay::lock_lowers(&self.root.path)?;
+        if lowers_in_use(&self.root, &self.root.meta.snapshots()?).contains(chain) {
             return Ok(());
         }
         let mp = self.lower_mountpoint(chain);
@@ -390,17 +386,6 @@ impl Snapshotter {
         }
         let _ = std::fs::remove_dir(&mp);
         Ok(())
-    }
-
-    /// The chains whose shared lowers some snapshot uses.
-    fn lowers_in_use(
-        rows: &[SnapshotRow],
-        dir_of: impl Fn(&SnapshotRow) -> PathBuf,
-    ) -> std::collections::HashSet<String> {
-        rows.iter()
-            .filter(|r| r.kind != "committed" && is_overlay_dir(&dir_of(r)))
-            .filter_map(|r| r.chain_id.clone())
-            .collect()
     }
 
     /// The mounts of overlay-mode snapshot `row`, its lower mounted.
@@ -474,46 +459,56 @@ impl Snapshotter {
         }]
     }
 
-    /// Mounts of an active snapshot; re-attaches its filesystem if its daemon is gone.
+    /// Mounts of an active snapshot or view; re-attaches its filesystem if it is gone.
     pub fn mounts(&self, key: &str) -> Result<Vec<Mount>> {
         let _span = info_span!("mounts", key).entered();
         let row = self.row(key)?;
-        if row.kind != "committed" && self.mode_of(&row) == UpperMode::Overlay {
-            let mounts = self.overlay_mounts(&row)?;
-            return match &row.mountpoint {
-                Some(mp) => {
-                    let mp = PathBuf::from(mp);
-                    if overlay::mounted_type(&mp).is_none() {
-                        warn!(
-                            key,
-                            "overlay of the snapshot was not mounted; mounting it again"
-                        );
-                        overlay::mount(&mounts[0], &mp).map_err(SnapshotError::Internal)?;
-                    }
-                    Ok(self.mounts_of(&row))
-                }
-                None => Ok(mounts),
-            };
+        if row.kind == "committed" {
+            return Err(SnapshotError::FailedPrecondition(format!(
+                "snapshot {key} is committed: only active snapshots have mounts"
+            )));
         }
-        let spec = self.mount_spec(key)?;
-        if !self.mounter.is_mounted(&spec.mountpoint) {
+        self.attach(&row)
+    }
+
+    /// Serves `spec` unless it is served: a stale mount of a dead server or daemon (which
+    /// cannot even be stat'ed until unmounted) is cleaned first.
+    fn serve_spec(&self, spec: &MountSpec) -> Result<()> {
+        if self.mounter.is_mounted(&spec.mountpoint) {
+            return Ok(());
+        }
+        if lazysnap_fuse::is_stale_mount(&spec.mountpoint) {
             warn!(
-                key,
-                "filesystem of the snapshot was not mounted; mounting it again"
+                key = spec.key,
+                "the filesystem's daemon is gone; mounting it again"
             );
-            // A dead server's or daemon's mount is left stale: the directory cannot even be
-            // stat'ed through it until it is unmounted.
-            if lazysnap_fuse::is_stale_mount(&spec.mountpoint) {
-                lazysnap_fuse::unmount(&spec.mountpoint).map_err(|e| {
-                    SnapshotError::Internal(anyhow::Error::new(e).context(format!(
-                        "cleaning the stale mount at {}",
-                        spec.mountpoint.display()
-                    )))
-                })?;
-            }
-            self.mounter.mount(&self.root, &spec)?;
+            lazysnap_fuse::unmount(&spec.mountpoint).map_err(|e| {
+                SnapshotError::Internal(anyhow::Error::new(e).context(format!(
+                    "cleaning the stale mount at {}",
+                    spec.mountpoint.display()
+                )))
+            })?;
         }
-        Ok(self.mounts_of(&self.row(key)?))
+        self.mounter
+            .mount(&self.root, spec)
+            .map_err(|e| SnapshotError::Internal(e.context(format!("mounting {}", spec.key))))
+    }
+
+    /// Makes sure the filesystem of active snapshot or view `row` is served, and mounted at
+    /// its own mountpoint when it has one (`mount --rw`); returns its mounts.
+    fn attach(&self, row: &SnapshotRow) -> Result<Vec<Mount>> {
+        if self.mode_of(row) == UpperMode::Fuse {
+            self.serve_spec(&spec_for(&self.root, &row.key)?)?;
+            return Ok(self.mounts_of(row));
+        }
+        let mounts = self.overlay_mounts(row)?;
+        let Some(mp) = row.mountpoint.as_deref().map(Path::new) else {
+            return Ok(mounts);
+        };
+        if !lazysnap_fuse::is_mountpoint(mp) {
+            overlay::mount(&mounts[0], mp).map_err(SnapshotError::Internal)?;
+        }
+        Ok(self.mounts_of(row))
     }
 
     pub fn prepare(
@@ -576,7 +571,8 @@ impl Snapshotter {
         if expected.as_str() != chain {
             return Ok(None);
         }
-        self.create(key, parent, labels, false, None)?;
+        // Nothing is mounted: the differ gets the tmpfs below, Commit records the index.
+        self.record(key, parent, labels, false, None)?;
         if let Err(e) = self.apply_layer(key, &blob.path, &blob.digest, &blob.media_type) {
             let _ = self.remove(key);
             return Err(e);
@@ -805,16 +801,16 @@ impl Snapshotter {
         self.create(key, parent, labels, true, None)
     }
 
-    /// Prepare/View with the filesystem mounted at `mountpoint` instead of the root's place.
-    pub fn create(
+    /// Records active snapshot or view `key` and makes its directory (`upper`, and `work` in
+    /// overlay mode or `mnt` for a FUSE upper without a mountpoint of its own), mounting nothing.
+    fn record(
         &mut self,
         key: &str,
         parent: &str,
         labels: &BTreeMap<String, String>,
         view: bool,
         mountpoint: Option<&Path>,
-    ) -> Result<Vec<Mount>> {
-        let _span = info_span!("prepare", key, parent, view).entered();
+    ) -> Result<SnapshotRow> {
         let mp = mountpoint.map(|m| m.display().to_string());
         // The parent's root attributes, for the upper's root (the parent is checked again
         // in the transaction below; a committed parent never changes).
@@ -864,43 +860,28 @@ impl Snapshotter {
                 })
             },
         )?;
-        tracing::info!(key, upper = mode.as_str(), why, "snapshot prepared");
-        if overlay_mode {
-            let mounted = self
-                .overlay_mounts(&row)
-                .and_then(|mounts| match &row.mountpoint {
-                    Some(mp) => {
-                        overlay::mount(&mounts[0], Path::new(mp))
-                            .map_err(SnapshotError::Internal)?;
-                        Ok(self.mounts_of(&row))
-                    }
-                    None => Ok(mounts),
-                });
-            if mounted.is_err() {
-                let _ = self.root.meta.remove_snapshot(key);
-                let _ = std::fs::remove_dir_all(self.dir(&row));
-                if let Some(chain) = &row.chain_id {
-                    let _ = self.release_lower(chain);
-                }
-            }
-            return mounted;
+        tracing::info!(key, upper = mode.as_str(), why, "snapshot recorded");
+        Ok(row)
+    }
+
+    /// Prepare/View with the filesystem mounted at `mountpoint` instead of the root's place.
+    pub fn create(
+        &mut self,
+        key: &str,
+        parent: &str,
+        labels: &BTreeMap<String, String>,
+        view: bool,
+        mountpoint: Option<&Path>,
+    ) -> Result<Vec<Mount>> {
+        let _span = info_span!("prepare", key, parent, view).entered();
+        let row = self.record(key, parent, labels, view, mountpoint)?;
+        let attached = self.attach(&row);
+        if let Err(e) = &attached {
+            // Nothing half-made stays: the row, its directory, a lower only it would use.
+            warn!(key, error = %e, "prepare failed; removing the snapshot");
+            let _ = self.remove(key);
         }
-        let dir = self.dir(&row);
-        let spec = MountSpec {
-            key: key.to_string(),
-            chain_id: row.chain_id.clone(),
-            upper: (!view).then(|| dir.join("upper")),
-            mountpoint: self.mountpoint(&row),
-            shared_lower: false,
-        };
-        if let Err(e) = self.mounter.mount(&self.root, &spec) {
-            let _ = self.root.meta.remove_snapshot(key);
-            let _ = std::fs::remove_dir_all(self.dir(&row));
-            return Err(SnapshotError::Internal(
-                e.context(format!("preparing {key}")),
-            ));
-        }
-        Ok(self.mounts_of(&row))
+        attached
     }
 
     /// Captures the changes of active `key` as a new layer and the committed snapshot `name`.
@@ -988,8 +969,8 @@ impl Snapshotter {
         if row.kind != "committed" {
             let mp = self.mountpoint(&row);
             if overlay_mode {
-                if row.mountpoint.is_some() && overlay::mounted_type(&mp).is_some() {
-                    overlay::unmount(&mp).map_err(SnapshotError::Internal)?;
+                if row.mountpoint.is_some() && lazysnap_fuse::is_mountpoint(&mp) {
+                    lazysnap_fuse::unmount(&mp).map_err(|e| SnapshotError::Internal(e.into()))?;
                 }
             } else if self.mounter.is_mounted(&mp) || lazysnap_fuse::is_stale_mount(&mp) {
                 self.mounter.unmount(&mp)?;
@@ -1101,45 +1082,10 @@ impl Snapshotter {
                 }
             }
         })?;
-        for chain in self.unused_lowers()? {
+        for (chain, _) in unused_lowers(&self.root, &self.root.meta.snapshots()?) {
             self.release_lower(&chain)?;
         }
         Ok(())
-    }
-
-    /// Shared lowers (mounted or left as directories) that no snapshot uses: what `cleanup`
-    /// removes and `check` reports.
-    pub fn unused_lowers(&self) -> Result<Vec<String>> {
-        let rows = self.root.meta.snapshots()?;
-        let used = Self::lowers_in_use(&rows, |r| self.dir(r));
-        let Ok(entries) = std::fs::read_dir(self.root.path.join("lowers")) else {
-            return Ok(Vec::new());
-        };
-        Ok(entries
-            .flatten()
-            .filter_map(|e| overlay::chain_of_lower(&e.path()))
-            .filter(|c| !used.contains(c))
-            .collect())
-    }
-
-    /// The shared lowers in use, with how many snapshots use each.
-    pub fn lowers(&self) -> Result<Vec<(String, PathBuf, usize)>> {
-        let rows = self.root.meta.snapshots()?;
-        let mut counts: BTreeMap<String, usize> = BTreeMap::new();
-        for r in &rows {
-            if r.kind != "committed" && self.mode_of(r) == UpperMode::Overlay {
-                if let Some(c) = &r.chain_id {
-                    *counts.entry(c.clone()).or_default() += 1;
-                }
-            }
-        }
-        Ok(counts
-            .into_iter()
-            .map(|(c, n)| {
-                let mp = self.lower_mountpoint(&c);
-                (c, mp, n)
-            })
-            .collect())
     }
 
     /// Unmounts every mount of active snapshots (for a clean shutdown of `serve`).
@@ -1152,7 +1098,8 @@ impl Snapshotter {
                 }
             }
         }
-        for (_, mp, _) in self.lowers()? {
+        for chain in lowers_in_use(&self.root, &self.root.meta.snapshots()?) {
+            let mp = self.lower_mountpoint(&chain);
             if self.mounter.is_mounted(&mp) {
                 self.mounter.unmount(&mp)?;
             }

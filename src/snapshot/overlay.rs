@@ -185,53 +185,6 @@ pub fn mount(m: &Mount, target: &Path) -> anyhow::Result<()> {
     }
 }
 
-/// Unmounts whatever is at `target` (lazily if busy: the overlay holds no daemon).
-pub fn unmount(target: &Path) -> anyhow::Result<()> {
-    let t = cstr(target)?;
-    // SAFETY: valid C string.
-    if unsafe { libc::umount2(t.as_ptr(), 0) } == 0 {
-        return Ok(());
-    }
-    let e = std::io::Error::last_os_error();
-    if e.raw_os_error() == Some(libc::EBUSY) {
-        // SAFETY: as above.
-        if unsafe { libc::umount2(t.as_ptr(), libc::MNT_DETACH) } == 0 {
-            return Ok(());
-        }
-    }
-    Err(std::io::Error::last_os_error()).with_context(|| format!("unmounting {}", target.display()))
-}
-
-/// The filesystem type mounted at `dir` (its own mount, not its parent's), if any.
-pub fn mounted_type(dir: &Path) -> Option<String> {
-    let dir = std::path::absolute(dir).ok()?;
-    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    info.lines().rev().find_map(|l| {
-        let fields: Vec<&str> = l.split(' ').collect();
-        let mp = unescape(fields.get(4)?);
-        let sep = fields.iter().position(|f| *f == "-")?;
-        (Path::new(&mp) == dir).then(|| fields.get(sep + 1).map(|s| s.to_string()))?
-    })
-}
-
-/// mountinfo escapes space, tab, newline and backslash as octal.
-fn unescape(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(u8::is_ascii_digit) {
-            let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
-            out.push(v);
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 /// Where the shared read-only mount of `chain` lives under the root.
 pub fn lower_mountpoint(root: &Path, chain: &str) -> PathBuf {
     let hex = chain.strip_prefix("sha256:").unwrap_or(chain);
@@ -247,33 +200,10 @@ pub fn chain_of_lower(dir: &Path) -> Option<String> {
 
 /// Serializes mounting and releasing shared lowers across processes (the CLI and `serve` may
 /// share a root): an exclusive `flock` on `lowers/.lock`, released on drop.
-pub struct LowersLock {
-    _file: std::fs::File,
-}
-
-impl LowersLock {
-    pub fn take(root: &Path) -> anyhow::Result<LowersLock> {
-        use std::os::fd::AsRawFd as _;
-        let dir = root.join("lowers");
-        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        let path = dir.join(".lock");
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .with_context(|| format!("opening {}", path.display()))?;
-        loop {
-            // SAFETY: flock on a descriptor this function owns.
-            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } == 0 {
-                return Ok(LowersLock { _file: file });
-            }
-            let e = std::io::Error::last_os_error();
-            if e.kind() != std::io::ErrorKind::Interrupted {
-                return Err(e).with_context(|| format!("locking {}", path.display()));
-            }
-        }
-    }
+pub fn lock_lowers(root: &Path) -> anyhow::Result<crate::root::StoreLock> {
+    let dir = root.join("lowers");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    crate::root::lock_file(&dir.join(".lock"), libc::LOCK_EX)
 }
 
 #[cfg(test)]
@@ -311,12 +241,6 @@ mod tests {
         assert_eq!(v, vec![bind(Path::new("/l"), true)]);
         let e = mounts(None, Path::new("/u"), Path::new("/w"), false);
         assert_eq!(e, vec![bind(Path::new("/u"), false)]);
-    }
-
-    #[test]
-    fn mountinfo_paths_are_unescaped() {
-        assert_eq!(unescape("/a\\040b"), "/a b");
-        assert_eq!(unescape("/plain"), "/plain");
     }
 
     #[test]

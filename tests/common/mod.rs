@@ -715,3 +715,59 @@ impl Drop for SnapshotMount {
         let _ = Command::new("umount").arg("-R").arg(&self.dir).status();
     }
 }
+
+/// `lazysnap --root ROOT ARGS…` whose stdout is JSON.
+pub fn json(root: &Path, args: &[&str]) -> serde_json::Value {
+    serde_json::from_str(&ok(root, args)).unwrap()
+}
+
+/// The chain ID of an image's top layer.
+pub fn top_chain(root: &Path, image: &str) -> String {
+    json(root, &["inspect", image])["Snapshot"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+/// Imports test image `src` (of [`testdata`]) as `name`.
+pub fn import_image(root: &Path, src: &str, name: &str) {
+    ok(
+        root,
+        &["import", image(src).to_str().unwrap(), "--name", name],
+    );
+}
+
+/// The pids of this build's `lazysnap` processes whose command line names `path` (the mount
+/// daemons of a root or of a mountpoint).
+pub fn lazysnap_processes(path: &Path) -> Vec<u32> {
+    let needle = path.as_os_str().as_bytes().to_vec();
+    let Ok(proc) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    proc.flatten()
+        .filter_map(|e| {
+            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+            let exe = fs::read_link(e.path().join("exe")).ok()?;
+            let cmd = fs::read(e.path().join("cmdline")).ok()?;
+            (exe == lazysnap_bin() && cmd.windows(needle.len()).any(|w| w == needle)).then_some(pid)
+        })
+        .collect()
+}
+
+/// Runs `script` with `bash -euo pipefail` in `dir` with `envs`; panics with its stderr when it
+/// fails. Returns stdout.
+pub fn bash_in(dir: &Path, script: &str, envs: &[(&str, &OsStr)]) -> String {
+    let out = Command::new("bash")
+        .args(["-euo", "pipefail", "-c", script])
+        .current_dir(dir)
+        .envs(envs.iter().copied())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "in {}: {script}\n{}",
+        dir.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
