@@ -32,10 +32,10 @@ use fuser::{
 use tracing::{debug, debug_span, warn};
 
 use crate::layer::{LayerStack, NodeAttr, NodeKind, Timestamp};
+use crate::merge::write::{NewNode, SetAttr, SetTime};
 use crate::merge::{self, FullAttr, Ino, Merged, MergedDir};
-use crate::owners::Owners;
+use crate::owners::{Caller, Owners};
 use crate::upper::Upper;
-use crate::write::{Caller, NewNode, SetAttr, SetTime};
 
 /// How long the kernel may cache entries and attributes: the layers never change.
 pub const TTL: Duration = Duration::from_secs(365 * 24 * 3600);

@@ -468,3 +468,28 @@ pub fn statvfs(fd: BorrowedFd<'_>) -> io::Result<libc::statvfs> {
         Ok(st)
     }
 }
+
+/// Writes the runs of `buf` that are not all-zero 4 KiB blocks: holes stay holes (the final
+/// ftruncate of a copy-up extends the file over skipped zeros).
+pub fn pwrite_non_zero(fd: BorrowedFd<'_>, buf: &[u8], off: u64) -> io::Result<()> {
+    const BLOCK: usize = 4096;
+    let mut run: Option<usize> = None;
+    let mut at = 0;
+    while at < buf.len() {
+        let end = (at + BLOCK).min(buf.len());
+        let zero = buf[at..end].iter().all(|b| *b == 0);
+        match (zero, run) {
+            (false, None) => run = Some(at),
+            (true, Some(start)) => {
+                pwrite_all(fd, &buf[start..at], off + start as u64)?;
+                run = None;
+            }
+            _ => {}
+        }
+        at = end;
+    }
+    if let Some(start) = run {
+        pwrite_all(fd, &buf[start..], off + start as u64)?;
+    }
+    Ok(())
+}

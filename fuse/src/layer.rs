@@ -6,6 +6,9 @@ use std::sync::Arc;
 
 /// A node inside one layer: an index into that layer's node table. Two directory entries that
 /// share a `NodeId` are hardlinks of one file.
+/// Extended attributes as (name, value).
+pub type Xattrs = Vec<(Vec<u8>, Vec<u8>)>;
+
 pub type NodeId = u32;
 
 /// What a node is.
@@ -92,7 +95,7 @@ pub trait LayerTree: Send + Sync {
     fn readlink(&self, node: NodeId) -> io::Result<Vec<u8>>;
 
     /// Extended attributes as (name, value); values may be binary.
-    fn xattrs(&self, node: NodeId) -> Vec<(Vec<u8>, Vec<u8>)>;
+    fn xattrs(&self, node: NodeId) -> Xattrs;
 
     /// Reads file bytes at `offset` into `buf`; returns how many were read (short only at the end
     /// of the file). Holes of sparse files read as zeros. May be slow (decompression): the merged

@@ -1,10 +1,18 @@
 //! lazysnap's filesystem: a merged view of a stack of read-only layer trees, served through FUSE.
 //! It knows nothing of OCI, tar or SQLite: layers come through the [`LayerTree`] trait.
 //!
-//! - [`merge`]: the overlay rules and the inode table, without FUSE;
-//! - [`fs`]: [`MergedFs`], the `fuser::Filesystem` answering from a merged view;
-//! - [`mount()`]: mounting in the background, unmounting, stale-mount detection;
-//! - [`mem`] and [`reference`]: an in-memory layer and a naive `tar -x` model, for tests.
+//! Layers, each using only those below it (checked by `tests/layering.rs`):
+//!
+//! 1. [`layer`] (the trait), [`host`] (the `*at()` syscalls on O_PATH fds), `error`;
+//! 2. [`ownership`] (the `user.lazysnap.override` record), [`owners`] (whose ids a mount shows,
+//!    who counts as root), and for tests [`mem`] (an in-memory layer) and [`mod@reference`] (a naive
+//!    `tar -x` model);
+//! 3. [`upper`]: one upper directory's on-disk form (whiteout files, the opaque marker, attrs
+//!    with the override applied), read and written; it knows nothing of merging;
+//! 4. [`merge`]: the overlay rules and the inode table, without FUSE; `merge::write` its writing
+//!    half (copy-up, whiteouts, renames), its fd cache the bounded table of upper fds;
+//! 5. [`fs`]: [`MergedFs`], the `fuser::Filesystem` answering from a merged view;
+//! 6. [`mount()`]: mounting in the background, unmounting, stale-mount detection.
 //!
 //! ## The writable upper directory
 //!
@@ -27,7 +35,6 @@
 //!   follow symlinks ([`host`]): a symlink in the upper cannot lead a write outside it.
 
 mod error;
-mod fd_cache;
 pub mod fs;
 pub mod host;
 pub mod layer;
@@ -38,11 +45,10 @@ pub mod owners;
 pub mod ownership;
 pub mod reference;
 pub mod upper;
-pub mod write;
 
 pub use error::FuseError;
 pub use fs::MergedFs;
-pub use layer::{DirEntry, LayerStack, LayerTree, NodeAttr, NodeId, NodeKind, Timestamp};
+pub use layer::{DirEntry, LayerStack, LayerTree, NodeAttr, NodeId, NodeKind, Timestamp, Xattrs};
 pub use merge::{Ino, Merged, ROOT_INO};
 pub use mount::{
     fuser_config, is_mountpoint, is_stale_mount, mount, unmount, MountHandle, MountOptions,

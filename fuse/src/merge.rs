@@ -15,7 +15,7 @@
 //! never reused or changed while the [`Merged`] lives; a node visible through several hardlinks
 //! of one layer gets one inode.
 //!
-//! A writable upper directory (an OCI layer in directory form, see [`crate::write`]) may sit above
+//! A writable upper directory (an OCI layer in directory form, see [`mod@write`]) may sit above
 //! the layers: its entries win, its `.wh.NAME` files hide lower names and its `.wh..wh..opq`
 //! marker hides a directory's lower content. An upper entry is known by its host identity
 //! (`st_dev`, `st_ino`), which survives renames and is shared by hardlinks; a lower inode that is
@@ -31,16 +31,17 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 
 use tracing::warn;
 
-use crate::fd_cache::FdCache;
 use crate::host::{self, HostId};
-use crate::layer::{DirEntry, LayerStack, LayerTree, NodeAttr, NodeId, NodeKind, Timestamp};
+use crate::layer::{
+    DirEntry, LayerStack, LayerTree, NodeAttr, NodeId, NodeKind, Timestamp, Xattrs,
+};
 use crate::upper::{self, Upper};
+use fd_cache::FdCache;
 
+mod fd_cache;
 #[cfg(test)]
 mod tests;
-
-/// Extended attributes as (name, value).
-pub type Xattrs = Vec<(Vec<u8>, Vec<u8>)>;
+pub mod write;
 
 /// A child name resolved: its kind and sources, or `None` when whited out.
 type Resolved = Option<(NodeKind, Vec<Origin>)>;

@@ -8,7 +8,12 @@
 
 use std::io;
 
-use crate::write::Caller;
+/// Who asks, in the ids of the request or of the layers (the new entry's owner).
+#[derive(Debug, Clone, Copy)]
+pub struct Caller {
+    pub uid: u32,
+    pub gid: u32,
+}
 
 /// The ids a mount shows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

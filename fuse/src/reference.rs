@@ -4,8 +4,8 @@
 
 use std::collections::BTreeMap;
 
+use crate::layer::Xattrs;
 use crate::layer::{DirEntry, LayerTree, NodeAttr, NodeId, NodeKind};
-use crate::merge::Xattrs;
 
 /// One path of the applied tree.
 #[derive(Debug, Clone)]

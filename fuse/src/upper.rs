@@ -1,4 +1,5 @@
-//! The upper directory as the merged view reads it: an OCI layer in directory form.
+//! The upper directory's on-disk form, read and written: an OCI layer in directory form. It
+//! knows nothing of merging (the merge module does that): only of one upper directory's entries.
 //! `.wh.NAME` (an empty regular file) deletes NAME below, `.wh..wh..opq` inside a directory
 //! hides everything below it, and any other `.wh.*` name (temp files of copy-up) is never shown.
 
@@ -7,8 +8,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 
 use crate::host::{self, HostId};
-use crate::layer::{NodeAttr, NodeKind, Timestamp};
-use crate::merge::Xattrs;
+use crate::layer::{NodeAttr, NodeKind, Timestamp, Xattrs};
 use crate::ownership::{self, Override};
 
 /// Prefix of whiteout files.
@@ -81,6 +81,65 @@ pub fn mode_bits(kind: NodeKind) -> u32 {
 /// True for names a user may not create: OCI layers cannot carry them.
 pub fn is_reserved(name: &[u8]) -> bool {
     name.starts_with(WH_PREFIX)
+}
+
+fn whiteout_name(name: &[u8]) -> Vec<u8> {
+    let mut w = WH_PREFIX.to_vec();
+    w.extend_from_slice(name);
+    w
+}
+
+/// Creates the whiteout `.wh.NAME` in `dir` (an empty regular file).
+pub fn make_whiteout(dir: BorrowedFd<'_>, name: &[u8]) -> io::Result<()> {
+    host::open_at(
+        dir,
+        &whiteout_name(name),
+        libc::O_WRONLY | libc::O_CREAT,
+        0o644,
+    )?;
+    Ok(())
+}
+
+/// Removes `.wh.NAME` from `dir` if there is one.
+pub fn drop_whiteout(dir: BorrowedFd<'_>, name: &[u8]) -> io::Result<()> {
+    match host::unlink_at(dir, &whiteout_name(name), false) {
+        Ok(()) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Adds the opaque marker, keeping the directory's times: the marker is bookkeeping, not a
+/// change the container made.
+pub fn make_opaque(dir: BorrowedFd<'_>) -> io::Result<()> {
+    let before = host::stat_fd(dir).ok();
+    host::open_at(dir, OPAQUE, libc::O_WRONLY | libc::O_CREAT, 0o644)?;
+    if let Some(st) = before {
+        let times = [
+            libc::timespec {
+                tv_sec: st.st_atime,
+                tv_nsec: st.st_atime_nsec,
+            },
+            libc::timespec {
+                tv_sec: st.st_mtime,
+                tv_nsec: st.st_mtime_nsec,
+            },
+        ];
+        host::utimens_fd(dir, &times)?;
+    }
+    Ok(())
+}
+
+/// Removes the whiteouts and markers of an upper directory that shows no entries, so that it
+/// can be removed or replaced.
+pub fn clear_markers(dir: BorrowedFd<'_>) -> io::Result<()> {
+    for name in host::list_dir(dir)? {
+        if !name.starts_with(WH_PREFIX) {
+            return Err(io::Error::from_raw_os_error(libc::ENOTEMPTY));
+        }
+        host::unlink_at(dir, &name, false)?;
+    }
+    Ok(())
 }
 
 pub fn scan_dir(dir: BorrowedFd<'_>) -> io::Result<Scan> {

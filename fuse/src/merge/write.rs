@@ -1,5 +1,5 @@
 //! Changes to a merged view with a writable upper directory: copy-up and the namespace
-//! operations. Every change holds [`Merged::write_lock`], so the upper directory only ever goes
+//! operations. Every change holds `Merged::write_lock`, so the upper directory only ever goes
 //! from one consistent state to the next as seen by this view; data writes to already open
 //! upper files do not take it.
 //!
@@ -16,24 +16,18 @@ use std::sync::{Arc, PoisonError};
 
 use tracing::{debug, debug_span};
 
+use super::{Child, Errno, Ino, Inode, Merged, UpperNode};
 use crate::host;
-use crate::layer::{NodeAttr, NodeKind, Timestamp};
-use crate::merge::{Child, Errno, Ino, Inode, Merged, UpperNode, Xattrs};
+use crate::layer::{NodeAttr, NodeKind, Timestamp, Xattrs};
+use crate::owners::Caller;
 use crate::ownership::{self, Override};
-use crate::upper::{self, OPAQUE, WH_PREFIX};
+use crate::upper;
 
 #[cfg(test)]
 mod tests;
 
 /// Chunk size of copy-up reads; all-zero chunks are skipped to keep holes.
 const COPY_CHUNK: usize = 1 << 20;
-
-/// Who asks (the new entry's owner).
-#[derive(Debug, Clone, Copy)]
-pub struct Caller {
-    pub uid: u32,
-    pub gid: u32,
-}
 
 /// What to create.
 #[derive(Debug, Clone)]
@@ -88,12 +82,6 @@ fn raw(e: i32) -> Errno {
     Errno::Raw(e)
 }
 
-fn whiteout_name(name: &[u8]) -> Vec<u8> {
-    let mut w = WH_PREFIX.to_vec();
-    w.extend_from_slice(name);
-    w
-}
-
 fn timespec(t: Timestamp) -> libc::timespec {
     libc::timespec {
         tv_sec: t.sec as libc::time_t,
@@ -113,59 +101,6 @@ fn set_time(t: Option<SetTime>) -> libc::timespec {
         },
         Some(SetTime::At(t)) => timespec(t),
     }
-}
-
-/// Creates the whiteout `.wh.NAME` in `dir` (an empty regular file).
-fn make_whiteout(dir: BorrowedFd<'_>, name: &[u8]) -> Result<(), Errno> {
-    host::open_at(
-        dir,
-        &whiteout_name(name),
-        libc::O_WRONLY | libc::O_CREAT,
-        0o644,
-    )?;
-    Ok(())
-}
-
-/// Removes `.wh.NAME` from `dir` if there is one.
-fn drop_whiteout(dir: BorrowedFd<'_>, name: &[u8]) -> Result<(), Errno> {
-    match host::unlink_at(dir, &whiteout_name(name), false) {
-        Ok(()) => Ok(()),
-        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
-        Err(e) => Err(e.into()),
-    }
-}
-
-/// Adds the opaque marker, keeping the directory's times: the marker is bookkeeping, not a
-/// change the container made.
-fn make_opaque(dir: BorrowedFd<'_>) -> Result<(), Errno> {
-    let before = host::stat_fd(dir).ok();
-    host::open_at(dir, OPAQUE, libc::O_WRONLY | libc::O_CREAT, 0o644)?;
-    if let Some(st) = before {
-        let times = [
-            libc::timespec {
-                tv_sec: st.st_atime,
-                tv_nsec: st.st_atime_nsec,
-            },
-            libc::timespec {
-                tv_sec: st.st_mtime,
-                tv_nsec: st.st_mtime_nsec,
-            },
-        ];
-        host::utimens_fd(dir, &times)?;
-    }
-    Ok(())
-}
-
-/// Removes the whiteouts and markers of an upper directory that shows no entries, so that it
-/// can be removed or replaced.
-fn clear_markers(dir: BorrowedFd<'_>) -> Result<(), Errno> {
-    for name in host::list_dir(dir)? {
-        if !name.starts_with(WH_PREFIX) {
-            return Err(raw(libc::ENOTEMPTY));
-        }
-        host::unlink_at(dir, &name, false)?;
-    }
-    Ok(())
 }
 
 fn check_name(name: &[u8]) -> Result<(), Errno> {
@@ -410,7 +345,7 @@ impl Merged {
                     if got == 0 {
                         break;
                     }
-                    write_non_zero(f.as_fd(), &buf[..got], off)?;
+                    host::pwrite_non_zero(f.as_fd(), &buf[..got], off)?;
                     off += got as u64;
                 }
                 host::ftruncate(f.as_fd(), size)?;
@@ -503,7 +438,7 @@ impl Merged {
         let finish = || -> Result<Arc<OwnedFd>, Errno> {
             let fd = Arc::new(host::open_path(pfd.as_fd(), &tmp)?);
             if opaque {
-                make_opaque(fd.as_fd())?;
+                upper::make_opaque(fd.as_fd())?;
             }
             let record = self.xattr_owner();
             if !record {
@@ -521,14 +456,14 @@ impl Merged {
             Err(e) => {
                 if kind == NodeKind::Dir {
                     if let Ok(d) = host::open_dir_path(pfd.as_fd(), &tmp) {
-                        let _ = clear_markers(d.as_fd());
+                        let _ = upper::clear_markers(d.as_fd());
                     }
                 }
                 let _ = host::unlink_at(pfd.as_fd(), &tmp, kind == NodeKind::Dir);
                 return Err(e);
             }
         };
-        drop_whiteout(pfd.as_fd(), name)?;
+        upper::drop_whiteout(pfd.as_fd(), name)?;
         let id = host::host_id(&host::stat_fd(fd.as_fd())?);
         let ino = {
             let mut t = self.table.write().unwrap_or_else(PoisonError::into_inner);
@@ -628,7 +563,7 @@ impl Merged {
         let fd = self.upper_fd(&inode)?;
         if let Some(fd) = &fd {
             if dir {
-                clear_markers(fd.as_fd())?;
+                upper::clear_markers(fd.as_fd())?;
             }
             host::unlink_at(pfd.as_fd(), name, dir)?;
             self.drop_if_unlinked(&inode, Some(fd), parent, name);
@@ -637,7 +572,7 @@ impl Merged {
             st.lower_gone = true;
         }
         if lower {
-            make_whiteout(pfd.as_fd(), name)?;
+            upper::make_whiteout(pfd.as_fd(), name)?;
         }
         if dir {
             self.invalidate_dir(ino);
@@ -722,7 +657,7 @@ impl Merged {
         let src_lower = self.lower_has(&pinode, name);
         let dst_lower = self.lower_has(&qinode, newname);
         if sinode.kind == NodeKind::Dir && (dst_lower || sinode.state().lower_gone) {
-            make_opaque(sfd.as_fd())?;
+            upper::make_opaque(sfd.as_fd())?;
             sinode.state().lower_gone = true;
         }
         let dfd = match &dinode {
@@ -731,13 +666,13 @@ impl Merged {
         };
         if let (Some(d), Some(fd)) = (&dinode, &dfd) {
             if d.kind == NodeKind::Dir {
-                clear_markers(fd.as_fd())?;
+                upper::clear_markers(fd.as_fd())?;
             }
         }
         host::rename_at(pfd.as_fd(), name, qfd.as_fd(), newname, 0)?;
-        drop_whiteout(qfd.as_fd(), newname)?;
+        upper::drop_whiteout(qfd.as_fd(), newname)?;
         if src_lower {
-            make_whiteout(pfd.as_fd(), name)?;
+            upper::make_whiteout(pfd.as_fd(), name)?;
         }
         if let Some(d) = &dinode {
             if dfd.is_some() {
@@ -785,7 +720,7 @@ impl Merged {
         let fd = self.copy_up_locked(&inode)?;
         let qfd = self.copy_up_locked(&qinode)?;
         host::link_fd(fd.as_fd(), qfd.as_fd(), newname)?;
-        drop_whiteout(qfd.as_fd(), newname)?;
+        upper::drop_whiteout(qfd.as_fd(), newname)?;
         inode.clear_nlink();
         let kind = inode.kind;
         self.patch_dir(newparent, |d| {
@@ -894,29 +829,4 @@ fn restore_times(dir: BorrowedFd<'_>, a: &NodeAttr) {
     if let Err(e) = host::utimens_fd(dir, &[timespec(a.atime), timespec(a.mtime)]) {
         debug!(error = %e, "directory times not restored after copy-up");
     }
-}
-
-/// Writes the runs of `buf` that are not all-zero 4 KiB blocks: holes stay holes (the final
-/// ftruncate of a copy-up extends the file over skipped zeros).
-fn write_non_zero(fd: BorrowedFd<'_>, buf: &[u8], off: u64) -> Result<(), Errno> {
-    const BLOCK: usize = 4096;
-    let mut run: Option<usize> = None;
-    let mut at = 0;
-    while at < buf.len() {
-        let end = (at + BLOCK).min(buf.len());
-        let zero = buf[at..end].iter().all(|b| *b == 0);
-        match (zero, run) {
-            (false, None) => run = Some(at),
-            (true, Some(start)) => {
-                host::pwrite_all(fd, &buf[start..at], off + start as u64)?;
-                run = None;
-            }
-            _ => {}
-        }
-        at = end;
-    }
-    if let Some(start) = run {
-        host::pwrite_all(fd, &buf[start..], off + start as u64)?;
-    }
-    Ok(())
 }

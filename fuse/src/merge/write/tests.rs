@@ -7,9 +7,10 @@ use std::sync::Arc;
 
 use crate::layer::{LayerStack, LayerTree, NodeKind};
 use crate::mem::MemLayer;
+use crate::merge::write::{NewNode, SetAttr};
 use crate::merge::{Ino, Merged, ROOT_INO};
+use crate::owners::Caller;
 use crate::upper::Upper;
-use crate::write::{Caller, NewNode, SetAttr};
 
 const ME: Caller = Caller { uid: 0, gid: 0 };
 

@@ -10,8 +10,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use lru::LruCache;
 
+use super::Ino;
 use crate::host::HostId;
-use crate::merge::Ino;
 
 /// Fewest and most fds kept, whatever the limit.
 const MIN_FDS: usize = 16;
