@@ -78,9 +78,24 @@ pub fn prepare_mountpoint(dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Allocations from this size up get their own mapping, returned to the kernel when freed.
+/// glibc's default starts here too but raises the threshold after each free of a big block (up
+/// to 32 MiB), after which freed span buffers (1-4 MiB, decompressed by 16 workers) stay in the
+/// threads' arenas: a read of every file left 82 MiB anonymous memory with an 8 MiB span cache
+/// (45 MiB with two arenas). With the threshold fixed it is 12 MiB: the cache and 4 MiB.
+const MMAP_THRESHOLD: libc::c_int = 128 << 10;
+
+fn fix_malloc_mmap_threshold() {
+    // SAFETY: mallopt only sets a glibc tunable.
+    if unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD) } != 1 {
+        tracing::debug!("mallopt(M_MMAP_THRESHOLD) refused; malloc keeps its dynamic threshold");
+    }
+}
+
 /// Mounts in this process and serves until unmounted or signalled (SIGINT/SIGTERM unmount).
 pub fn run_foreground(root: Root, req: &MountRequest) -> anyhow::Result<()> {
     let start = Instant::now();
+    fix_malloc_mmap_threshold();
     // Before the mount appears: a signal that arrives while mounting is then held and
     // answered (unmount, exit 0) instead of killing the process with a live mount behind it.
     let mut signals = signal_hook::iterator::Signals::new([

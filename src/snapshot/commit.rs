@@ -110,7 +110,15 @@ pub fn commit_upper(
             })
             .context("starting the indexer thread")?
     };
-    let written = write_blob(root, upper, format, compression, tx);
+    // Overlay mode: the chain's shared read-only mount is the overlay's lower; a directory
+    // the kernel renamed (`redirect_dir=on`) is filled from it.
+    let lower = match (format, parent_chain) {
+        (UpperFormat::Overlay, Some(chain)) => {
+            Some(super::overlay::lower_mountpoint(&root.path, chain))
+        }
+        _ => None,
+    };
+    let written = write_blob(root, upper, lower.as_deref(), format, compression, tx);
     let indexed = indexer
         .join()
         .map_err(|_| anyhow::anyhow!("the commit's indexer thread panicked"))?;
@@ -161,6 +169,7 @@ pub fn commit_upper(
 fn write_blob(
     root: &mut Root,
     upper: &Path,
+    lower: Option<&Path>,
     format: UpperFormat,
     compression: Compression,
     tx: std::sync::mpsc::SyncSender<Vec<u8>>,
@@ -171,7 +180,7 @@ fn write_blob(
     };
     // Finishing the tee drops the sender: the indexer sees the end of the stream.
     let enc = LayerEncoder::new(tee, compression, crate::blob::DEFAULT_SPAN_SIZE)?;
-    let (enc, diff) = write_tar(upper, format, enc)?;
+    let (enc, diff) = write_tar(upper, lower, format, enc)?;
     let (d, s) = enc.finish()?.inner.commit()?;
     Ok((d, s, diff))
 }
@@ -350,17 +359,90 @@ pub fn index_external_blob(
     )
 }
 
-fn write_tar<W: Write>(upper: &Path, format: UpperFormat, out: W) -> anyhow::Result<(W, Digest)> {
+fn write_tar<W: Write>(
+    upper: &Path,
+    lower: Option<&Path>,
+    format: UpperFormat,
+    out: W,
+) -> anyhow::Result<(W, Digest)> {
     let dir = open_dir_nofollow(libc::AT_FDCWD, &path_cstring(upper.as_os_str())?)
         .with_context(|| format!("opening upper {}", upper.display()))?;
     // The diffID: the uncompressed tar's sha256, taken on its way to the compressor.
     let mut builder = tar::Builder::new(HashWriter::new(out));
     builder.mode(tar::HeaderMode::Complete);
-    let mut links: HashMap<(u64, u64), Vec<u8>> = HashMap::new();
-    append_root(&dir, &mut builder)?;
-    walk(&dir, b"", format, &mut builder, &mut links)?;
-    let (out, digest, _) = builder.into_inner()?.finish();
+    let mut w = Walker {
+        builder,
+        links: HashMap::new(),
+        lower: lower.map(|p| LowerRoot {
+            path: p.to_path_buf(),
+            fd: None,
+        }),
+    };
+    append_root(&dir, &mut w.builder)?;
+    w.walk(&dir, b"", format, b"", false)?;
+    let (out, digest, _) = w.builder.into_inner()?.finish();
     Ok((out, digest))
+}
+
+/// The overlay's lower (the chain's read-only lazysnap mount), opened on first need.
+struct LowerRoot {
+    path: std::path::PathBuf,
+    fd: Option<OwnedFd>,
+}
+
+impl LowerRoot {
+    /// The lower's directory at `rel` (components separated by `/`, no `.`/`..`), opened one
+    /// name at a time with `O_NOFOLLOW`; None when it is not there (or not a directory).
+    fn open(&mut self, rel: &[u8]) -> anyhow::Result<Option<OwnedFd>> {
+        if self.fd.is_none() {
+            let fd = open_dir_nofollow(libc::AT_FDCWD, &path_cstring(self.path.as_os_str())?)
+                .with_context(|| format!("opening the lower {}", self.path.display()))?;
+            self.fd = Some(fd);
+        }
+        let root = self.fd.as_ref().expect("opened above");
+        let mut cur: Option<OwnedFd> = None;
+        for name in rel.split(|&b| b == b'/').filter(|n| !n.is_empty()) {
+            if name == b"." || name == b".." {
+                bail!("redirect through {:?}", String::from_utf8_lossy(rel));
+            }
+            let at = cur.as_ref().unwrap_or(root).as_raw_fd();
+            match open_dir_nofollow(at, &CString::new(name).context("file name with NUL")?) {
+                Ok(fd) => cur = Some(fd),
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::ENOENT | libc::ENOTDIR | libc::ELOOP)
+                    ) =>
+                {
+                    return Ok(None)
+                }
+                Err(e) => {
+                    return Err(e).with_context(|| {
+                        format!("opening {} in the lower", String::from_utf8_lossy(rel))
+                    })
+                }
+            }
+        }
+        Ok(Some(match cur {
+            Some(fd) => fd,
+            None => root.try_clone()?,
+        }))
+    }
+}
+
+/// The lower path a redirected directory stands for: an absolute redirect is a path from the
+/// overlay's root, a relative one a name in the parent's lower directory (the kernel's
+/// `ovl_lookup` rule). `lower_prefix` is the parent's lower path with a trailing `/`, or empty.
+fn resolve_redirect(redirect: &[u8], lower_prefix: &[u8]) -> Vec<u8> {
+    let mut p = match redirect.strip_prefix(b"/") {
+        Some(abs) => abs.to_vec(),
+        None => [lower_prefix, redirect].concat(),
+    };
+    while p.ends_with(b"/") {
+        p.pop();
+    }
+    p.push(b'/');
+    p
 }
 
 fn path_cstring(p: &OsStr) -> anyhow::Result<CString> {
@@ -548,23 +630,73 @@ fn append_marker<W: Write>(
     Ok(())
 }
 
-fn walk<W: Write>(
-    dir: &OwnedFd,
-    prefix: &[u8],
-    format: UpperFormat,
-    builder: &mut tar::Builder<W>,
-    links: &mut HashMap<(u64, u64), Vec<u8>>,
-) -> anyhow::Result<()> {
-    let overlay = format == UpperFormat::Overlay;
-    for name in list_dir(dir)? {
-        if !overlay && name.starts_with(UPPER_TEMP_PREFIX) {
-            continue;
+struct Walker<W: Write> {
+    builder: tar::Builder<W>,
+    links: HashMap<(u64, u64), Vec<u8>>,
+    lower: Option<LowerRoot>,
+}
+
+impl<W: Write> Walker<W> {
+    /// Tars the entries of `dir` (at `prefix` in the layer). `lower_prefix` is where `dir`'s
+    /// content comes from in the overlay's lower (its own path unless an ancestor was
+    /// renamed). With `materialize` (`dir` is, or is inside, a directory the kernel renamed
+    /// under `redirect_dir=on`, written as opaque) the lower's entries the upper does not
+    /// shadow are written too: a layer has no redirects, so a renamed directory is carried
+    /// whole, as containerd's walking differ would write it.
+    fn walk(
+        &mut self,
+        dir: &OwnedFd,
+        prefix: &[u8],
+        format: UpperFormat,
+        lower_prefix: &[u8],
+        materialize: bool,
+    ) -> anyhow::Result<()> {
+        let overlay = format == UpperFormat::Overlay;
+        let names = list_dir(dir)?;
+        for name in &names {
+            if !overlay && name.starts_with(UPPER_TEMP_PREFIX) {
+                continue;
+            }
+            self.entry(dir, name, prefix, format, lower_prefix, materialize)?;
         }
-        let cname = CString::new(name.clone()).context("file name with NUL")?;
+        if materialize {
+            let Some(lower) = self.lower.as_mut() else {
+                bail!(
+                    "{} was renamed in the overlay but the commit has no lower to read it from",
+                    String::from_utf8_lossy(prefix)
+                );
+            };
+            let Some(ldir) = lower.open(lower_prefix)? else {
+                return Ok(());
+            };
+            for name in list_dir(&ldir)? {
+                if names.binary_search(&name).is_ok() {
+                    // Shadowed by the upper: its entry, a whiteout or an opaque directory.
+                    continue;
+                }
+                // The lower is a merged lazysnap mount: no markers, nothing to translate.
+                self.entry(&ldir, &name, prefix, UpperFormat::OciDir, b"", false)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn entry(
+        &mut self,
+        dir: &OwnedFd,
+        name: &[u8],
+        prefix: &[u8],
+        format: UpperFormat,
+        lower_prefix: &[u8],
+        materialize: bool,
+    ) -> anyhow::Result<()> {
+        let overlay = format == UpperFormat::Overlay;
+        let builder = &mut self.builder;
+        let cname = CString::new(name).context("file name with NUL")?;
         let st = fstatat(dir.as_raw_fd(), &cname)?;
         let mut path = prefix.to_vec();
-        path.extend_from_slice(&name);
-        let mut xattrs = xattrs_at(dir.as_raw_fd(), &name)?;
+        path.extend_from_slice(name);
+        let mut xattrs = xattrs_at(dir.as_raw_fd(), name)?;
         let EntryMeta {
             fmt,
             mut uid,
@@ -573,17 +705,24 @@ fn walk<W: Write>(
             rdev,
         } = entry_meta(&st, &mut xattrs);
         let mut opaque = false;
+        let mut redirect = None;
         if overlay {
             let whiteout = (fmt == libc::S_IFCHR && rdev == (0, 0))
                 || (fmt == libc::S_IFREG && overlay_xattr(&xattrs, "whiteout").is_some());
             if whiteout {
-                let mut wh = prefix.to_vec();
-                wh.extend_from_slice(b".wh.");
-                wh.extend_from_slice(&name);
-                append_marker(builder, &wh, st.st_mtime)?;
-                continue;
+                if !materialize {
+                    // (In a materialized directory the lower entry is simply not written.)
+                    let mut wh = prefix.to_vec();
+                    wh.extend_from_slice(b".wh.");
+                    wh.extend_from_slice(name);
+                    append_marker(builder, &wh, st.st_mtime)?;
+                }
+                return Ok(());
             }
-            opaque = fmt == libc::S_IFDIR && overlay_xattr(&xattrs, "opaque") == Some(b"y");
+            if fmt == libc::S_IFDIR {
+                opaque = overlay_xattr(&xattrs, "opaque") == Some(b"y");
+                redirect = overlay_xattr(&xattrs, "redirect").map(<[u8]>::to_vec);
+            }
             xattrs.retain(|(k, _)| !is_overlay_xattr(k));
         } else if name.starts_with(b".wh.") {
             // A marker: who made it on the host says nothing about the image.
@@ -599,7 +738,7 @@ fn walk<W: Write>(
         let pax = pax_records(&st, &xattrs, uid, gid);
         let key = (st.st_dev, st.st_ino);
         if fmt != libc::S_IFDIR && st.st_nlink > 1 {
-            if let Some(first) = links.get(&key) {
+            if let Some(first) = self.links.get(&key) {
                 builder
                     .append_pax_extensions(pax.iter().map(|(k, v)| (k.as_str(), v.as_slice())))?;
                 header.set_entry_type(tar::EntryType::Link);
@@ -608,9 +747,9 @@ fn walk<W: Write>(
                     OsStr::from_bytes(&path),
                     OsStr::from_bytes(first),
                 )?;
-                continue;
+                return Ok(());
             }
-            links.insert(key, path.clone());
+            self.links.insert(key, path.clone());
         }
         builder.append_pax_extensions(pax.iter().map(|(k, v)| (k.as_str(), v.as_slice())))?;
         match fmt {
@@ -619,17 +758,22 @@ fn walk<W: Write>(
                 let mut p = path.clone();
                 p.push(b'/');
                 builder.append_data(&mut header, OsStr::from_bytes(&p), io::empty())?;
-                if opaque {
+                // Where this directory's lower content is, and whether it is written out.
+                let (child_lower, child_materialize) = match &redirect {
+                    Some(r) => (resolve_redirect(r, lower_prefix), true),
+                    None => ([lower_prefix, name, b"/"].concat(), materialize && !opaque),
+                };
+                if opaque || redirect.is_some() {
                     p.extend_from_slice(b".wh..wh..opq");
                     append_marker(builder, &p, st.st_mtime)?;
                 }
                 let sub = open_dir_nofollow(dir.as_raw_fd(), &cname)?;
-                walk(
+                self.walk(
                     &sub,
                     &[path.as_slice(), b"/"].concat(),
                     format,
-                    builder,
-                    links,
+                    &child_lower,
+                    child_materialize,
                 )?;
             }
             libc::S_IFREG => {
@@ -690,13 +834,12 @@ fn walk<W: Write>(
             }
             libc::S_IFSOCK => {
                 // Sockets cannot be carried by tar; containerd skips them too.
-                continue;
             }
             _ => bail!(
                 "unsupported file type in upper: {}",
                 String::from_utf8_lossy(&path)
             ),
         }
+        Ok(())
     }
-    Ok(())
 }

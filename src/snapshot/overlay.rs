@@ -86,9 +86,11 @@ pub fn uses_userxattr() -> bool {
     !lazysnap_fuse::privileged()
 }
 
-/// The mounts of an overlay-mode snapshot, as containerd's overlayfs snapshotter gives them:
-/// an `overlay` over `lower` (a plain diff upper: no index, redirects or metacopy, so the upper
-/// is exactly the change), or a bind of the upper when there is no lower.
+/// The mounts of an overlay-mode snapshot: an `overlay` over `lower` (no index or metacopy;
+/// as root `redirect_dir=on`, so a directory of the lower can be renamed — containerd 2.x's
+/// conformance suite renames one for every snapshotter but overlayfs, fuse-overlayfs and
+/// erofs —, commit writing a renamed directory out whole from the lower), or a bind of the
+/// upper when there is no lower.
 pub fn mounts(lower: Option<&Path>, upper: &Path, work: &Path, readonly: bool) -> Vec<Mount> {
     let Some(lower) = lower else {
         return vec![bind(upper, readonly)];
@@ -103,7 +105,7 @@ pub fn mounts(lower: Option<&Path>, upper: &Path, work: &Path, readonly: bool) -
         options.push("redirect_dir=nofollow".into());
         options.push("userxattr".into());
     } else {
-        options.push("redirect_dir=off".into());
+        options.push("redirect_dir=on".into());
     }
     options.push(format!("workdir={}", work.display()));
     options.push(format!("upperdir={}", upper.display()));
@@ -222,7 +224,7 @@ mod tests {
         assert_eq!(m[0].kind, "overlay");
         for o in [
             "index=off",
-            "redirect_dir=off",
+            "redirect_dir=on",
             "metacopy=off",
             "lowerdir=/r/lowers/ab",
         ] {

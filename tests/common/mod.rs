@@ -741,6 +741,8 @@ pub fn import_image(root: &Path, src: &str, name: &str) {
 /// daemons of a root or of a mountpoint).
 pub fn lazysnap_processes(path: &Path) -> Vec<u32> {
     let needle = path.as_os_str().as_bytes().to_vec();
+    // /proc/PID/exe is the resolved path; the binary's may lead through a symlink.
+    let bin = fs::canonicalize(lazysnap_bin()).unwrap_or_else(|_| lazysnap_bin());
     let Ok(proc) = fs::read_dir("/proc") else {
         return Vec::new();
     };
@@ -749,7 +751,7 @@ pub fn lazysnap_processes(path: &Path) -> Vec<u32> {
             let pid: u32 = e.file_name().to_str()?.parse().ok()?;
             let exe = fs::read_link(e.path().join("exe")).ok()?;
             let cmd = fs::read(e.path().join("cmdline")).ok()?;
-            (exe == lazysnap_bin() && cmd.windows(needle.len()).any(|w| w == needle)).then_some(pid)
+            (exe == bin && cmd.windows(needle.len()).any(|w| w == needle)).then_some(pid)
         })
         .collect()
 }

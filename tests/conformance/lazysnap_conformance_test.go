@@ -247,8 +247,8 @@ func TestSnapshotterSuite(t *testing.T) {
 // and in a child snapshot.
 func TestRename(t *testing.T) {
 	requireRoot(t)
-	// Renaming a lower directory is the FUSE upper's own feature: the kernel's overlayfs
-	// (redirect_dir=off, as containerd's overlayfs snapshotter) answers EXDEV and `mv` copies.
+	// The FUSE upper's own rename (overlay mode renames through the kernel's redirects: see
+	// tests/conformance2, containerd 2.x's suite, and tests/overlay.rs).
 	if old, had := os.LookupEnv("LAZYSNAP_UPPER"); had {
 		defer os.Setenv("LAZYSNAP_UPPER", old)
 	} else {
