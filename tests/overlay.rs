@@ -181,3 +181,82 @@ fn a_commit_of_an_overlay_upper_equals_the_kernels_merged_tree() {
     );
     drop(merged);
 }
+
+/// The files under `dir` with their sizes and a hash of their contents.
+fn contents(dir: &Path) -> std::collections::BTreeMap<PathBuf, (usize, u64)> {
+    let mut out = std::collections::BTreeMap::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in fs::read_dir(&d).unwrap().flatten() {
+            let md = fs::symlink_metadata(e.path()).unwrap();
+            if md.is_dir() {
+                todo.push(e.path());
+            } else if md.is_file() {
+                let rel = e.path().strip_prefix(dir).unwrap().to_path_buf();
+                let data = fs::read(e.path()).unwrap();
+                let mut h = std::collections::hash_map::DefaultHasher::new();
+                std::hash::Hash::hash(&data, &mut h);
+                out.insert(rel, (data.len(), std::hash::Hasher::finish(&h)));
+            }
+        }
+    }
+    out
+}
+
+/// A lower directory renamed in the overlay (a kernel redirect) is committed whole, read from
+/// the chain's lower, even when that lower was unmounted before the commit (a reboot, a
+/// `check --repair`): the commit mounts it again rather than reading the empty directory.
+#[test]
+fn a_renamed_lower_directory_is_committed_whole_even_with_its_lower_unmounted() {
+    if !prerequisites() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("root");
+    common::import_image(&root, "debian-gzip", "deb");
+    let chain = top_chain(&root, "deb");
+    let _c = Cleanup(root.clone(), vec!["work".into(), "view".into()]);
+    let m = json(
+        &root,
+        &["--upper", "overlay", "snapshot", "prepare", "work", &chain],
+    );
+    let renamed = {
+        let merged = SnapshotMount::new(&m, &tmp.path().join("merged"));
+        common::bash_in(
+            &merged.dir,
+            "mv usr/lib/python3.11/json usr/lib/python3.11/json-renamed\n\
+             echo added > usr/lib/python3.11/json-renamed/added.txt\n\
+             rm usr/lib/python3.11/json-renamed/decoder.py",
+            &[],
+        );
+        contents(&merged.dir.join("usr/lib/python3.11/json-renamed"))
+    };
+    assert!(renamed.len() > 3, "{renamed:?}");
+    for l in lower_mounts(&root) {
+        assert!(std::process::Command::new("umount")
+            .arg(&l)
+            .status()
+            .unwrap()
+            .success());
+    }
+    assert!(lower_mounts(&root).is_empty());
+    ok(&root, &["snapshot", "commit", "committed", "work"]);
+    let v = json(
+        &root,
+        &[
+            "--upper",
+            "overlay",
+            "snapshot",
+            "view",
+            "view",
+            "committed",
+        ],
+    );
+    let view = SnapshotMount::new(&v, &tmp.path().join("view"));
+    assert!(!view.dir.join("usr/lib/python3.11/json").exists());
+    assert_eq!(
+        contents(&view.dir.join("usr/lib/python3.11/json-renamed")),
+        renamed,
+        "the renamed directory in the committed layer"
+    );
+}

@@ -908,6 +908,11 @@ impl Snapshotter {
             UpperMode::Overlay => commit::UpperFormat::Overlay,
             UpperMode::Fuse => commit::UpperFormat::OciDir,
         };
+        // A directory the kernel renamed is written out from the chain's lower: it must be
+        // the mounted lower, not the empty directory under it (after a reboot, say).
+        if let (UpperMode::Overlay, Some(chain)) = (self.mode_of(&row), row.chain_id.as_deref()) {
+            self.ensure_lower(chain)?;
+        }
         let _writing = self.root.writer_lock()?;
         let made = match &row.applied_blob {
             // The diff service applied a layer by indexing it: that layer is the change.
