@@ -631,7 +631,7 @@ fn daemon_memory_after_reading_every_file_is_the_span_cache_and_little_more() {
     let pids = common::lazysnap_processes(&mnt);
     assert_eq!(pids.len(), 1, "one daemon for {}", mnt.display());
     let mut bytes = 0u64;
-    for e in walkdir(&mnt) {
+    for e in common::entries_under(&mnt) {
         if e.1.is_file() {
             bytes += fs::read(&e.0).unwrap().len() as u64;
         }
@@ -654,20 +654,4 @@ fn daemon_memory_after_reading_every_file_is_the_span_cache_and_little_more() {
         "daemon holds {} MiB anonymous memory with an 8 MiB span cache",
         anon_kib >> 10
     );
-}
-
-/// Every entry under `dir` (not following symlinks) with its metadata.
-fn walkdir(dir: &Path) -> Vec<(PathBuf, fs::Metadata)> {
-    let mut out = Vec::new();
-    let mut todo = vec![dir.to_path_buf()];
-    while let Some(d) = todo.pop() {
-        for e in fs::read_dir(&d).unwrap().flatten() {
-            let md = fs::symlink_metadata(e.path()).unwrap();
-            if md.is_dir() {
-                todo.push(e.path());
-            }
-            out.push((e.path(), md));
-        }
-    }
-    out
 }

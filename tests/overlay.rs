@@ -182,25 +182,16 @@ fn a_commit_of_an_overlay_upper_equals_the_kernels_merged_tree() {
     drop(merged);
 }
 
-/// The files under `dir` with their sizes and a hash of their contents.
-fn contents(dir: &Path) -> std::collections::BTreeMap<PathBuf, (usize, u64)> {
-    let mut out = std::collections::BTreeMap::new();
-    let mut todo = vec![dir.to_path_buf()];
-    while let Some(d) = todo.pop() {
-        for e in fs::read_dir(&d).unwrap().flatten() {
-            let md = fs::symlink_metadata(e.path()).unwrap();
-            if md.is_dir() {
-                todo.push(e.path());
-            } else if md.is_file() {
-                let rel = e.path().strip_prefix(dir).unwrap().to_path_buf();
-                let data = fs::read(e.path()).unwrap();
-                let mut h = std::collections::hash_map::DefaultHasher::new();
-                std::hash::Hash::hash(&data, &mut h);
-                out.insert(rel, (data.len(), std::hash::Hasher::finish(&h)));
-            }
-        }
-    }
-    out
+/// The regular files under `dir` with their sha256.
+fn contents(dir: &Path) -> std::collections::BTreeMap<PathBuf, String> {
+    common::entries_under(dir)
+        .into_iter()
+        .filter(|(_, md)| md.is_file())
+        .map(|(p, _)| {
+            let sum = common::file_sha256(&p).unwrap();
+            (p.strip_prefix(dir).unwrap().to_path_buf(), sum)
+        })
+        .collect()
 }
 
 /// A lower directory renamed in the overlay (a kernel redirect) is committed whole, read from

@@ -773,3 +773,19 @@ pub fn bash_in(dir: &Path, script: &str, envs: &[(&str, &OsStr)]) -> String {
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+/// Every entry under `dir` (not following symlinks) with its metadata.
+pub fn entries_under(dir: &Path) -> Vec<(PathBuf, fs::Metadata)> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in fs::read_dir(&d).unwrap().flatten() {
+            let md = fs::symlink_metadata(e.path()).unwrap();
+            if md.is_dir() {
+                todo.push(e.path());
+            }
+            out.push((e.path(), md));
+        }
+    }
+    out
+}
