@@ -9,10 +9,9 @@
 
 mod common;
 
-use std::fs;
-use std::path::{Path, PathBuf};
+use std::ffi::OsStr;
+use std::path::PathBuf;
 use std::process::Command;
-use std::time::Instant;
 
 /// The `go` line of tests/conformance2/go.mod: the oldest Go that builds containerd 2.x.
 const GO_MIN: (u32, u32, u32) = (1, 26, 6);
@@ -99,50 +98,29 @@ fn conformance2_suite(mode: &str) {
     let modcache = std::env::var_os("GOMODCACHE")
         .map(PathBuf::from)
         .unwrap_or_else(|| target.join("go-mod-cache"));
-    let logs_dir = tempfile::tempdir().unwrap();
-    let logs = logs_dir.path().join("logs");
-    let start = Instant::now();
-    let out = Command::new("go")
-        .args(["test", "-count=1", "-v", "-timeout", "15m", "."])
-        .current_dir(common::repo_root().join("tests/conformance2"))
-        .env("GO111MODULE", "on")
-        .env("GOTOOLCHAIN", "local")
-        .env("GOCACHE", &cache)
-        .env("GOMODCACHE", &modcache)
-        // Writable module files, so `rm -rf target` / `cargo clean` works for anyone.
-        .env("GOFLAGS", "-modcacherw -buildvcs=false -mod=readonly")
-        .env("LAZYSNAP_BIN", env!("CARGO_BIN_EXE_lazysnap"))
-        .env("LAZYSNAP_CONFORMANCE_LOGS", &logs)
-        .env("LAZYSNAP_UPPER", mode)
-        .output()
-        .expect("running go test");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let summary: Vec<&str> = stdout
-        .lines()
-        .filter(|l| l.trim_start().starts_with("--- "))
-        .collect();
-    eprintln!(
-        "go test (containerd 2.x suite, {mode} upper) took {:.1}s:\n{}",
-        start.elapsed().as_secs_f64(),
-        summary.join("\n")
+    let run = common::run_go_suite(
+        &format!("containerd 2.x's conformance suite, {mode} upper"),
+        &common::repo_root().join("tests/conformance2"),
+        &[
+            ("GO111MODULE", OsStr::new("on")),
+            ("GOTOOLCHAIN", OsStr::new("local")),
+            ("GOCACHE", cache.as_os_str()),
+            ("GOMODCACHE", modcache.as_os_str()),
+            // Writable module files, so `rm -rf target` / `cargo clean` works for anyone.
+            (
+                "GOFLAGS",
+                OsStr::new("-modcacherw -buildvcs=false -mod=readonly"),
+            ),
+            ("LAZYSNAP_UPPER", OsStr::new(mode)),
+        ],
     );
-    if !out.status.success() {
-        panic!(
-            "containerd 2.x's conformance suite failed ({mode} upper):\n{stdout}\n{stderr}\n\
-             server logs with warnings:\n{}",
-            logs_with_warnings(&logs)
-        );
-    }
+    let stdout = &run.stdout;
+    let summary = &run.summary;
     // The suite's own skips are for Windows only: nothing may be skipped here.
-    for l in &summary {
+    for l in summary {
         assert!(!l.contains("--- SKIP"), "unexpected skip: {l}\n{stdout}");
     }
-    let passed = |name: &str| {
-        summary
-            .iter()
-            .any(|l| l.contains("--- PASS") && l.contains(&format!("{name} ")))
-    };
+    let passed = |name: &str| run.passed(name);
     for t in SUITE {
         let name = format!("TestSnapshotterSuite/{t}");
         assert!(passed(&name), "{name} did not pass:\n{stdout}");
@@ -151,21 +129,4 @@ fn conformance2_suite(mode: &str) {
         passed("TestRenameNonEmptyLower"),
         "TestRenameNonEmptyLower did not pass:\n{stdout}"
     );
-}
-
-/// The serve logs that hold a warning or an error, each headed by its path.
-fn logs_with_warnings(dir: &Path) -> String {
-    fs::read_dir(dir)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|e| {
-            format!(
-                "== {}\n{}",
-                e.path().display(),
-                fs::read_to_string(e.path()).unwrap_or_default()
-            )
-        })
-        .filter(|s| s.contains("ERROR") || s.contains("WARN"))
-        .collect()
 }

@@ -5,6 +5,7 @@
 mod common;
 
 use std::collections::HashMap;
+use std::ffi::OsStr;
 use std::fs;
 use std::os::unix::fs::FileTypeExt as _;
 use std::path::{Path, PathBuf};
@@ -551,53 +552,27 @@ fn conformance_suite(mode: &str) {
         return;
     }
     let gopath = tempfile::tempdir().unwrap();
-    let logs = gopath.path().join("logs");
     let cache = std::env::var_os("GOCACHE")
         .map(PathBuf::from)
         .unwrap_or_else(|| common::repo_root().join("target/go-build-cache"));
-    let start = Instant::now();
-    let out = Command::new("go")
-        .args(["test", "-count=1", "-v", "-timeout", "15m", "."])
-        .current_dir(common::repo_root().join("tests/conformance"))
-        .env("GO111MODULE", "off")
-        .env("GOPATH", format!("{}:{GOCODE}", gopath.path().display()))
-        .env("GOCACHE", &cache)
-        .env("GOFLAGS", "")
-        .env("LAZYSNAP_BIN", env!("CARGO_BIN_EXE_lazysnap"))
-        .env("LAZYSNAP_CONFORMANCE_LOGS", &logs)
-        .env("LAZYSNAP_UPPER", mode)
-        .output()
-        .expect("running go test");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let summary: Vec<&str> = stdout
-        .lines()
-        .filter(|l| l.trim_start().starts_with("--- "))
-        .collect();
-    eprintln!(
-        "go test ({mode} upper) took {:.1}s:\n{}",
-        start.elapsed().as_secs_f64(),
-        summary.join("\n")
+    let run = common::run_go_suite(
+        &format!("containerd 1.6's conformance suite, {mode} upper"),
+        &common::repo_root().join("tests/conformance"),
+        &[
+            ("GO111MODULE", OsStr::new("off")),
+            (
+                "GOPATH",
+                OsStr::new(&format!("{}:{GOCODE}", gopath.path().display())),
+            ),
+            ("GOCACHE", cache.as_os_str()),
+            ("GOFLAGS", OsStr::new("")),
+            ("LAZYSNAP_UPPER", OsStr::new(mode)),
+        ],
     );
-    if !out.status.success() {
-        let logs: String = fs::read_dir(&logs)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .map(|e| {
-                format!(
-                    "== {}\n{}",
-                    e.path().display(),
-                    fs::read_to_string(e.path()).unwrap_or_default()
-                )
-            })
-            .filter(|s| s.contains("ERROR") || s.contains("WARN"))
-            .collect();
-        panic!("containerd's conformance suite failed:\n{stdout}\n{stderr}\nserver logs with warnings:\n{logs}");
-    }
+    let summary = &run.summary;
     // Nothing may be skipped but the suite's own Rename (skipped in containerd 1.6 itself,
     // covered by TestRename).
-    for l in &summary {
+    for l in summary {
         if l.contains("--- SKIP") {
             assert!(
                 l.contains("TestSnapshotterSuite/Rename "),
@@ -612,12 +587,7 @@ fn conformance_suite(mode: &str) {
         "TestSnapshotterSuite/128LayersMount",
         "TestRename",
     ] {
-        assert!(
-            summary
-                .iter()
-                .any(|l| l.contains("--- PASS") && l.contains(&format!("{t} "))),
-            "{t} did not pass:\n{stdout}"
-        );
+        assert!(run.passed(t), "{t} did not pass:\n{}", run.stdout);
     }
 }
 

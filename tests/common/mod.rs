@@ -789,3 +789,63 @@ pub fn entries_under(dir: &Path) -> Vec<(PathBuf, fs::Metadata)> {
     }
     out
 }
+
+/// One run of a Go conformance suite (tests/conformance, tests/conformance2) against this
+/// build's `lazysnap serve`: its stdout and its `--- PASS/FAIL/SKIP` lines.
+pub struct GoSuiteRun {
+    pub stdout: String,
+    pub summary: Vec<String>,
+}
+
+impl GoSuiteRun {
+    pub fn passed(&self, name: &str) -> bool {
+        let name = format!("{name} ");
+        self.summary
+            .iter()
+            .any(|l| l.contains("--- PASS") && l.contains(&name))
+    }
+}
+
+/// Runs `go test -count=1 -v .` in `dir` with `envs` (plus LAZYSNAP_BIN and a log directory);
+/// prints the summary and panics, with the servers' logs that hold warnings, when it fails.
+pub fn run_go_suite(label: &str, dir: &Path, envs: &[(&str, &OsStr)]) -> GoSuiteRun {
+    let logs_dir = tempfile::tempdir().unwrap();
+    let logs = logs_dir.path().join("logs");
+    let start = std::time::Instant::now();
+    let out = Command::new("go")
+        .args(["test", "-count=1", "-v", "-timeout", "15m", "."])
+        .current_dir(dir)
+        .envs(envs.iter().copied())
+        .env("LAZYSNAP_BIN", lazysnap_bin())
+        .env("LAZYSNAP_CONFORMANCE_LOGS", &logs)
+        .output()
+        .expect("running go test");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let summary: Vec<String> = stdout
+        .lines()
+        .filter(|l| l.trim_start().starts_with("--- "))
+        .map(str::to_string)
+        .collect();
+    eprintln!(
+        "go test ({label}) took {:.1}s:\n{}",
+        start.elapsed().as_secs_f64(),
+        summary.join("\n")
+    );
+    if !out.status.success() {
+        let warnings: String = fs::read_dir(&logs)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| {
+                let text = fs::read_to_string(e.path()).unwrap_or_default();
+                format!("== {}\n{text}", e.path().display())
+            })
+            .filter(|s| s.contains("ERROR") || s.contains("WARN"))
+            .collect();
+        panic!(
+            "{label} failed:\n{stdout}\n{}\nserver logs with warnings:\n{warnings}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    GoSuiteRun { stdout, summary }
+}
