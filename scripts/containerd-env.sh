@@ -15,8 +15,17 @@
 # index artifact (`lazysnap index push`) are not fetched, mounts read them from the registry.
 # $LAZYSNAP_SERVE_ARGS adds arguments to `lazysnap serve` (e.g. --no-background-fetch).
 # The lazysnap binary: $LAZYSNAP_BIN, else target/{release,debug}/lazysnap, else PATH.
+# $CONTAINERD_BIN_DIR: take containerd, ctr and the runc shim from there (containerd 2.x built
+# by scripts/install-containerd2.sh) instead of PATH (Debian's 1.6). With containerd 2.x the
+# transfer service (`ctr images pull/import` use it) unpacks onto lazysnap with lazysnap's
+# differ and passes the remote-snapshot labels; $CONTAINERD_CRI=1 also runs the CRI plugin with
+# lazysnap as its snapshotter (socket DIR/containerd.sock, for crictl).
 # Needs root (containerd, FUSE mounts), Debian's containerd and runc.
 set -euo pipefail
+
+if [[ -n ${CONTAINERD_BIN_DIR:-} ]]; then
+    export PATH=$CONTAINERD_BIN_DIR:$PATH
+fi
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cmd=${1:-}
@@ -56,22 +65,39 @@ setup_paths() {
 
 alive() { [[ -f $1 ]] && kill -0 "$(cat "$1")" 2>/dev/null; }
 
+containerd_version() { containerd --version | awk '{print $3}' | sed 's/^v//'; }
+containerd_major() { local v; v=$(containerd_version); echo "${v%%.*}"; }
+
 # containerd >= 1.7 loads proxy diff plugins; 1.6 panics on an unknown proxy plugin type.
 supports_proxy_diff() {
     local v
-    v=$(containerd --version | awk '{print $3}' | sed 's/^v//')
+    v=$(containerd_version)
     local major=${v%%.*} rest=${v#*.}
     local minor=${rest%%.*}
     (( major > 1 || (major == 1 && minor >= 7) ))
 }
 
+# The host's platform as containerd spells it.
+oci_platform() {
+    case $(uname -m) in
+        x86_64) echo linux/amd64 ;; aarch64) echo linux/arm64 ;; *) echo "linux/$(uname -m)" ;;
+    esac
+}
+
 write_config() {
+    local major cri_plugins='"io.containerd.grpc.v1.cri"'
+    major=$(containerd_major)
+    if (( major >= 2 )); then
+        cri_plugins='"io.containerd.grpc.v1.cri", "io.containerd.cri.v1.runtime", "io.containerd.cri.v1.images"'
+    fi
+    local disabled="[$cri_plugins]"
+    [[ ${CONTAINERD_CRI:-0} == 1 ]] && disabled="[]"
     {
+        if (( major >= 2 )); then echo "version = 3"; else echo "version = 2"; fi
         cat <<EOF
-version = 2
 root = "$croot"
 state = "$cstate"
-disabled_plugins = ["io.containerd.grpc.v1.cri"]
+disabled_plugins = $disabled
 
 [grpc]
   address = "$csock"
@@ -84,6 +110,15 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
     type = "snapshot"
     address = "$lsock"
 EOF
+        if (( major >= 2 )); then
+            # exports: kubelet's image-fs stats read the root; the transfer service adds the
+            # remote-snapshot labels (cri.image-ref, cri.layer-digest, ...) only when asked.
+            cat <<EOF
+    [proxy_plugins.lazysnap.exports]
+      root = "$lroot"
+      enable_remote_snapshot_annotations = "true"
+EOF
+        fi
         if supports_proxy_diff; then
             cat <<EOF
   [proxy_plugins.lazysnap-diff]
@@ -93,6 +128,34 @@ EOF
 [plugins."io.containerd.service.v1.diff-service"]
   default = ["lazysnap-diff", "walking"]
 EOF
+        fi
+        if (( major >= 2 )); then
+            # The transfer service unpacks only for the (platform, snapshotter) pairs listed
+            # here, each with one differ (no fallback list): lazysnap's for lazysnap.
+            cat <<EOF
+
+[plugins."io.containerd.transfer.v1.local"]
+  [[plugins."io.containerd.transfer.v1.local".unpack_config]]
+    platform = "$(oci_platform)"
+    snapshotter = "lazysnap"
+    differ = "lazysnap-diff"
+  [[plugins."io.containerd.transfer.v1.local".unpack_config]]
+    platform = "$(oci_platform)"
+    snapshotter = "overlayfs"
+    differ = "walking"
+EOF
+            if [[ ${CONTAINERD_CRI:-0} == 1 ]]; then
+                cat <<EOF
+
+[plugins."io.containerd.cri.v1.images"]
+  snapshotter = "lazysnap"
+  disable_snapshot_annotations = false
+
+[plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc]
+  runtime_type = "io.containerd.runc.v2"
+  snapshotter = "lazysnap"
+EOF
+            fi
         fi
     } >"$dir/config.toml"
 }

@@ -50,3 +50,8 @@ if [[ -c /dev/fuse && $(stat -c %a /dev/fuse) != 666 ]]; then
   [[ $(id -u) -ne 0 ]] && SUDO="sudo"
   $SUDO chmod 0666 /dev/fuse
 fi
+
+# containerd 2.x (tests/containerd2*.rs, the peers benchmark): built from its Go module with the
+# Go on PATH (Debian 12's containerd is 1.6). Idempotent: a no-op when it is installed.
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+bash "$here/install-containerd2.sh" >/dev/null

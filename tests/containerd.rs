@@ -15,7 +15,9 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::{Duration, Instant};
 
-use common::containerd::{check, run_timeout, text, ContainerdEnv, CMD_TIMEOUT};
+use common::containerd::{
+    assert_imported_without_extraction, check, run_timeout, text, ContainerdEnv, CMD_TIMEOUT,
+};
 use lazysnap::service::proto::diff::diff_client::DiffClient;
 use lazysnap::service::proto::diff::{ApplyRequest, DiffRequest};
 use lazysnap::service::proto::snapshots::snapshots_client::SnapshotsClient;
@@ -104,49 +106,6 @@ impl CtrEnv {
         let mut args = vec!["run", "--rm", "--snapshotter", "lazysnap", image, id];
         args.extend_from_slice(cmd);
         self.ctr_ok(&args)
-    }
-}
-
-/// Every committed snapshot of the import is made of a layer blob of containerd's own content
-/// store — indexed, not extracted and tarred again (a commit of an extracted upper would make a
-/// new blob that only lazysnap's store has) — and no snapshot upper holds files.
-fn assert_imported_without_extraction(env_dir: &Path, archive: &str) {
-    let root = lazysnap::root::Root::open(&env_dir.join("lazysnap")).unwrap();
-    let content = env_dir.join("root/io.containerd.content.v1.content/blobs/sha256");
-    let snaps = root.meta.snapshots().unwrap();
-    let committed: Vec<_> = snaps.iter().filter(|s| s.kind == "committed").collect();
-    assert!(
-        committed.len() >= 3,
-        "{archive}: {} committed snapshots",
-        committed.len()
-    );
-    for s in committed {
-        let chain = root
-            .meta
-            .chain(s.chain_id.as_deref().unwrap())
-            .unwrap()
-            .unwrap();
-        let digest = lazysnap::digest::Digest::parse(&chain.blob_digest).unwrap();
-        assert!(
-            content.join(digest.hex()).is_file(),
-            "{archive}: snapshot {} is made of blob {} that containerd does not have: it was extracted and re-tarred",
-            s.key,
-            chain.blob_digest
-        );
-    }
-    for entry in std::fs::read_dir(env_dir.join("lazysnap/snapshots"))
-        .unwrap()
-        .flatten()
-    {
-        let upper = entry.path().join("upper");
-        if upper.is_dir() {
-            assert_eq!(
-                std::fs::read_dir(&upper).unwrap().count(),
-                0,
-                "{}",
-                upper.display()
-            );
-        }
     }
 }
 

@@ -18,13 +18,13 @@
 
 mod common;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
 use common::containerd::{check, run_timeout, ContainerdEnv};
-use common::registry::{skopeo_push, Proxy, Registry, Request};
+use common::registry::{fetched, layout_layers, publish, Proxy, Registry};
 
 /// Debian's Go sources (containerd's client among them).
 const GOCODE: &str = "/usr/share/gocode";
@@ -96,55 +96,6 @@ fn rpull_bin() -> PathBuf {
     .clone()
 }
 
-/// What the requests fetched of the blobs in `sizes`: (whole-blob GETs, bytes by range).
-fn fetched(requests: &[Request], sizes: &HashMap<String, u64>) -> (Vec<String>, u64) {
-    let mut whole = Vec::new();
-    let mut ranged = 0;
-    for r in requests.iter().filter(|r| r.method == "GET") {
-        let Some((_, digest)) = r.path.rsplit_once("/blobs/") else {
-            continue;
-        };
-        let Some(size) = sizes.get(digest) else {
-            continue;
-        };
-        match r.range {
-            None => whole.push(digest.to_string()),
-            Some((a, b)) => ranged += b.map_or(*size, |b| b.min(size - 1) + 1) - a,
-        }
-    }
-    (whole, ranged)
-}
-
-/// The layer blobs of the single-manifest OCI layout `layout`: digest → size, and the
-/// manifest's and config's digests.
-fn layout_layers(layout: &Path) -> (HashMap<String, u64>, String, String) {
-    let read = |d: &str| -> serde_json::Value {
-        let hex = d.strip_prefix("sha256:").unwrap_or(d);
-        serde_json::from_slice(&std::fs::read(layout.join("blobs/sha256").join(hex)).unwrap())
-            .unwrap()
-    };
-    let index: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap()).unwrap();
-    let manifest_digest = index["manifests"][0]["digest"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let manifest = read(&manifest_digest);
-    let layers = manifest["layers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|l| {
-            (
-                l["digest"].as_str().unwrap().to_string(),
-                l["size"].as_u64().unwrap(),
-            )
-        })
-        .collect();
-    let config = manifest["config"]["digest"].as_str().unwrap().to_string();
-    (layers, manifest_digest, config)
-}
-
 /// A private containerd + `lazysnap serve` (scripts/containerd-env.sh) that rpull can use.
 struct CtrEnv {
     env: ContainerdEnv,
@@ -208,20 +159,6 @@ impl CtrEnv {
     fn df(&self) -> serde_json::Value {
         serde_json::from_str(&common::ok(&self.lazysnap_root(), &["df", "--json"])).unwrap()
     }
-}
-
-/// The registry with `layout` pushed as `repo:tag` (skopeo), and with `indexed` its lazysnap
-/// index artifact pushed from a builder root (full pull, then `index push`).
-fn publish(reg: &Registry, work: &Path, layout: &Path, repo_tag: &str, indexed: bool) -> String {
-    let reference = format!("{}/{repo_tag}", reg.addr);
-    skopeo_push(layout, &reference, None, false);
-    if indexed {
-        let builder = work.join("builder");
-        common::ok(&builder, &["pull", &reference]);
-        let out = common::ok(&builder, &["index", "push", &reference]);
-        assert!(out.contains("3 layers indexed"), "{out}");
-    }
-    reference
 }
 
 fn content_digests(env: &CtrEnv, ns: &str) -> BTreeSet<String> {

@@ -41,8 +41,6 @@ pub fn content_blob_path(content_dir: &Path, digest: &Digest) -> Option<PathBuf>
     Some(content_dir.join("blobs").join(algo).join(digest.hex()))
 }
 
-/// The bind source of `mounts` when they are exactly one bind mount (what lazysnap's Prepare
-/// returns), else None.
 /// The directory that names the snapshot behind `mounts`: a single bind's source (a FUSE
 /// mountpoint, or an overlay-mode upper on no parent) or an overlay's `upperdir`.
 fn single_bind_source(mounts: &[types::Mount]) -> Option<PathBuf> {
@@ -88,10 +86,27 @@ fn apply_blocking(
     desc: &types::Descriptor,
     mounts: &[types::Mount],
 ) -> Result<Applied, Status> {
+    if let [m] = mounts {
+        if m.r#type == "tmpfs" {
+            if let Some((blob, diff_id, size)) =
+                sn.indexed_at_prepare(&m.source).map_err(status_of)?
+            {
+                if blob != desc.digest {
+                    return Err(Status::failed_precondition(format!(
+                        "snapshot {} was prepared with layer {blob}, not {}",
+                        m.source, desc.digest
+                    )));
+                }
+                let diff_id = Digest::parse(&diff_id)
+                    .map_err(|e| Status::internal(format!("diffID {diff_id:?}: {e}")))?;
+                return Ok(Applied::Done(diff_id, size));
+            }
+        }
+    }
     let Some(source) = single_bind_source(mounts) else {
+        let kinds: Vec<&str> = mounts.iter().map(|m| m.r#type.as_str()).collect();
         return Ok(Applied::NotMine(format!(
-            "mounts are not a single bind or overlay ({} mounts)",
-            mounts.len()
+            "mounts are not a single bind or overlay ({kinds:?})"
         )));
     };
     // The FUSE mountpoints are canonical paths; the request may name a symlinked spelling.

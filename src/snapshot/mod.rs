@@ -302,6 +302,10 @@ pub fn remove_orphan_dir(mounter: &dyn Mounter, dir: &Path) -> anyhow::Result<()
 
 /// containerd's remote-snapshot labels: the committed name the unpacker aims at, and the
 /// layer blob (set by CRI / nerdctl pulls).
+/// The source of the tmpfs a Prepare hands containerd's differ when it indexed the layer
+/// already; followed by the snapshot's id.
+pub const INDEXED_AT_PREPARE: &str = "lazysnap-indexed-";
+
 pub const LABEL_SNAPSHOT_REF: &str = "containerd.io/snapshot.ref";
 pub const LABEL_LAYER_DIGEST: &str = "containerd.io/snapshot/cri.layer-digest";
 pub const LABEL_LAYER_MEDIA_TYPE: &str = "containerd.io/snapshot/cri.layer-media-type";
@@ -421,6 +425,34 @@ impl Snapshotter {
 
     pub fn mountpoint(&self, row: &SnapshotRow) -> PathBuf {
         mountpoint_of(&self.root, row)
+    }
+
+    /// The layer indexed at Prepare into the snapshot whose throwaway tmpfs has `source`
+    /// (see `prepare_extraction`): (blob digest, diffID, uncompressed size).
+    pub fn indexed_at_prepare(&self, source: &str) -> Result<Option<(String, String, u64)>> {
+        let Some(id) = source
+            .strip_prefix(INDEXED_AT_PREPARE)
+            .and_then(|n| n.parse::<i64>().ok())
+        else {
+            return Ok(None);
+        };
+        let meta = &self.root.meta;
+        let Some(row) = meta.snapshots()?.into_iter().find(|r| r.id == id) else {
+            return Ok(None);
+        };
+        let Some(blob) = row
+            .applied_blob
+            .as_deref()
+            .map(|b| meta.blob(b))
+            .transpose()?
+            .flatten()
+        else {
+            return Ok(None);
+        };
+        let Some(layer) = meta.layer(&blob.diff_id)? else {
+            return Ok(None);
+        };
+        Ok(Some((blob.digest, blob.diff_id, layer.uncompressed_size)))
     }
 
     /// The active snapshot mounted at `dir` (for `mount --rw` / `commit DIR`), or whose upper
@@ -572,14 +604,16 @@ impl Snapshotter {
             return Ok(None);
         }
         // Nothing is mounted: the differ gets the tmpfs below, Commit records the index.
-        self.record(key, parent, labels, false, None)?;
+        let row = self.record(key, parent, labels, false, None)?;
         if let Err(e) = self.apply_layer(key, &blob.path, &blob.digest, &blob.media_type) {
             let _ = self.remove(key);
             return Err(e);
         }
         Ok(Some(vec![Mount {
             kind: "tmpfs".into(),
-            source: "tmpfs".into(),
+            // Names the snapshot, so lazysnap's own differ (containerd >= 1.7, which also
+            // takes this path when the blob is already in its store) answers without copying.
+            source: format!("{INDEXED_AT_PREPARE}{}", row.id),
             options: vec!["mode=755".into()],
         }]))
     }

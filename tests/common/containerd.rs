@@ -2,7 +2,7 @@
 //! root, state and socket under one directory), stopped and removed when dropped.
 
 use std::ffi::OsString;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -44,6 +44,8 @@ pub fn check(what: &str, out: Output) -> String {
 
 pub struct ContainerdEnv {
     pub dir: PathBuf,
+    /// The `ctr` of this containerd (containerd 2.x's own, or Debian's on PATH).
+    ctr: PathBuf,
     /// Environment of every containerd-env.sh call (LAZYSNAP_BIN among it).
     env: Vec<(&'static str, OsString)>,
     _lock: FileLock,
@@ -53,6 +55,19 @@ impl ContainerdEnv {
     /// Starts one under `/tmp/lzs-<tag>-…` with `env` for containerd-env.sh (e.g.
     /// `LAZYSNAP_SERVE_ARGS`).
     pub fn start(tag: &str, env: &[(&'static str, OsString)]) -> ContainerdEnv {
+        Self::start_with(tag, env, None)
+    }
+
+    /// As [`ContainerdEnv::start`], on containerd 2.x (scripts/install-containerd2.sh).
+    pub fn start_v2(tag: &str, env: &[(&'static str, OsString)]) -> ContainerdEnv {
+        Self::start_with(tag, env, Some(containerd2_bin_dir()))
+    }
+
+    fn start_with(
+        tag: &str,
+        env: &[(&'static str, OsString)],
+        bin_dir: Option<PathBuf>,
+    ) -> ContainerdEnv {
         static N: AtomicUsize = AtomicUsize::new(0);
         // Two containerds at once would fight over two cores: one environment at a time.
         let lock = FileLock::acquire(&testdata().join(".containerd.lock"));
@@ -63,9 +78,17 @@ impl ContainerdEnv {
             N.fetch_add(1, Ordering::SeqCst)
         ));
         let mut all = vec![("LAZYSNAP_BIN", lazysnap_bin().into_os_string())];
+        let ctr = match &bin_dir {
+            Some(b) => {
+                all.push(("CONTAINERD_BIN_DIR", b.clone().into_os_string()));
+                b.join("ctr")
+            }
+            None => PathBuf::from("ctr"),
+        };
         all.extend(env.iter().cloned());
         let e = ContainerdEnv {
             dir,
+            ctr,
             env: all,
             _lock: lock,
         };
@@ -109,7 +132,7 @@ impl ContainerdEnv {
         let sock = self.socket();
         let mut all = vec!["-a", sock.to_str().expect("utf-8 path"), "-n", ns];
         all.extend_from_slice(args);
-        run_timeout("ctr", &all, &[])
+        run_timeout(self.ctr.to_str().expect("utf-8 path"), &all, &[])
     }
 
     /// [`ContainerdEnv::ctr`]'s stdout; logs and a panic when it fails.
@@ -120,6 +143,19 @@ impl ContainerdEnv {
         }
         check(&format!("ctr {args:?}"), out)
     }
+}
+
+/// containerd 2.x's bin directory, built once (scripts/install-containerd2.sh: from its Go
+/// module; a no-op when that version is installed).
+pub fn containerd2_bin_dir() -> PathBuf {
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let script = scripts_dir().join("install-containerd2.sh");
+        let out = run_timeout("bash", &[script.to_str().expect("utf-8 path")], &[]);
+        let stdout = check("scripts/install-containerd2.sh", out);
+        PathBuf::from(stdout.lines().last().unwrap_or_default().trim())
+    })
+    .clone()
 }
 
 impl Drop for ContainerdEnv {
@@ -142,6 +178,49 @@ impl Drop for ContainerdEnv {
             );
         } else {
             let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// Every committed snapshot of the import is made of a layer blob of containerd's own content
+/// store — indexed, not extracted and tarred again (a commit of an extracted upper would make a
+/// new blob that only lazysnap's store has) — and no snapshot upper holds files.
+pub fn assert_imported_without_extraction(env_dir: &Path, archive: &str) {
+    let root = lazysnap::root::Root::open(&env_dir.join("lazysnap")).unwrap();
+    let content = env_dir.join("root/io.containerd.content.v1.content/blobs/sha256");
+    let snaps = root.meta.snapshots().unwrap();
+    let committed: Vec<_> = snaps.iter().filter(|s| s.kind == "committed").collect();
+    assert!(
+        committed.len() >= 3,
+        "{archive}: {} committed snapshots",
+        committed.len()
+    );
+    for s in committed {
+        let chain = root
+            .meta
+            .chain(s.chain_id.as_deref().unwrap())
+            .unwrap()
+            .unwrap();
+        let digest = lazysnap::digest::Digest::parse(&chain.blob_digest).unwrap();
+        assert!(
+            content.join(digest.hex()).is_file(),
+            "{archive}: snapshot {} is made of blob {} that containerd does not have: it was extracted and re-tarred",
+            s.key,
+            chain.blob_digest
+        );
+    }
+    for entry in std::fs::read_dir(env_dir.join("lazysnap/snapshots"))
+        .unwrap()
+        .flatten()
+    {
+        let upper = entry.path().join("upper");
+        if upper.is_dir() {
+            assert_eq!(
+                std::fs::read_dir(&upper).unwrap().count(),
+                0,
+                "{}",
+                upper.display()
+            );
         }
     }
 }

@@ -1,12 +1,13 @@
 //! A registry for tests: Debian's docker-registry on loopback (scripts/registry-env.sh) and
 //! scripts/registry-proxy.py in front of it (faults, throttling, a request log).
 
+use std::collections::HashMap;
 use std::fs;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
-use super::{scripts_dir, TAG};
+use super::{ok, scripts_dir, TAG};
 
 /// A registry that is stopped when dropped.
 pub struct Registry {
@@ -162,4 +163,73 @@ pub fn skopeo_push(layout: &Path, dest: &str, creds: Option<&str>, all: bool) {
         "skopeo copy to {dest} failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// What the requests fetched of the blobs in `sizes`: (whole-blob GETs, bytes by range).
+pub fn fetched(requests: &[Request], sizes: &HashMap<String, u64>) -> (Vec<String>, u64) {
+    let mut whole = Vec::new();
+    let mut ranged = 0;
+    for r in requests.iter().filter(|r| r.method == "GET") {
+        let Some((_, digest)) = r.path.rsplit_once("/blobs/") else {
+            continue;
+        };
+        let Some(size) = sizes.get(digest) else {
+            continue;
+        };
+        match r.range {
+            None => whole.push(digest.to_string()),
+            Some((a, b)) => ranged += b.map_or(*size, |b| b.min(size - 1) + 1) - a,
+        }
+    }
+    (whole, ranged)
+}
+
+/// The layer blobs of the single-manifest OCI layout `layout`: digest → size, and the
+/// manifest's and config's digests.
+pub fn layout_layers(layout: &Path) -> (HashMap<String, u64>, String, String) {
+    let read = |d: &str| -> serde_json::Value {
+        let hex = d.strip_prefix("sha256:").unwrap_or(d);
+        serde_json::from_slice(&std::fs::read(layout.join("blobs/sha256").join(hex)).unwrap())
+            .unwrap()
+    };
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap()).unwrap();
+    let manifest_digest = index["manifests"][0]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let manifest = read(&manifest_digest);
+    let layers = manifest["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| {
+            (
+                l["digest"].as_str().unwrap().to_string(),
+                l["size"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    let config = manifest["config"]["digest"].as_str().unwrap().to_string();
+    (layers, manifest_digest, config)
+}
+
+/// The registry with `layout` pushed as `repo:tag` (skopeo), and with `indexed` its lazysnap
+/// index artifact pushed from a builder root (full pull, then `index push`).
+pub fn publish(
+    reg: &Registry,
+    work: &Path,
+    layout: &Path,
+    repo_tag: &str,
+    indexed: bool,
+) -> String {
+    let reference = format!("{}/{repo_tag}", reg.addr);
+    skopeo_push(layout, &reference, None, false);
+    if indexed {
+        let builder = work.join("builder");
+        ok(&builder, &["pull", &reference]);
+        let out = ok(&builder, &["index", "push", &reference]);
+        assert!(out.contains("3 layers indexed"), "{out}");
+    }
+    reference
 }

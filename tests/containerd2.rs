@@ -1,0 +1,362 @@
+//! [peers] containerd 2.x (built from its Go module by scripts/install-containerd2.sh) and runc
+//! on `lazysnap serve` as proxy snapshotter **and** proxy diff plugin, in both upper modes:
+//!
+//! * `ctr images import` goes through 2.x's transfer service, whose unpacker applies each
+//!   layer with lazysnap's differ: nothing is extracted (every committed snapshot is a blob of
+//!   containerd's own content store, no upper holds a file); `ctr run` of a shell and python3,
+//!   writes in the container, a `ctr snapshots commit` of a container's snapshot whose view
+//!   shows exactly what the container wrote; a restart of `lazysnap serve` between two runs.
+//! * `ctr images pull` (transfer service, remote-snapshot labels from the proxy plugin's
+//!   `enable_remote_snapshot_annotations` export) of an image with a lazysnap index artifact
+//!   fetches no layer blob, and `ctr run` starts from it reading by range.
+//!
+//! Root, /dev/fuse, runc, go >= containerd's go line (to build containerd 2.x once), the
+//! registry tools are prerequisites (CI=true: missing = failure).
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::containerd::{assert_imported_without_extraction, text, ContainerdEnv};
+use common::registry::{fetched, layout_layers, publish, Proxy, Registry};
+
+fn prerequisites() -> bool {
+    // Hermetic credentials: the machine's ~/.docker/config.json is not read.
+    static EMPTY_CONFIG: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    EMPTY_CONFIG.get_or_init(|| {
+        let d = std::env::temp_dir().join(format!("lazysnap-ctrd2-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        std::env::set_var("DOCKER_CONFIG", &d);
+        d
+    });
+    common::require(common::is_root(), "root (containerd, FUSE mounts)")
+        && common::require(common::have_dev_fuse(), "/dev/fuse")
+        && common::require(common::have_cmd("runc"), "runc (apt-get install runc)")
+        && common::require(common::have_cmd("timeout"), "timeout (coreutils)")
+        && common::require(
+            common::have_cmd("go"),
+            "go on PATH (builds containerd 2.x: scripts/install-containerd2.sh)",
+        )
+        && common::require(
+            common::have_cmd("docker-registry"),
+            "docker-registry (scripts/install-deps.sh)",
+        )
+        && common::require(
+            common::have_cmd("skopeo"),
+            "skopeo (scripts/install-deps.sh)",
+        )
+}
+
+/// containerd 2.x + `lazysnap serve` with one namespace.
+struct Ctr2 {
+    env: ContainerdEnv,
+    ns: String,
+}
+
+impl Ctr2 {
+    fn start(name: &str, serve_args: &str) -> Ctr2 {
+        Ctr2 {
+            env: ContainerdEnv::start_v2(
+                "c2",
+                &[
+                    ("LAZYSNAP_SERVE_ARGS", serve_args.into()),
+                    ("LAZYSNAP_LOG", "info".into()),
+                ],
+            ),
+            ns: format!("lzs2-{name}-{}", std::process::id()),
+        }
+    }
+
+    fn dir(&self) -> &Path {
+        &self.env.dir
+    }
+
+    fn ctr_ok(&self, args: &[&str]) -> String {
+        self.env.ctr_ok(&self.ns, args)
+    }
+
+    fn ctr_in(&self, ns: &str, args: &[&str]) -> String {
+        self.env.ctr_ok(ns, args)
+    }
+
+    fn run(&self, image: &str, id: &str, cmd: &[&str]) -> String {
+        let mut args = vec!["run", "--rm", "--snapshotter", "lazysnap", image, id];
+        args.extend_from_slice(cmd);
+        self.ctr_ok(&args)
+    }
+
+    fn lazysnap_log(&self) -> String {
+        std::fs::read_to_string(self.dir().join("lazysnap.log")).unwrap_or_default()
+    }
+
+    fn lazysnap_root(&self) -> PathBuf {
+        self.dir().join("lazysnap")
+    }
+
+    /// Waits until containerd answers lazysnap calls again (after a restart of serve).
+    fn wait_for_snapshotter(&self) -> String {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let out = self
+                .env
+                .ctr(&self.ns, &["snapshots", "--snapshotter", "lazysnap", "ls"]);
+            if out.status.success() {
+                return text(&out.stdout);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "containerd did not reconnect to lazysnap serve: {}",
+                text(&out.stderr)
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+}
+
+/// The mount command `ctr snapshots mounts` prints, run (one `mount -t T SRC DIR -o OPTS`).
+fn mount_printed(printed: &str) {
+    let line = printed
+        .lines()
+        .find(|l| l.starts_with("mount "))
+        .unwrap_or_else(|| panic!("no mount command in {printed:?}"));
+    let args: Vec<&str> = line.split_whitespace().skip(1).collect();
+    let out = std::process::Command::new("mount")
+        .args(&args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{line}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn import_run_commit_restart(serve_args: &str) {
+    if !prerequisites() {
+        return;
+    }
+    let env = Ctr2::start("run", serve_args);
+    let archive = "debian-gzip.oci.tar";
+    let t = Instant::now();
+    env.ctr_ok(&[
+        "images",
+        "import",
+        "--snapshotter",
+        "lazysnap",
+        common::image(archive).to_str().unwrap(),
+    ]);
+    let import_secs = t.elapsed().as_secs_f64();
+    let image = env
+        .ctr_ok(&["images", "ls", "-q"])
+        .lines()
+        .next()
+        .expect("an image after the import")
+        .to_string();
+    assert_imported_without_extraction(env.dir(), archive);
+    let log = env.lazysnap_log();
+    assert!(
+        log.contains("layer indexed, not extracted"),
+        "lazysnap's differ did not apply the layers:\n{log}"
+    );
+    assert!(!log.contains("not applying"), "{log}");
+    eprintln!("containerd 2.x ctr images import {archive} ({serve_args:?}): {import_secs:.2}s");
+
+    let out = env.run(
+        &image,
+        "sh",
+        &["/bin/bash", "-c", "echo hello from $0; uname -s"],
+    );
+    assert_eq!(out, "hello from /bin/bash\nLinux\n");
+    let out = env.run(
+        &image,
+        "py",
+        &[
+            "python3",
+            "-c",
+            "import sys, json; print(json.dumps([sys.version_info[0], 6*7]))",
+        ],
+    );
+    assert_eq!(out.trim(), "[3, 42]");
+
+    // A container that writes, kept (no --rm), its snapshot committed with ctr.
+    let script = "set -e; mkdir -p /work/d; echo one > /work/d/a; ln /work/d/a /work/d/c; \
+        echo changed >> /etc/hostname; rm /etc/issue; cat /work/d/c";
+    let out = env.ctr_ok(&[
+        "run",
+        "--snapshotter",
+        "lazysnap",
+        &image,
+        "writer",
+        "/bin/bash",
+        "-c",
+        script,
+    ]);
+    assert_eq!(out, "one\n");
+    env.ctr_ok(&["containers", "rm", "--keep-snapshot", "writer"]);
+    env.ctr_ok(&[
+        "snapshots",
+        "--snapshotter",
+        "lazysnap",
+        "commit",
+        "committed-writer",
+        "writer",
+    ]);
+
+    // Restart serve; containerd reconnects and the committed snapshot is still there.
+    let before = env.wait_for_snapshotter();
+    let out = env.env.script(&["restart-snapshotter"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let after = env.wait_for_snapshotter();
+    assert_eq!(before, after);
+    assert!(after.contains("committed-writer"), "{after}");
+
+    // The committed snapshot's view shows what the container wrote, and only that.
+    env.ctr_ok(&[
+        "snapshots",
+        "--snapshotter",
+        "lazysnap",
+        "view",
+        "writer-view",
+        "committed-writer",
+    ]);
+    let mnt = tempfile::tempdir().unwrap();
+    let printed = env.ctr_ok(&[
+        "snapshots",
+        "--snapshotter",
+        "lazysnap",
+        "mounts",
+        mnt.path().to_str().unwrap(),
+        "writer-view",
+    ]);
+    mount_printed(&printed);
+    let read = |p: &str| std::fs::read_to_string(mnt.path().join(p));
+    let seen = (
+        read("work/d/a").ok(),
+        std::fs::metadata(mnt.path().join("work/d/c"))
+            .map(|m| std::os::unix::fs::MetadataExt::nlink(&m))
+            .ok(),
+        read("etc/hostname").ok().map(|h| h.ends_with("changed\n")),
+        mnt.path().join("etc/issue").exists(),
+        mnt.path().join("usr/bin/python3").exists(),
+    );
+    let _ = std::process::Command::new("umount")
+        .arg(mnt.path())
+        .status();
+    assert_eq!(
+        seen,
+        (Some("one\n".into()), Some(2), Some(true), false, true),
+        "(work/d/a, nlink of work/d/c, hostname changed, etc/issue exists, python3 exists)"
+    );
+    env.ctr_ok(&[
+        "snapshots",
+        "--snapshotter",
+        "lazysnap",
+        "rm",
+        "writer-view",
+    ]);
+
+    // A run after the restart, from the image.
+    let out = env.run(
+        &image,
+        "after",
+        &[
+            "python3",
+            "-c",
+            "import os; print(os.path.exists('/work'), os.path.exists('/etc/issue'))",
+        ],
+    );
+    assert_eq!(out, "False True\n");
+}
+
+#[test]
+fn containerd2_imports_runs_commits_and_restarts_serve_in_overlay_mode() {
+    import_run_commit_restart("--upper overlay");
+}
+
+#[test]
+fn containerd2_imports_runs_commits_and_restarts_serve_in_fuse_mode() {
+    import_run_commit_restart("--upper fuse");
+}
+
+const PROGRAM: &str = "cat /etc/os-release; python3 --version";
+
+#[test]
+fn containerd2_pull_through_the_transfer_service_is_lazy() {
+    if !prerequisites() {
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let reg = Registry::start(&work.path().join("registry"), None);
+    let layout = common::image("debian-gzip");
+    publish(&reg, work.path(), &layout, "lazy/debian:gzip", true);
+    let (layers, manifest, config) = layout_layers(&layout);
+    let total: u64 = layers.values().sum();
+    let log = work.path().join("proxy.log");
+    let proxy = Proxy::start(&reg.addr, &["--log", log.to_str().unwrap()]);
+    let reference = format!("{}/lazy/debian:gzip", proxy.addr);
+    let env = Ctr2::start("pull", "--no-background-fetch");
+
+    let t = Instant::now();
+    env.ctr_in(
+        "lazy",
+        &[
+            "images",
+            "pull",
+            "--plain-http",
+            "--snapshotter",
+            "lazysnap",
+            &reference,
+        ],
+    );
+    let pull_secs = t.elapsed().as_secs_f64();
+    let (whole, ranged) = fetched(&proxy.take_requests(), &layers);
+    assert!(
+        whole.is_empty() && ranged == 0,
+        "ctr images pull fetched layer blobs: whole {whole:?}, {ranged} bytes by range"
+    );
+    let content: BTreeSet<String> = env
+        .ctr_in("lazy", &["content", "ls", "-q"])
+        .lines()
+        .map(|l| l.trim().to_string())
+        .filter(|l| !l.is_empty())
+        .collect();
+    assert_eq!(
+        content,
+        BTreeSet::from([manifest, config]),
+        "containerd's content store should hold the manifest and config only"
+    );
+
+    let t = Instant::now();
+    let out = env.ctr_in(
+        "lazy",
+        &[
+            "run",
+            "--rm",
+            "--snapshotter",
+            "lazysnap",
+            &reference,
+            "lazy1",
+            "bash",
+            "-c",
+            PROGRAM,
+        ],
+    );
+    let run_secs = t.elapsed().as_secs_f64();
+    assert!(
+        out.contains("ID=lazysnap") && out.contains("Python 3."),
+        "{out}"
+    );
+    let (whole, ranged) = fetched(&proxy.take_requests(), &layers);
+    assert!(whole.is_empty(), "blobs downloaded whole: {whole:?}");
+    assert!(ranged > 0 && ranged * 2 < total, "{ranged} of {total}");
+    let df: serde_json::Value =
+        serde_json::from_str(&common::ok(&env.lazysnap_root(), &["df", "--json"])).unwrap();
+    assert_eq!(df["remote_records"]["files"], 3, "{df:#}");
+    eprintln!(
+        "containerd 2.x: ctr images pull {pull_secs:.2}s (no layer bytes), first ctr run \
+         {run_secs:.2}s, {ranged} of {total} layer bytes by range ({:.0}%)",
+        100.0 * ranged as f64 / total as f64
+    );
+}
