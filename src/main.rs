@@ -806,6 +806,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .with_context(|| format!("unmounting {}", dir.display()))?
             {
                 println!("unmounted {}", dir.display());
+                // A `mount --rw` there in overlay mode: let its shared lower go if unused.
+                if let (Ok(dir), true) = (dir.canonicalize(), root_path.join("meta.db").is_file()) {
+                    let sn = snapshotter(Root::open(&root_path)?, &root_path, 0);
+                    sn.unmounted(&dir)
+                        .with_context(|| format!("releasing the lower of {}", dir.display()))?;
+                }
             } else {
                 anyhow::bail!("{} is not mounted", dir.display());
             }

@@ -251,3 +251,63 @@ fn a_renamed_lower_directory_is_committed_whole_even_with_its_lower_unmounted() 
         "the renamed directory in the committed layer"
     );
 }
+
+/// `mount --rw DIR` then `umount DIR` leaves no daemon running; the snapshot and its changes
+/// stay, and a second `mount --rw DIR` brings them back over a freshly mounted lower. A lower
+/// another snapshot still uses stays.
+#[test]
+fn umount_of_a_rw_mount_lets_its_lower_go_and_a_remount_brings_the_changes_back() {
+    if !prerequisites() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("root");
+    common::import_image(&root, "debian-gzip", "deb");
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    fs::create_dir_all(&a).unwrap();
+    fs::create_dir_all(&b).unwrap();
+    let keys = [a.clone(), b.clone()]
+        .iter()
+        .map(|d| format!("rw:{}", d.canonicalize().unwrap().display()))
+        .collect();
+    let _c = Cleanup(root.clone(), keys);
+    let rw = |d: &Path| {
+        ok(
+            &root,
+            &[
+                "--upper",
+                "overlay",
+                "mount",
+                "--rw",
+                "deb",
+                d.to_str().unwrap(),
+            ],
+        )
+    };
+    rw(&a);
+    rw(&b);
+    fs::write(a.join("etc/kept"), "a\n").unwrap();
+    assert_eq!(lower_mounts(&root).len(), 1);
+
+    // b still uses the lower: it stays.
+    ok(&root, &["umount", a.to_str().unwrap()]);
+    assert_eq!(lower_mounts(&root).len(), 1);
+    assert!(fs::read(b.join("usr/bin/python3")).unwrap().len() > 1000);
+
+    // The last mount goes: so do the lower and its daemon.
+    ok(&root, &["umount", b.to_str().unwrap()]);
+    assert!(lower_mounts(&root).is_empty(), "{:?}", lower_mounts(&root));
+    let t = std::time::Instant::now();
+    while daemons(&root) > 0 && t.elapsed() < std::time::Duration::from_secs(10) {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert_eq!(daemons(&root), 0, "a daemon outlived every mount");
+
+    // Mounted again: the change is back, the lower files read.
+    rw(&a);
+    assert_eq!(fs::read_to_string(a.join("etc/kept")).unwrap(), "a\n");
+    assert!(fs::read(a.join("usr/bin/python3")).unwrap().len() > 1000);
+    ok(&root, &["umount", a.to_str().unwrap()]);
+    let check = ok(&root, &["check"]);
+    assert!(!check.contains("leftover"), "{check}");
+}

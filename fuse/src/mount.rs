@@ -266,13 +266,19 @@ pub fn is_stale_mount(mountpoint: &Path) -> bool {
 
 /// True when `path` is a mount point in this mount namespace.
 pub fn is_mountpoint(path: &Path) -> bool {
+    mountpoints().contains(path)
+}
+
+/// Every mountpoint of this mount namespace (one read of `/proc/self/mountinfo`).
+pub fn mountpoints() -> std::collections::HashSet<std::path::PathBuf> {
+    use std::os::unix::ffi::OsStringExt as _;
     let Ok(info) = fs::read_to_string("/proc/self/mountinfo") else {
-        return false;
+        return Default::default();
     };
-    let want = path.as_os_str().as_bytes();
     info.lines()
         .filter_map(|l| l.split(' ').nth(4))
-        .any(|mp| unescape_mountinfo(mp) == want)
+        .map(|mp| std::path::PathBuf::from(std::ffi::OsString::from_vec(unescape_mountinfo(mp))))
+        .collect()
 }
 
 /// Undoes mountinfo's octal escapes (`\040` for a space, ...).

@@ -184,10 +184,19 @@ pub fn is_overlay_dir(snapshot_dir: &Path) -> bool {
     snapshot_dir.join("work").is_dir()
 }
 
-/// The chains whose shared lower some overlay-mode active snapshot or view of `rows` uses.
+/// The chains whose shared lower some overlay-mode active snapshot or view of `rows` uses:
+/// any such snapshot handed to a client (containerd mounts it when it likes), but one with a
+/// mountpoint of its own (`mount --rw DIR`) only while it is mounted there, so `umount DIR`
+/// lets the lower go (a later `mount --rw DIR` or commit mounts it again).
 pub fn lowers_in_use(root: &Root, rows: &[SnapshotRow]) -> std::collections::HashSet<String> {
+    let mounted = lazysnap_fuse::mountpoints();
     rows.iter()
         .filter(|r| r.kind != "committed" && is_overlay_dir(&snapshot_dir(root, r)))
+        .filter(|r| {
+            r.mountpoint
+                .as_deref()
+                .is_none_or(|m| mounted.contains(Path::new(m)))
+        })
         .filter_map(|r| r.chain_id.clone())
         .collect()
 }
@@ -359,9 +368,10 @@ impl Snapshotter {
     }
 
     /// Mounts the shared read-only lower of `chain` unless it is mounted; returns where.
-    fn ensure_lower(&self, chain: &str) -> Result<PathBuf> {
+    /// `_held`: the lowers lock, held by the caller until the lower is in use (mounted over,
+    /// or read by a commit), so no release in between unmounts it.
+    fn ensure_lower(&self, chain: &str, _held: &crate::root::StoreLock) -> Result<PathBuf> {
         let mp = self.lower_mountpoint(chain);
-        let _lock = overlay::lock_lowers(&self.root.path)?;
         if self.mounter.is_mounted(&mp) {
             return Ok(mp);
         }
@@ -375,6 +385,19 @@ impl Snapshotter {
         })?;
         tracing::info!(chain, mountpoint = %mp.display(), "shared lower mounted");
         Ok(mp)
+    }
+
+    /// After `umount DIR` of a `mount --rw DIR` snapshot in overlay mode: its shared lower
+    /// goes unless another snapshot uses it (the snapshot and its upper stay for a later
+    /// `mount --rw DIR` or commit, which mount the lower again).
+    pub fn unmounted(&self, dir: &Path) -> Result<()> {
+        let Some(row) = self.active_at(dir)? else {
+            return Ok(());
+        };
+        match (self.mode_of(&row), row.chain_id.as_deref()) {
+            (UpperMode::Overlay, Some(chain)) => self.release_lower(chain),
+            _ => Ok(()),
+        }
     }
 
     /// Unmounts the shared lower of `chain` when no snapshot uses it any more.
@@ -393,9 +416,13 @@ impl Snapshotter {
     }
 
     /// The mounts of overlay-mode snapshot `row`, its lower mounted.
-    fn overlay_mounts(&self, row: &SnapshotRow) -> Result<Vec<Mount>> {
+    fn overlay_mounts(
+        &self,
+        row: &SnapshotRow,
+        held: &crate::root::StoreLock,
+    ) -> Result<Vec<Mount>> {
         let lower = match &row.chain_id {
-            Some(chain) => Some(self.ensure_lower(chain)?),
+            Some(chain) => Some(self.ensure_lower(chain, held)?),
             None => None,
         };
         let dir = self.dir(row);
@@ -533,13 +560,15 @@ impl Snapshotter {
             self.serve_spec(&spec_for(&self.root, &row.key)?)?;
             return Ok(self.mounts_of(row));
         }
-        let mounts = self.overlay_mounts(row)?;
+        let lock = overlay::lock_lowers(&self.root.path)?;
+        let mounts = self.overlay_mounts(row, &lock)?;
         let Some(mp) = row.mountpoint.as_deref().map(Path::new) else {
             return Ok(mounts);
         };
         if !lazysnap_fuse::is_mountpoint(mp) {
             overlay::mount(&mounts[0], mp).map_err(SnapshotError::Internal)?;
         }
+        drop(lock);
         Ok(self.mounts_of(row))
     }
 
@@ -944,9 +973,15 @@ impl Snapshotter {
         };
         // A directory the kernel renamed is written out from the chain's lower: it must be
         // the mounted lower, not the empty directory under it (after a reboot, say).
-        if let (UpperMode::Overlay, Some(chain)) = (self.mode_of(&row), row.chain_id.as_deref()) {
-            self.ensure_lower(chain)?;
-        }
+        // Held to the end: the lower stays mounted while the commit reads it.
+        let _lowers_lock = match (self.mode_of(&row), row.chain_id.as_deref()) {
+            (UpperMode::Overlay, Some(chain)) => {
+                let lock = overlay::lock_lowers(&self.root.path)?;
+                self.ensure_lower(chain, &lock)?;
+                Some(lock)
+            }
+            _ => None,
+        };
         let _writing = self.root.writer_lock()?;
         let made = match &row.applied_blob {
             // The diff service applied a layer by indexing it: that layer is the change.
