@@ -413,6 +413,42 @@ def section_random(prep, rnd):
         record("span time", key, "decompress", SPAN / (p["bytes"] / t) * 1000.0)
 
 
+def untar_source(p):
+    """A tar of the image's /usr (thousands of real entries), made once per run: the untar step."""
+    out = os.path.join(WORK, "untar-src.tar")
+    if not os.path.exists(out):
+        sh(["tar", "-cf", out, "-C", p["extr"], "usr"])
+        INFO["untar entries"] = int(sh("tar -tf %s | wc -l" % out, capture=True))
+    return out
+
+
+def lower_files(p):
+    """Relative paths of the image's regular files: what the copy-up step appends to."""
+    files = []
+    for dp, dns, fns in os.walk(p["extr"]):
+        for fn in fns:
+            f = os.path.join(dp, fn)
+            if os.path.isfile(f) and not os.path.islink(f):
+                files.append(os.path.relpath(f, p["extr"]))
+    return sorted(files)
+
+
+def snapshot_tests(d, tarball, files):
+    """In a container's snapshot d: untar of `tarball` into a new directory (s), and an append
+    of 1 byte to every lower file in `files` (s: each a copy-up)."""
+    os.sync()
+    ud = os.path.join(d, "bench-untar")
+    os.mkdir(ud)
+    untar = timed(lambda: sh(["tar", "-xf", tarball, "-C", ud]))
+    os.sync()
+    t0 = time.perf_counter()
+    for rel in files:
+        with open(os.path.join(d, rel), "ab") as f:
+            f.write(b"x")
+    append = time.perf_counter() - t0
+    return untar, append
+
+
 def write_tests(d):
     """Sequential write MB/s (1 MiB blocks, fsync) and small-file creates/s in directory d."""
     buf = os.urandom(1 << 20)
@@ -467,6 +503,8 @@ def section_write(prep, rnd):
     base = os.path.join(WORK, "w")
     rmtree(base)
     os.makedirs(base)
+    tarball = untar_source(p)
+    files = lower_files(p)
     # native
     nd = os.path.join(base, "native")
     os.makedirs(nd)
@@ -490,17 +528,29 @@ def section_write(prep, rnd):
         s, c = write_tests(mnt)
         record("write seq", key, name, s)
         record("creates", key, name, c)
+        u, a = snapshot_tests(mnt, tarball, files)
+        record("untar", key, name, u)
+        record("copy-up append", key, name, a)
         fuse_umount(mnt)
     # lazysnap --rw in both upper modes: overlay (the kernel's overlayfs over the shared lazy
     # lower; the default as root) and fuse (lazysnap serves the upper: the rootless fallback)
     for mode, name in (("fuse", "lazysnap fuse"), ("overlay", "lazysnap")):
         sh([LAZYSNAP, "--root", root, "--upper", mode, "mount", "img", mnt, "--rw"])
+        if mode == "overlay":
+            # read-all through the container's overlay vs the read-only mount alone (step 3)
+            drop()
+            record("overlay read cold", key, name, timed(lambda: read_all(mnt, "overlay")))
+            record("overlay read warm", key, name, timed(lambda: read_all(mnt, "overlay")))
         s, c = write_tests(mnt)
         record("write seq", key, name, s)
         record("creates", key, name, c)
+        u, a = snapshot_tests(mnt, tarball, files)
+        record("untar", key, name, u)
+        record("copy-up append", key, name, a)
         if mode == "overlay" and "commit" not in SKIP:
             # commit of COMMIT_MIB of changes (files copied from the image's own tree) vs tar | zstd -3
             shutil.rmtree(os.path.join(mnt, "bench-small"))
+            shutil.rmtree(os.path.join(mnt, "bench-untar"))
             os.unlink(os.path.join(mnt, "bench-seq"))
             limit = COMMIT_MIB << 20
             copy_changes(os.path.join(p["extr"], "usr"), os.path.join(mnt, "bench-changes"), limit)
@@ -589,6 +639,11 @@ def report(prep, started):
     wr = ["lazysnap", "lazysnap fuse", "native", "overlayfs", "fuse-overlayfs"]
     row("7 sequential write", "write seq", "gzip", wr, "MB/s")
     row("7 small-file creates", "creates", "gzip", wr, "/s")
+    sn = ["lazysnap", "lazysnap fuse", "overlayfs", "fuse-overlayfs"]
+    row("7 untar %s entries" % INFO.get("untar entries", "?"), "untar", "gzip", sn, "s")
+    row("7 copy-up append to every lower file", "copy-up append", "gzip", sn, "s")
+    row("7 read-all through the overlay, cold", "overlay read cold", "gzip", ["lazysnap"], "s")
+    row("7 read-all through the overlay, warm", "overlay read warm", "gzip", ["lazysnap"], "s")
     row("7 commit %d MiB of changes" % COMMIT_MIB, "commit", "gzip", ["lazysnap", "tar | zstd -3"], "s")
     row("8 ctr import", "ctr import", "gzip", ["lazysnap", "overlayfs"], "s")
     row("8 ctr run (first)", "ctr run", "gzip", ["lazysnap", "overlayfs"], "s")
@@ -620,6 +675,13 @@ def report(prep, started):
              ratio(M("random p99", k, "lazysnap"), M("span time", k, "decompress")), 1.0)
     goal("sequential write / native", "gzip", ratio(M("write seq", "gzip", "lazysnap"), M("write seq", "gzip", "native")), 0.5, ">=")
     goal("small-file creates / native", "gzip", ratio(M("creates", "gzip", "lazysnap"), M("creates", "gzip", "native")), 0.5, ">=")
+    ov = lambda s: ratio(M(s, "gzip", "lazysnap"), M(s, "gzip", "overlayfs"))
+    goal("untar / kernel overlayfs", "gzip", ov("untar"), 1.2)
+    goal("copy-up append / kernel overlayfs", "gzip", ov("copy-up append"), 1.2)
+    goal("sequential write / kernel overlayfs", "gzip", ov("write seq"), 0.9, ">=")
+    for w in ("cold", "warm"):
+        goal("read-all through the overlay, %s / read-only mount" % w, "gzip",
+             ratio(M("overlay read " + w, "gzip", "lazysnap"), M("read " + w, "gzip", "lazysnap")), 1.1)
     goal("commit / tar | zstd -3", "gzip", ratio(M("commit", "gzip", "lazysnap"), M("commit", "gzip", "tar | zstd -3")), 1.2)
     goal("ctr import + first run / overlayfs", "gzip",
          ratio(M("ctr import+run", "gzip", "lazysnap"), M("ctr import+run", "gzip", "overlayfs")), 0.5)
