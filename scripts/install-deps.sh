@@ -55,3 +55,5 @@ fi
 # Go on PATH (Debian 12's containerd is 1.6). Idempotent: a no-op when it is installed.
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 bash "$here/install-containerd2.sh" >/dev/null
+# nerdctl, the CNI plugins and crictl (tests/containerd2.rs, tests/cri.rs), from their Go modules.
+bash "$here/install-cri-tools.sh" >/dev/null

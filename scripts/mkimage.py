@@ -37,6 +37,7 @@ Options:
     --docker-archive FILE  also write FILE as `docker save` (classic format: manifest.json,
                            repositories, <config-hex>.json, <layer-id>/{layer.tar,VERSION,json})
                            for the host platform; layers are stored uncompressed
+    --cmd JSON             the config's Cmd (default ["/bin/sh"])
     --docker-name NAME:TAG the RepoTags entry of the docker archive (default lazysnap-test/IMG:TAG)
 
 The layout directory is created if needed; blobs already present are reused. index.json,
@@ -215,7 +216,7 @@ def build(args):
                 "os": os_,
                 "config": {
                     "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
-                    "Cmd": ["/bin/sh"],
+                    "Cmd": json.loads(args.cmd),
                     "Labels": {"org.lazysnap.test.platform": p},
                 },
                 "rootfs": {"type": "layers", "diff_ids": [l[1] for l in layers]},
@@ -363,6 +364,7 @@ def main():
     ap.add_argument("--oci-archive")
     ap.add_argument("--docker-archive")
     ap.add_argument("--docker-name")
+    ap.add_argument("--cmd", default='["/bin/sh"]')
     args = ap.parse_args()
     for a in args.layers:
         p, _ = parse_layer_arg(a, args.compression)

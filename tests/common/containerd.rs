@@ -158,6 +158,35 @@ pub fn containerd2_bin_dir() -> PathBuf {
     .clone()
 }
 
+/// The bin directories of nerdctl, the CNI plugins and crictl, built once
+/// (scripts/install-cri-tools.sh; a no-op when those versions are installed).
+pub struct CriTools {
+    pub nerdctl: PathBuf,
+    pub cni: PathBuf,
+    pub crictl: PathBuf,
+}
+
+pub fn cri_tools() -> &'static CriTools {
+    static TOOLS: std::sync::OnceLock<CriTools> = std::sync::OnceLock::new();
+    TOOLS.get_or_init(|| {
+        let script = scripts_dir().join("install-cri-tools.sh");
+        let out = run_timeout("bash", &[script.to_str().expect("utf-8 path")], &[]);
+        let stdout = check("scripts/install-cri-tools.sh", out);
+        let dir = |name: &str| {
+            stdout
+                .lines()
+                .find_map(|l| l.strip_prefix(&format!("{name}=")))
+                .map(PathBuf::from)
+                .unwrap_or_else(|| panic!("install-cri-tools.sh printed no {name}=: {stdout}"))
+        };
+        CriTools {
+            nerdctl: dir("nerdctl").join("nerdctl"),
+            cni: dir("cni"),
+            crictl: dir("crictl").join("crictl"),
+        }
+    })
+}
+
 impl Drop for ContainerdEnv {
     fn drop(&mut self) {
         if std::thread::panicking() {

@@ -1,0 +1,3 @@
+module lazysnap.test/pause
+
+go 1.19
