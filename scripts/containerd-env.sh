@@ -19,7 +19,9 @@
 # by scripts/install-containerd2.sh) instead of PATH (Debian's 1.6). With containerd 2.x the
 # transfer service (`ctr images pull/import` use it) unpacks onto lazysnap with lazysnap's
 # differ and passes the remote-snapshot labels; $CONTAINERD_CRI=1 also runs the CRI plugin with
-# lazysnap as its snapshotter (socket DIR/containerd.sock, for crictl).
+# lazysnap as its snapshotter (socket DIR/containerd.sock, for crictl): $CRI_SANDBOX_IMAGE is
+# its pause image (import it into namespace k8s.io), $CNI_BIN_DIR its CNI plugins, DIR/cni/net.d
+# its CNI config and DIR/certs.d its registry hosts (containerd's hosts.toml).
 # Needs root (containerd, FUSE mounts), Debian's containerd and runc.
 set -euo pipefail
 
@@ -75,6 +77,13 @@ supports_proxy_diff() {
     local major=${v%%.*} rest=${v#*.}
     local minor=${rest%%.*}
     (( major > 1 || (major == 1 && minor >= 7) ))
+}
+
+# 1 when this process may not lower its oom_score_adj (no CAP_SYS_RESOURCE).
+restricted_oom() {
+    local eff
+    eff=$(awk '/^CapEff/ {print $2}' /proc/self/status)
+    if (( (16#$eff >> 24) & 1 )); then echo 0; else echo 1; fi
 }
 
 # The host's platform as containerd spells it.
@@ -150,6 +159,19 @@ EOF
 [plugins."io.containerd.cri.v1.images"]
   snapshotter = "lazysnap"
   disable_snapshot_annotations = false
+  [plugins."io.containerd.cri.v1.images".pinned_images]
+    sandbox = "${CRI_SANDBOX_IMAGE:-registry.k8s.io/pause:3.10}"
+  [plugins."io.containerd.cri.v1.images".registry]
+    config_path = "$dir/certs.d"
+
+[plugins."io.containerd.cri.v1.runtime"]
+  # Pods ask for oom_score_adj -998 (pause) and below; a machine whose root lacks
+  # CAP_SYS_RESOURCE (VMs, containers) refuses that: keep it >= containerd's own.
+  restrict_oom_score_adj = $(if [[ $(restricted_oom) == 1 ]]; then echo true; else echo false; fi)
+
+[plugins."io.containerd.cri.v1.runtime".cni]
+  bin_dirs = ["${CNI_BIN_DIR:-/opt/cni/bin}"]
+  conf_dir = "$dir/cni/net.d"
 
 [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc]
   runtime_type = "io.containerd.runc.v2"
