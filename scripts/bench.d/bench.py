@@ -6,7 +6,7 @@ engine once per step, in turn, so a busy machine hurts all of them alike; figure
 Raw samples go to bench/results.json; the table to stdout and bench/results.md; the chart to
 bench/chart.png. Environment: ROUNDS (default 5; QUICK=1: 3), QUICK, LAZYSNAP (binary),
 SKIP (comma list of sections to skip: ready (after round 1), read (remount, read-all, RSS), find,
-random, write, commit, containerd). `bench.py --chart` redraws the chart from results.json.
+random, write, commit, containerd), OUT_DIR (default bench/). `bench.py --chart` redraws the chart from results.json.
 """
 
 import json
@@ -23,6 +23,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 BENCH = os.path.join(REPO, "bench")
 DATA = os.path.join(BENCH, "data")
 WORK = os.path.join(BENCH, "work")
+# Where results.{md,json} and chart.png go: a partial run (SKIP=…) should not replace the
+# committed full results.
+OUT = os.environ.get("OUT_DIR", BENCH)
 VENV = os.path.join(BENCH, ".venv")
 QUICK = os.environ.get("QUICK") == "1"
 ROUNDS = int(os.environ.get("ROUNDS", "3" if QUICK else "5"))
@@ -728,13 +731,13 @@ def report(prep, started):
         L.append("\nErrors: " + "; ".join(sorted(set(INFO["errors"]))))
     md = "\n".join(L) + "\n"
     print(md)
-    with open(os.path.join(BENCH, "results.md"), "w") as f:
+    with open(os.path.join(OUT, "results.md"), "w") as f:
         f.write(md)
     js = dict(rounds=ROUNDS, quick=QUICK, info=INFO,
               medians=[dict(metric=m, image=k, unit=u, values=v) for m, k, v, u in rows],
               goals=[dict(goal=t, image=k, measured=v, limit=l, status=s) for t, k, v, l, s in goals],
               samples=[dict(section=s, image=k, engine=e, values=v) for (s, k, e), v in SAMPLES.items()])
-    with open(os.path.join(BENCH, "results.json"), "w") as f:
+    with open(os.path.join(OUT, "results.json"), "w") as f:
         json.dump(js, f, indent=1)
     chart(rows)
 
@@ -764,13 +767,13 @@ def chart(rows):
         ax.axis("off")
     fig.suptitle("lazysnap vs peers — medians of %d rounds%s (lower is better for s/ms/MiB)" % (ROUNDS, ", QUICK" if QUICK else ""))
     fig.tight_layout()
-    fig.savefig(os.path.join(BENCH, "chart.png"), dpi=90)
+    fig.savefig(os.path.join(OUT, "chart.png"), dpi=90)
 
 
 def main():
     if sys.argv[1:] == ["--chart"]:  # redraw bench/chart.png from bench/results.json
         global ROUNDS, QUICK
-        js = json.load(open(os.path.join(BENCH, "results.json")))
+        js = json.load(open(os.path.join(OUT, "results.json")))
         ROUNDS, QUICK = js["rounds"], js["quick"]
         chart([(m["metric"], m["image"], m["values"], m["unit"]) for m in js["medians"]])
         return
