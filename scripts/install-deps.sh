@@ -22,6 +22,7 @@ PACKAGES=(
   golang-github-containerd-stargz-snapshotter-dev  # the estargz Go library: eStargz test images (scripts/make-estargz-images.py)
   stargz-snapshotter  # ctr-remote (Debian ships only that): the eStargz peer tool
   ca-certificates
+  gcc zlib1g-dev   # soci-snapshotter's zTOC code is cgo over zlib (scripts/install-peers.sh)
 )
 
 missing=()
@@ -55,5 +56,6 @@ fi
 # Go on PATH (Debian 12's containerd is 1.6). Idempotent: a no-op when it is installed.
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 bash "$here/install-containerd2.sh" >/dev/null
-# nerdctl, the CNI plugins and crictl (tests/containerd2.rs, tests/cri.rs), from their Go modules.
-bash "$here/install-cri-tools.sh" >/dev/null
+# nerdctl, the CNI plugins, crictl (tests/containerd2.rs, tests/cri.rs), stargz-snapshotter and
+# soci-snapshotter (the peers of scripts/bench-containerd.py), from their Go modules.
+bash "$here/install-peers.sh" >/dev/null

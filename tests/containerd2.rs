@@ -6,7 +6,7 @@
 //!   containerd's own content store, no upper holds a file); `ctr run` of a shell and python3,
 //!   writes in the container, a `ctr snapshots commit` of a container's snapshot whose view
 //!   shows exactly what the container wrote; a restart of `lazysnap serve` between two runs.
-//! * nerdctl (scripts/install-cri-tools.sh) pulls onto lazysnap through lazysnap's differ, runs on
+//! * nerdctl (scripts/install-peers.sh) pulls onto lazysnap through lazysnap's differ, runs on
 //!   its CNI bridge network and commits a container into an image that runs;
 //! * `ctr images pull` (transfer service, remote-snapshot labels from the proxy plugin's
 //!   `enable_remote_snapshot_annotations` export) of an image with a lazysnap index artifact
@@ -363,7 +363,7 @@ fn containerd2_pull_through_the_transfer_service_is_lazy() {
     );
 }
 
-/// `nerdctl --snapshotter lazysnap` on containerd 2.x (scripts/install-cri-tools.sh): the
+/// `nerdctl --snapshotter lazysnap` on containerd 2.x (scripts/install-peers.sh): the
 /// environment's socket, a data root and CNI config of its own, CNI plugins built from
 /// containernetworking/plugins.
 struct Nerdctl<'a> {

@@ -1,6 +1,6 @@
 //! [peers] Kubernetes' CRI on lazysnap: containerd 2.x's CRI plugin with `snapshotter =
 //! "lazysnap"` (scripts/containerd-env.sh, CONTAINERD_CRI=1) driven by crictl (built from
-//! cri-tools by scripts/install-cri-tools.sh), a pod network from the CNI plugins (bridge +
+//! cri-tools by scripts/install-peers.sh), a pod network from the CNI plugins (bridge +
 //! host-local + loopback), the pod's pause image our own (tools/pause, static Go, packed by
 //! scripts/mkimage.py: registry.k8s.io is not reachable):
 //!

@@ -1401,3 +1401,56 @@ fn zstd_chunked_layers_are_read_by_their_toc_without_an_artifact() {
     }
     assert!(ok(&node, &["check"]).contains("consistent"));
 }
+
+/// Reads while the background download runs fetch no byte twice: chunks the download fetched
+/// are cached for reads, and a chunk in flight in one is waited for by the other. Through a
+/// 4 MB/s link, the whole tree is read once the download is under way; what crossed the link
+/// is the layers' bytes and at most 2% more.
+#[test]
+fn reads_during_the_background_download_fetch_no_byte_twice() {
+    if !prerequisites() || !common::can_mount() {
+        return;
+    }
+    let data = common::testdata();
+    let tmp = tempfile::tempdir().unwrap();
+    let reg = Registry::start(&tmp.path().join("reg"), None);
+    push_with_index(tmp.path(), &reg, "debian-gzip", "once/debian:gzip");
+    let log = tmp.path().join("proxy.log");
+    let proxy = Proxy::start(
+        &reg.addr,
+        &["--rate", "4000000", "--log", log.to_str().unwrap()],
+    );
+    let reference = format!("{}/once/debian:gzip", proxy.addr);
+    let (sizes, _, _) = common::registry::layout_layers(&data.join("debian-gzip"));
+    let total: u64 = sizes.values().sum();
+    let node = tmp.path().join("node");
+    ok(&node, &["pull", "--lazy", &reference, "--name", "once"]);
+    let m = Mounted::new(&node, "once", &tmp.path().join("mnt"));
+    // The download starts once reads have been quiet for a while; let it get ahead.
+    std::thread::sleep(std::time::Duration::from_secs(4));
+    common::assert_trees_equal(
+        &m.dir,
+        &common::reference_tree(&data.join("debian-gzip"), common::TAG),
+    );
+    let blobs = node.join("content/blobs/sha256");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while !sizes
+        .keys()
+        .all(|d| blobs.join(d.trim_start_matches("sha256:")).exists())
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not downloaded within 120 s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let (whole, ranged) = common::registry::fetched(&proxy.take_requests(), &sizes);
+    assert!(whole.is_empty(), "whole-blob GETs: {whole:?}");
+    // Before the download cached what it fetched, reads fetched it again: 50.0 MB crossed for
+    // 36.9 MB of layers. Left: a read and the download may still take one 256 KiB chunk at a
+    // blob's end each (37.4 MB).
+    assert!(
+        ranged <= total + total / 50,
+        "{ranged} layer bytes crossed the link for {total} bytes of layers"
+    );
+}

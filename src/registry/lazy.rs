@@ -369,16 +369,27 @@ impl RemoteBlob {
                     .unwrap_or_else(|p| p.into_inner());
             }
         }
-        // What others fetched (or what was evicted meanwhile) comes from the cache, else again.
+        // What others fetched (or what was evicted meanwhile) comes from the cache — or from
+        // the blob, when the download that fetched it completed (and dropped its chunks) — else
+        // again.
         for (k, i) in (first..=last).enumerate() {
             if have[k].is_none() {
                 let data = match self.cache.get(&self.digest, i, self.hash(i)) {
                     Some(d) => d,
-                    None => self
-                        .fetch_run(i, i, true)
-                        .map_err(io_err)?
-                        .pop()
-                        .unwrap_or_default(),
+                    None => match self.local() {
+                        Some(f) => {
+                            let (a, b) = self.chunk_range(i);
+                            let mut buf = vec![0; (b - a) as usize];
+                            let n = pread_full(f, a, &mut buf)?;
+                            buf.truncate(n);
+                            buf
+                        }
+                        None => self
+                            .fetch_run(i, i, true)
+                            .map_err(io_err)?
+                            .pop()
+                            .unwrap_or_default(),
+                    },
                 };
                 have[k] = Some(Arc::new(data));
             }
@@ -618,7 +629,8 @@ pub fn ensure_local(root: &crate::root::Root, digest: &Digest) -> anyhow::Result
 }
 
 /// A whole blob as a stream for the content store's ingest (which checks its digest): the
-/// chunks already cached, the rest by Range requests of at most [`BACKGROUND_REQUEST`] —
+/// chunks already cached, the rest by Range requests of at most [`BACKGROUND_REQUEST`], each
+/// claimed in flight and cached, so reads meanwhile neither fetch them again nor miss them —
 /// nothing fetched twice. Polite (the background download): waits while reads fetch.
 struct Assembled<'a> {
     blob: &'a RemoteBlob,
@@ -633,30 +645,63 @@ impl Assembled<'_> {
     fn refill(&mut self) -> io::Result<()> {
         let b = self.blob;
         let i = self.next;
-        if let Some(c) = b.cache.get(&b.digest, i, b.hash(i)) {
-            self.buf = c;
+        loop {
+            if let Some(c) = b.cache.get(&b.digest, i, b.hash(i)) {
+                self.buf = c;
+                self.at = 0;
+                self.next += 1;
+                return Ok(());
+            }
+            if self.polite {
+                while since_demand().is_some_and(|d| d < YIELD_TO_READS) {
+                    std::thread::sleep(YIELD_TO_READS / 4);
+                }
+            }
+            // Claim the run (up to the first chunk a read is fetching): reads of it wait for
+            // this request and take its chunks from the cache instead of fetching them again.
+            let per_request = (BACKGROUND_REQUEST / b.info.chunk_size).max(1);
+            let claimed: Vec<u64> = {
+                let mut inflight = b.inflight.lock().unwrap_or_else(|p| p.into_inner());
+                let mut run = Vec::new();
+                let mut c = i;
+                while c < b.chunk_count()
+                    && c - i < per_request
+                    && (c == i || !b.cache.contains(&b.digest, c))
+                    && inflight.insert(c)
+                {
+                    run.push(c);
+                    c += 1;
+                }
+                run
+            };
+            let Some(&last) = claimed.last() else {
+                // A read is fetching chunk i: wait for it, then take it from the cache.
+                let mut inflight = b.inflight.lock().unwrap_or_else(|p| p.into_inner());
+                while inflight.contains(&i) {
+                    inflight = b.fetched.wait(inflight).unwrap_or_else(|p| p.into_inner());
+                }
+                continue;
+            };
+            let run = b.fetch_run(i, last, false);
+            if let Ok(run) = &run {
+                for (n, data) in run.iter().enumerate() {
+                    if let Err(e) = b.cache.put(&b.digest, i + n as u64, data) {
+                        warn!(blob = %b.digest, chunk = i + n as u64, error = %e, "could not cache a chunk");
+                    }
+                }
+            }
+            {
+                let mut inflight = b.inflight.lock().unwrap_or_else(|p| p.into_inner());
+                for c in &claimed {
+                    inflight.remove(c);
+                }
+            }
+            b.fetched.notify_all();
+            self.buf = run.map_err(io_err)?.concat();
             self.at = 0;
-            self.next += 1;
+            self.next = last + 1;
             return Ok(());
         }
-        if self.polite {
-            while since_demand().is_some_and(|d| d < YIELD_TO_READS) {
-                std::thread::sleep(YIELD_TO_READS / 4);
-            }
-        }
-        let per_request = (BACKGROUND_REQUEST / b.info.chunk_size).max(1);
-        let mut last = i;
-        while last + 1 < b.chunk_count()
-            && last + 1 - i < per_request
-            && !b.cache.contains(&b.digest, last + 1)
-        {
-            last += 1;
-        }
-        let run = b.fetch_run(i, last, false).map_err(io_err)?;
-        self.buf = run.concat();
-        self.at = 0;
-        self.next = last + 1;
-        Ok(())
     }
 }
 

@@ -159,7 +159,7 @@ pub fn containerd2_bin_dir() -> PathBuf {
 }
 
 /// The bin directories of nerdctl, the CNI plugins and crictl, built once
-/// (scripts/install-cri-tools.sh; a no-op when those versions are installed).
+/// (scripts/install-peers.sh; a no-op when those versions are installed).
 pub struct CriTools {
     pub nerdctl: PathBuf,
     pub cni: PathBuf,
@@ -169,20 +169,24 @@ pub struct CriTools {
 pub fn cri_tools() -> &'static CriTools {
     static TOOLS: std::sync::OnceLock<CriTools> = std::sync::OnceLock::new();
     TOOLS.get_or_init(|| {
-        let script = scripts_dir().join("install-cri-tools.sh");
-        let out = run_timeout("bash", &[script.to_str().expect("utf-8 path")], &[]);
-        let stdout = check("scripts/install-cri-tools.sh", out);
+        let script = scripts_dir().join("install-peers.sh");
+        let out = run_timeout(
+            "bash",
+            &[script.to_str().expect("utf-8 path"), "nerdctl", "cni-plugins", "crictl"],
+            &[],
+        );
+        let stdout = check("scripts/install-peers.sh", out);
         let dir = |name: &str| {
             stdout
                 .lines()
                 .find_map(|l| l.strip_prefix(&format!("{name}=")))
                 .map(PathBuf::from)
-                .unwrap_or_else(|| panic!("install-cri-tools.sh printed no {name}=: {stdout}"))
+                .unwrap_or_else(|| panic!("install-peers.sh printed no {name}=: {stdout}"))
         };
         CriTools {
-            nerdctl: dir("nerdctl").join("nerdctl"),
-            cni: dir("cni"),
-            crictl: dir("crictl").join("crictl"),
+            nerdctl: dir("NERDCTL").join("nerdctl"),
+            cni: dir("CNI_PLUGINS"),
+            crictl: dir("CRICTL").join("crictl"),
         }
     })
 }
