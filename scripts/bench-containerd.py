@@ -15,7 +15,8 @@ image's program; time to program done = pull + run. Bytes are response bodies th
 
 Snapshotters: `lazysnap` (the image has a lazysnap index artifact: its layers are not fetched,
 the container reads them by range while the rest downloads in the background), `lazysnap-nobg`
-(the same, `serve --no-background-fetch`: reads only), `overlayfs`
+(the same, `serve --no-background-fetch`: reads only), `stargz` (stargz-snapshotter, built by
+scripts/install-peers.sh, on the image's eStargz conversion where there is one: debian-gzip), `overlayfs`
 (containerd's own: fetch, gunzip, untar). Images and their programs:
 
   debian-gzip   python3 importing a good part of the standard library (scripts/bench-lazy.py's)
@@ -43,7 +44,7 @@ WORK = f"{REPO}/bench/work/containerd"
 ROUNDS = int(os.environ.get("ROUNDS", "3"))
 RATES = [float(r) for r in os.environ.get("RATES", "10,100,0").split(",")]
 IMAGES = os.environ.get("IMAGES", "debian-gzip,big-gzip,debian-zstd4m").split(",")
-SNAPSHOTTERS = os.environ.get("SNAPSHOTTERS", "lazysnap,overlayfs").split(",")
+SNAPSHOTTERS = os.environ.get("SNAPSHOTTERS", "lazysnap,lazysnap-nobg,stargz,overlayfs").split(",")
 PROGRAMS = {
     "debian-gzip": bl.PROGRAM,
     "debian-zstd4m": bl.PROGRAM,
@@ -51,6 +52,10 @@ PROGRAMS = {
 }
 EXPECT = {"debian-gzip": "1", "debian-zstd4m": "1", "big-gzip": None}
 ENV_SH = f"{HERE}/containerd-env.sh"
+# eStargz conversions (scripts/make-estargz-images.py) of the images, for the stargz peer; an
+# image without one is pulled by stargz as is (its non-lazy fallback: fetch and untar).
+ESTARGZ = {"debian-gzip": f"{bl.TESTDATA}/debian-estargz"}
+STARGZ_BIN = None  # set in main() when stargz is benchmarked
 
 
 def log(*a):
@@ -71,6 +76,9 @@ def one(bindir, lazysnap, variant, ref, program, expect):
     sn = "lazysnap" if variant.startswith("lazysnap") else variant
     if variant == "lazysnap-nobg":
         env["LAZYSNAP_SERVE_ARGS"] = "--no-background-fetch"
+    if variant == "stargz":
+        env["STARGZ_BIN_DIR"] = STARGZ_BIN
+        env["STARGZ_PLAIN_HTTP"] = ref.split("/", 1)[0]
     subprocess.run(["bash", ENV_SH, "stop", d], env=env, stdout=subprocess.DEVNULL,
                    stderr=subprocess.DEVNULL)
     bl.rmtree(d)
@@ -133,6 +141,7 @@ def write_report(info, samples):
     L.append("\nRatios are lazysnap's time / the peer's (< 1: lazysnap is faster). MB: bytes "
              "fetched from the registry until the program finished.")
     text = "\n".join(L) + "\n"
+    os.makedirs(OUT, exist_ok=True)
     open(f"{OUT}/containerd-results.md", "w").write(text)
     json.dump({"info": info, "samples": samples}, open(f"{OUT}/containerd-results.json", "w"),
               indent=1)
@@ -182,6 +191,11 @@ def main():
     bl.IMAGES = IMAGES
     bl.PROGRAM = PROGRAMS.get("debian-gzip")
     layouts = bl.ensure_images()
+    if "stargz" in SNAPSHOTTERS:
+        global STARGZ_BIN
+        out = subprocess.run(["bash", f"{HERE}/install-peers.sh", "stargz"], check=True,
+                             stdout=subprocess.PIPE, text=True).stdout
+        STARGZ_BIN = out.strip().splitlines()[-1].split("=", 1)[1]
     bindir = containerd_bin()
     version = subprocess.run([f"{bindir}/containerd", "--version"], stdout=subprocess.PIPE,
                              text=True).stdout.split()[2]
@@ -194,19 +208,25 @@ def main():
     addr = bl.run(["bash", f"{HERE}/registry-env.sh", "start", reg], capture=True).strip()
     samples = []
     try:
-        refs = {}
+        refs, estargz = {}, {}
         for img in IMAGES:
             bl.PROGRAM = PROGRAMS[img]
             plain, _, _ = bl.setup_image(addr, img, layouts[img])
             refs[img] = plain
             log(f"{img}: pushed with its index artifact")
+            if "stargz" in SNAPSHOTTERS and img in ESTARGZ:
+                estargz[img] = f"{addr}/lazy/{img}-estargz:latest"
+                bl.run(["skopeo", "copy", "--quiet", "--dest-tls-verify=false",
+                        f"oci:{ESTARGZ[img]}:latest", f"docker://{estargz[img]}"])
+                log(f"{img}: its eStargz conversion pushed for stargz")
         for rate in RATES:
             proxy = bl.start_proxy(addr, rate if rate else 1e6)  # 1e6 MB/s: no limit
             for rnd in range(ROUNDS):
                 for img in IMAGES:
                     order = SNAPSHOTTERS[rnd % len(SNAPSHOTTERS):] + SNAPSHOTTERS[:rnd % len(SNAPSHOTTERS)]
                     for sn in order:
-                        ref = refs[img].replace(addr, proxy, 1)
+                        ref = (estargz.get(img, refs[img]) if sn == "stargz" else refs[img])
+                        ref = ref.replace(addr, proxy, 1)
                         s = one(bindir, bl.LAZYSNAP, sn, ref, PROGRAMS[img], EXPECT[img])
                         s.update(rate=rate, image=img, snapshotter=sn, round=rnd)
                         samples.append(s)

@@ -22,6 +22,9 @@
 # lazysnap as its snapshotter (socket DIR/containerd.sock, for crictl): $CRI_SANDBOX_IMAGE is
 # its pause image (import it into namespace k8s.io), $CNI_BIN_DIR its CNI plugins, DIR/cni/net.d
 # its CNI config and DIR/certs.d its registry hosts (containerd's hosts.toml).
+# $STARGZ_BIN_DIR (scripts/install-peers.sh): also run the peer stargz-snapshotter
+# (containerd-stargz-grpc, socket DIR/stargz.sock) as proxy snapshotter `stargz`;
+# $STARGZ_PLAIN_HTTP lists host:port registries it reaches by plain HTTP.
 # Needs root (containerd, FUSE mounts), Debian's containerd and runc.
 set -euo pipefail
 
@@ -128,6 +131,16 @@ EOF
       enable_remote_snapshot_annotations = "true"
 EOF
         fi
+        if [[ -n ${STARGZ_BIN_DIR:-} ]]; then
+            cat <<EOF
+  [proxy_plugins.stargz]
+    type = "snapshot"
+    address = "$dir/stargz.sock"
+    [proxy_plugins.stargz.exports]
+      root = "$dir/stargz"
+      enable_remote_snapshot_annotations = "true"
+EOF
+        fi
         if supports_proxy_diff; then
             cat <<EOF
   [proxy_plugins.lazysnap-diff]
@@ -153,6 +166,14 @@ EOF
     snapshotter = "overlayfs"
     differ = "walking"
 EOF
+            if [[ -n ${STARGZ_BIN_DIR:-} ]]; then
+                cat <<EOF
+  [[plugins."io.containerd.transfer.v1.local".unpack_config]]
+    platform = "$(oci_platform)"
+    snapshotter = "stargz"
+    differ = "walking"
+EOF
+            fi
             if [[ ${CONTAINERD_CRI:-0} == 1 ]]; then
                 cat <<EOF
 
@@ -195,6 +216,24 @@ wait_for() { # SECONDS PIDFILE COMMAND...: until COMMAND succeeds, the process l
 
 sock_ready() { python3 -c 'import socket,sys; s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])' "$1"; }
 
+start_stargz() {
+    local h
+    {
+        for h in ${STARGZ_PLAIN_HTTP//,/ }; do
+            printf '[[resolver.host."%s".mirrors]]\n  host = "%s"\n  insecure = true\n' "$h" "$h"
+        done
+    } >"$dir/stargz.toml"
+    setsid "$STARGZ_BIN_DIR/containerd-stargz-grpc" --address "$dir/stargz.sock" \
+        --root "$dir/stargz" --config "$dir/stargz.toml" --log-level "${STARGZ_LOG_LEVEL:-info}" \
+        >>"$dir/stargz.log" 2>&1 </dev/null &
+    echo $! >"$dir/stargz.pid"
+    if ! wait_for "$START_TIMEOUT" "$dir/stargz.pid" sock_ready "$dir/stargz.sock"; then
+        tail -20 "$dir/stargz.log" >&2 || true
+        stop_all
+        die "containerd-stargz-grpc did not listen on $dir/stargz.sock (log: $dir/stargz.log)"
+    fi
+}
+
 start_lazysnap() {
     local bin
     bin=$(lazysnap_bin)
@@ -230,6 +269,7 @@ start() {
     mkdir -p "$croot" "$cstate" "$lroot"
     write_config
     start_lazysnap
+    [[ -n ${STARGZ_BIN_DIR:-} ]] && start_stargz
     setsid containerd --config "$dir/config.toml" --log-level "${CONTAINERD_LOG_LEVEL:-info}" \
         >>"$dir/containerd.log" 2>&1 </dev/null &
     echo $! >"$dir/containerd.pid"
@@ -292,6 +332,7 @@ stop_all() {
     stop_pid "$dir/containerd.pid" containerd
     stop_shims
     stop_pid "$dir/lazysnap.pid" "lazysnap serve"
+    stop_pid "$dir/stargz.pid" containerd-stargz-grpc
     unmount_leftovers
 }
 
