@@ -172,7 +172,12 @@ pub fn cri_tools() -> &'static CriTools {
         let script = scripts_dir().join("install-peers.sh");
         let out = run_timeout(
             "bash",
-            &[script.to_str().expect("utf-8 path"), "nerdctl", "cni-plugins", "crictl"],
+            &[
+                script.to_str().expect("utf-8 path"),
+                "nerdctl",
+                "cni-plugins",
+                "crictl",
+            ],
             &[],
         );
         let stdout = check("scripts/install-peers.sh", out);
