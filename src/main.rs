@@ -228,8 +228,8 @@ enum Command {
         /// Serve in this process until unmounted or interrupted
         #[arg(long)]
         foreground: bool,
-        /// Memory for decompressed spans (e.g. 256M, 1G)
-        #[arg(long, default_value = "256M", value_parser = lazysnap::mount::parse_size)]
+        /// Memory for decompressed spans (e.g. 64M, 1G; at least a randomly read file's size)
+        #[arg(long, default_value = lazysnap::mount::DEFAULT_CACHE_SIZE, value_parser = lazysnap::mount::parse_size)]
         cache_size: u64,
         /// FUSE worker threads [default: 2 x cores, 4..16]
         #[arg(long)]
@@ -296,8 +296,8 @@ enum Command {
         #[arg(long)]
         address: PathBuf,
         /// Memory for decompressed spans, per mount daemon (shared by all mounts with
-        /// --in-process-mounts) (e.g. 256M, 1G)
-        #[arg(long, default_value = "256M", value_parser = lazysnap::mount::parse_size)]
+        /// --in-process-mounts) (e.g. 64M, 1G)
+        #[arg(long, default_value = lazysnap::mount::DEFAULT_CACHE_SIZE, value_parser = lazysnap::mount::parse_size)]
         cache_size: u64,
         /// Serve the filesystems from this process (one shared cache; they end with it, and
         /// SIGTERM unmounts them)
@@ -686,7 +686,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let dir = std::fs::canonicalize(&dir)
                 .with_context(|| format!("{} does not exist", dir.display()))?;
             let root = Root::open(&root_path)?;
-            let mut sn = snapshotter(root, &root_path, 256 << 20);
+            let mut sn = snapshotter(root, &root_path, lazysnap::mount::DEFAULT_CACHE_BYTES);
             sn.compression = parse_compression(&compression)?;
             let row = sn.active_at(&dir)?.with_context(|| {
                 format!("{} is not a `lazysnap mount --rw` directory", dir.display())
@@ -738,7 +738,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Snapshot(cmd) => {
             let root = Root::open(&root_path)?;
-            let mut sn = snapshotter(root, &root_path, 256 << 20);
+            let mut sn = snapshotter(root, &root_path, lazysnap::mount::DEFAULT_CACHE_BYTES);
             sn.upper_mode = upper_mode;
             snapshot_cmd(sn, cmd)?;
         }
