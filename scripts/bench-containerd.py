@@ -22,6 +22,8 @@ scripts/install-peers.sh, on the image's eStargz conversion where there is one: 
   debian-gzip   python3 importing a good part of the standard library (scripts/bench-lazy.py's)
   big-gzip      a shell command in the 341 MiB / 15k-entry bench image (`ls -l /usr/bin | wc -l`)
   debian-zstd4m the python program again, layers zstd in 4 MiB frames
+  huge-gzip     `go version` in a ~900 MB / ~28k-entry image (big-gzip + Go 1.19 and LLVM 15;
+                scripts/bench.d/make-huge-image.sh; not in the default IMAGES)
 """
 
 import importlib.util
@@ -49,8 +51,9 @@ PROGRAMS = {
     "debian-gzip": bl.PROGRAM,
     "debian-zstd4m": bl.PROGRAM,
     "big-gzip": "ls -l /usr/bin | wc -l",
+    "huge-gzip": "/usr/lib/go-1.19/bin/go version",
 }
-EXPECT = {"debian-gzip": "1", "debian-zstd4m": "1", "big-gzip": None}
+EXPECT = {"debian-gzip": "1", "debian-zstd4m": "1", "big-gzip": None, "huge-gzip": None}
 ENV_SH = f"{HERE}/containerd-env.sh"
 # eStargz conversions (scripts/make-estargz-images.py) of the images, for the stargz peer; an
 # image without one is pulled by stargz as is (its non-lazy fallback: fetch and untar).

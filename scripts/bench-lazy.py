@@ -75,6 +75,7 @@ IMAGE_SOURCES = {
     "debian-zstd": ("testdata", "debian-zstd"),
     "debian-zstd4m": ("build", [f"{TESTDATA}/debian-layers/layer{i}.tar" for i in (1, 2, 3)]),
     "big-gzip": ("benchdata", "big-gzip"),
+    "huge-gzip": ("benchdata", "huge-gzip"),  # scripts/bench.d/make-huge-image.sh
     "big-zstd4m": ("build", [f"{BENCH_DATA}/layers/big{i}.tar" for i in (1, 2, 3)]),
 }
 
@@ -205,8 +206,10 @@ def ensure_images():
     """Path of each requested image's OCI layout (built or made here when missing)."""
     if any(i.startswith("debian") for i in IMAGES):
         run(["bash", f"{HERE}/make-test-images.sh", TESTDATA], stderr=subprocess.DEVNULL)
-    if any(i.startswith("big") for i in IMAGES):
+    if any(i.startswith(("big", "huge")) for i in IMAGES):
         run(["bash", f"{HERE}/bench.d/make-bench-images.sh", BENCH_DATA])
+    if "huge-gzip" in IMAGES:
+        run(["bash", f"{HERE}/bench.d/make-huge-image.sh", BENCH_DATA])
     out = {}
     for img in IMAGES:
         kind, what = IMAGE_SOURCES[img]
