@@ -25,30 +25,7 @@ use common::containerd::{assert_imported_without_extraction, text, ContainerdEnv
 use common::registry::{fetched, layout_layers, publish, Proxy, Registry};
 
 fn prerequisites() -> bool {
-    // Hermetic credentials: the machine's ~/.docker/config.json is not read.
-    static EMPTY_CONFIG: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    EMPTY_CONFIG.get_or_init(|| {
-        let d = std::env::temp_dir().join(format!("lazysnap-ctrd2-{}", std::process::id()));
-        std::fs::create_dir_all(&d).unwrap();
-        std::env::set_var("DOCKER_CONFIG", &d);
-        d
-    });
-    common::require(common::is_root(), "root (containerd, FUSE mounts)")
-        && common::require(common::have_dev_fuse(), "/dev/fuse")
-        && common::require(common::have_cmd("runc"), "runc (apt-get install runc)")
-        && common::require(common::have_cmd("timeout"), "timeout (coreutils)")
-        && common::require(
-            common::have_cmd("go"),
-            "go on PATH (builds containerd 2.x: scripts/install-containerd2.sh)",
-        )
-        && common::require(
-            common::have_cmd("docker-registry"),
-            "docker-registry (scripts/install-deps.sh)",
-        )
-        && common::require(
-            common::have_cmd("skopeo"),
-            "skopeo (scripts/install-deps.sh)",
-        )
+    common::containerd::containerd2_prerequisites()
 }
 
 /// containerd 2.x + `lazysnap serve` with one namespace.
@@ -318,12 +295,7 @@ fn containerd2_pull_through_the_transfer_service_is_lazy() {
         whole.is_empty() && ranged == 0,
         "ctr images pull fetched layer blobs: whole {whole:?}, {ranged} bytes by range"
     );
-    let content: BTreeSet<String> = env
-        .ctr_in("lazy", &["content", "ls", "-q"])
-        .lines()
-        .map(|l| l.trim().to_string())
-        .filter(|l| !l.is_empty())
-        .collect();
+    let content = env.env.content_digests("lazy");
     assert_eq!(
         content,
         BTreeSet::from([manifest, config]),
@@ -403,37 +375,6 @@ impl Nerdctl<'_> {
     }
 }
 
-/// Every chain lazysnap recorded for a committed snapshot is made of a blob containerd's
-/// content store has: indexed, never extracted and re-tarred.
-fn assert_chains_are_containerd_blobs(env: &Ctr2) {
-    let root = lazysnap::root::Root::open(&env.lazysnap_root()).unwrap();
-    let content = env
-        .dir()
-        .join("root/io.containerd.content.v1.content/blobs/sha256");
-    let committed: Vec<_> = root
-        .meta
-        .snapshots()
-        .unwrap()
-        .into_iter()
-        .filter(|s| s.kind == "committed")
-        .collect();
-    assert!(committed.len() >= 3, "{committed:?}");
-    for s in committed {
-        let chain = root
-            .meta
-            .chain(s.chain_id.as_deref().unwrap())
-            .unwrap()
-            .unwrap();
-        let digest = lazysnap::digest::Digest::parse(&chain.blob_digest).unwrap();
-        assert!(
-            content.join(digest.hex()).is_file(),
-            "snapshot {} is made of {}, which containerd does not have",
-            s.key,
-            chain.blob_digest
-        );
-    }
-}
-
 #[test]
 fn nerdctl_pulls_runs_on_a_cni_bridge_and_commits_on_lazysnap() {
     if !prerequisites() {
@@ -466,7 +407,7 @@ fn nerdctl_pulls_runs_on_a_cni_bridge_and_commits_on_lazysnap() {
     let t = Instant::now();
     n.run(&["pull", "--insecure-registry", &reference]);
     let pull_secs = t.elapsed().as_secs_f64();
-    assert_chains_are_containerd_blobs(&env);
+    assert_imported_without_extraction(env.dir(), &reference);
     assert!(
         env.lazysnap_log().contains("layer indexed, not extracted"),
         "nerdctl's pull did not go through lazysnap's differ"

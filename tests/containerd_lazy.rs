@@ -30,15 +30,7 @@ use common::registry::{fetched, layout_layers, publish, Proxy, Registry};
 const GOCODE: &str = "/usr/share/gocode";
 
 fn prerequisites() -> bool {
-    // Hermetic credentials: the machine's ~/.docker/config.json is not read (by lazysnap, the
-    // server the environment starts, or rpull).
-    static EMPTY_CONFIG: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    EMPTY_CONFIG.get_or_init(|| {
-        let d = std::env::temp_dir().join(format!("lazysnap-ctrd-lazy-{}", std::process::id()));
-        std::fs::create_dir_all(&d).unwrap();
-        std::env::set_var("DOCKER_CONFIG", &d);
-        d
-    });
+    common::containerd::hermetic_docker_config();
     common::require(common::is_root(), "root (containerd, FUSE mounts)")
         && common::require(common::have_dev_fuse(), "/dev/fuse")
         && common::require(
@@ -161,14 +153,6 @@ impl CtrEnv {
     }
 }
 
-fn content_digests(env: &CtrEnv, ns: &str) -> BTreeSet<String> {
-    env.ctr(ns, &["content", "ls", "-q"])
-        .lines()
-        .map(|l| l.trim().to_string())
-        .filter(|l| !l.is_empty())
-        .collect()
-}
-
 const PROGRAM: &str = "cat /etc/os-release; python3 --version";
 
 fn assert_program_output(out: &str) {
@@ -203,7 +187,7 @@ fn rpull_is_lazy_and_a_container_starts_before_the_image_is_fetched() {
         "rpull fetched layer blobs: whole {whole:?}, {ranged} bytes by range; requests: {requests:#?}"
     );
     assert_eq!(
-        content_digests(&env, "lazy"),
+        env.env.content_digests("lazy"),
         BTreeSet::from([manifest.clone(), config.clone()]),
         "containerd's content store should hold the manifest and config only"
     );

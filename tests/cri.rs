@@ -16,7 +16,6 @@
 
 mod common;
 
-use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -29,27 +28,8 @@ const BRIDGE: &str = "lzscri0";
 const SUBNET: &str = "10.213.7.0/24";
 
 fn prerequisites() -> bool {
-    static EMPTY_CONFIG: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    EMPTY_CONFIG.get_or_init(|| {
-        let d = std::env::temp_dir().join(format!("lazysnap-cri-{}", std::process::id()));
-        std::fs::create_dir_all(&d).unwrap();
-        std::env::set_var("DOCKER_CONFIG", &d);
-        d
-    });
-    common::require(common::is_root(), "root (containerd, FUSE mounts)")
-        && common::require(common::have_dev_fuse(), "/dev/fuse")
-        && common::require(common::have_cmd("runc"), "runc (apt-get install runc)")
-        && common::require(common::have_cmd("timeout"), "timeout (coreutils)")
-        && common::require(common::have_cmd("go"), "go on PATH")
+    common::containerd::containerd2_prerequisites()
         && common::require(common::have_cmd("iptables"), "iptables (CNI bridge)")
-        && common::require(
-            common::have_cmd("docker-registry"),
-            "docker-registry (scripts/install-deps.sh)",
-        )
-        && common::require(
-            common::have_cmd("skopeo"),
-            "skopeo (scripts/install-deps.sh)",
-        )
 }
 
 /// tools/pause packed as a one-layer OCI archive whose Cmd is `/pause`.
@@ -221,12 +201,7 @@ fn crictl_pulls_lazily_and_runs_a_pod_from_lazysnap() {
         whole.is_empty() && ranged == 0,
         "crictl pull fetched layer blobs: whole {whole:?}, {ranged} bytes by range"
     );
-    let content: BTreeSet<String> = cri
-        .env
-        .ctr_ok("k8s.io", &["content", "ls", "-q"])
-        .lines()
-        .map(|l| l.trim().to_string())
-        .collect();
+    let content = cri.env.content_digests("k8s.io");
     assert!(
         content.contains(&manifest) && content.contains(&config),
         "{content:?}"

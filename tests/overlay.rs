@@ -31,6 +31,16 @@ fn daemons(root: &Path) -> usize {
     common::lazysnap_processes(root).len()
 }
 
+/// Mount daemons of `root` left after up to 10 s: a daemon exits once the kernel has let go
+/// of its connection.
+fn daemons_after_exit(root: &Path) -> usize {
+    let t = std::time::Instant::now();
+    while daemons(root) > 0 && t.elapsed() < std::time::Duration::from_secs(10) {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    daemons(root)
+}
+
 /// Removes the test's snapshots even when it fails.
 struct Cleanup(PathBuf, Vec<String>);
 impl Drop for Cleanup {
@@ -91,12 +101,7 @@ fn every_snapshot_of_a_chain_shares_one_lower_which_goes_with_the_last() {
         lower_mounts(&root).is_empty(),
         "the lower went with its last snapshot"
     );
-    // Its daemon exits once the kernel has let go of the connection.
-    let t = std::time::Instant::now();
-    while daemons(&root) > 0 && t.elapsed() < std::time::Duration::from_secs(10) {
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    assert_eq!(daemons(&root), 0);
+    assert_eq!(daemons_after_exit(&root), 0);
     let check = ok(&root, &["check"]);
     assert!(!check.contains("leftover"), "{check}");
 }
@@ -297,11 +302,11 @@ fn umount_of_a_rw_mount_lets_its_lower_go_and_a_remount_brings_the_changes_back(
     // The last mount goes: so do the lower and its daemon.
     ok(&root, &["umount", b.to_str().unwrap()]);
     assert!(lower_mounts(&root).is_empty(), "{:?}", lower_mounts(&root));
-    let t = std::time::Instant::now();
-    while daemons(&root) > 0 && t.elapsed() < std::time::Duration::from_secs(10) {
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    assert_eq!(daemons(&root), 0, "a daemon outlived every mount");
+    assert_eq!(
+        daemons_after_exit(&root),
+        0,
+        "a daemon outlived every mount"
+    );
 
     // Mounted again: the change is back, the lower files read.
     rw(&a);

@@ -323,6 +323,12 @@ impl RemoteBlob {
     /// Chunks `first..=last`, from memory, the cache, or (missing runs in one request each)
     /// the registry.
     fn chunks(&self, first: u64, last: u64) -> io::Result<Vec<Arc<Vec<u8>>>> {
+        self.chunks_as(first, last, true)
+    }
+
+    /// [`RemoteBlob::chunks`] for a read (`demand`) or for the background download, which
+    /// neither counts as a read (it yields to them) nor fills the memory cache reads use.
+    fn chunks_as(&self, first: u64, last: u64, demand: bool) -> io::Result<Vec<Arc<Vec<u8>>>> {
         let mut have: Vec<Option<Arc<Vec<u8>>>> = Vec::new();
         {
             let mut hot = self.hot.lock().unwrap_or_else(|p| p.into_inner());
@@ -351,7 +357,7 @@ impl RemoteBlob {
                 }
             }
         }
-        let result = self.fetch_claimed(&mine, first, &mut have);
+        let result = self.fetch_claimed(&mine, first, &mut have, demand);
         {
             let mut inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
             for i in &mine {
@@ -385,7 +391,7 @@ impl RemoteBlob {
                             buf
                         }
                         None => self
-                            .fetch_run(i, i, true)
+                            .fetch_run(i, i, demand)
                             .map_err(io_err)?
                             .pop()
                             .unwrap_or_default(),
@@ -395,9 +401,11 @@ impl RemoteBlob {
             }
         }
         let out: Vec<Arc<Vec<u8>>> = have.into_iter().flatten().collect();
-        let mut hot = self.hot.lock().unwrap_or_else(|p| p.into_inner());
-        for (k, c) in out.iter().enumerate() {
-            hot.put(first + k as u64, c.clone());
+        if demand {
+            let mut hot = self.hot.lock().unwrap_or_else(|p| p.into_inner());
+            for (k, c) in out.iter().enumerate() {
+                hot.put(first + k as u64, c.clone());
+            }
         }
         Ok(out)
     }
@@ -409,6 +417,7 @@ impl RemoteBlob {
         mine: &[u64],
         first: u64,
         have: &mut [Option<Arc<Vec<u8>>>],
+        demand: bool,
     ) -> io::Result<()> {
         let mut k = 0;
         while k < mine.len() {
@@ -416,7 +425,7 @@ impl RemoteBlob {
             while j + 1 < mine.len() && mine[j + 1] == mine[j] + 1 {
                 j += 1;
             }
-            let run = self.fetch_run(mine[k], mine[j], true).map_err(io_err)?;
+            let run = self.fetch_run(mine[k], mine[j], demand).map_err(io_err)?;
             for (n, data) in run.into_iter().enumerate() {
                 let i = mine[k] + n as u64;
                 if let Err(e) = self.cache.put(&self.digest, i, &data) {
@@ -645,63 +654,35 @@ impl Assembled<'_> {
     fn refill(&mut self) -> io::Result<()> {
         let b = self.blob;
         let i = self.next;
-        loop {
-            if let Some(c) = b.cache.get(&b.digest, i, b.hash(i)) {
-                self.buf = c;
-                self.at = 0;
-                self.next += 1;
-                return Ok(());
-            }
-            if self.polite {
-                while since_demand().is_some_and(|d| d < YIELD_TO_READS) {
-                    std::thread::sleep(YIELD_TO_READS / 4);
-                }
-            }
-            // Claim the run (up to the first chunk a read is fetching): reads of it wait for
-            // this request and take its chunks from the cache instead of fetching them again.
-            let per_request = (BACKGROUND_REQUEST / b.info.chunk_size).max(1);
-            let claimed: Vec<u64> = {
-                let mut inflight = b.inflight.lock().unwrap_or_else(|p| p.into_inner());
-                let mut run = Vec::new();
-                let mut c = i;
-                while c < b.chunk_count()
-                    && c - i < per_request
-                    && (c == i || !b.cache.contains(&b.digest, c))
-                    && inflight.insert(c)
-                {
-                    run.push(c);
-                    c += 1;
-                }
-                run
-            };
-            let Some(&last) = claimed.last() else {
-                // A read is fetching chunk i: wait for it, then take it from the cache.
-                let mut inflight = b.inflight.lock().unwrap_or_else(|p| p.into_inner());
-                while inflight.contains(&i) {
-                    inflight = b.fetched.wait(inflight).unwrap_or_else(|p| p.into_inner());
-                }
-                continue;
-            };
-            let run = b.fetch_run(i, last, false);
-            if let Ok(run) = &run {
-                for (n, data) in run.iter().enumerate() {
-                    if let Err(e) = b.cache.put(&b.digest, i + n as u64, data) {
-                        warn!(blob = %b.digest, chunk = i + n as u64, error = %e, "could not cache a chunk");
-                    }
-                }
-            }
-            {
-                let mut inflight = b.inflight.lock().unwrap_or_else(|p| p.into_inner());
-                for c in &claimed {
-                    inflight.remove(c);
-                }
-            }
-            b.fetched.notify_all();
-            self.buf = run.map_err(io_err)?.concat();
+        if let Some(c) = b.cache.get(&b.digest, i, b.hash(i)) {
+            self.buf = c;
             self.at = 0;
-            self.next = last + 1;
+            self.next += 1;
             return Ok(());
         }
+        if self.polite {
+            while since_demand().is_some_and(|d| d < YIELD_TO_READS) {
+                std::thread::sleep(YIELD_TO_READS / 4);
+            }
+        }
+        let per_request = (BACKGROUND_REQUEST / b.info.chunk_size).max(1);
+        let mut last = i;
+        while last + 1 < b.chunk_count()
+            && last + 1 - i < per_request
+            && !b.cache.contains(&b.digest, last + 1)
+        {
+            last += 1;
+        }
+        // Through the reads' in-flight claims and cache: reads of these chunks wait for this
+        // request and find them cached; one a read is fetching is waited for, not fetched again.
+        let run = b.chunks_as(i, last, false)?;
+        self.buf.clear();
+        for c in &run {
+            self.buf.extend_from_slice(c);
+        }
+        self.at = 0;
+        self.next = last + 1;
+        Ok(())
     }
 }
 

@@ -135,6 +135,15 @@ impl ContainerdEnv {
         run_timeout(self.ctr.to_str().expect("utf-8 path"), &all, &[])
     }
 
+    /// The digests in containerd's content store for namespace `ns`.
+    pub fn content_digests(&self, ns: &str) -> std::collections::BTreeSet<String> {
+        self.ctr_ok(ns, &["content", "ls", "-q"])
+            .lines()
+            .map(|l| l.trim().to_string())
+            .filter(|l| !l.is_empty())
+            .collect()
+    }
+
     /// [`ContainerdEnv::ctr`]'s stdout; logs and a panic when it fails.
     pub fn ctr_ok(&self, ns: &str, args: &[&str]) -> String {
         let out = self.ctr(ns, args);
@@ -143,6 +152,37 @@ impl ContainerdEnv {
         }
         check(&format!("ctr {args:?}"), out)
     }
+}
+
+/// Points `DOCKER_CONFIG` at an empty directory, once per test binary: no one (lazysnap, the
+/// servers the environments start, Go clients) reads the machine's `~/.docker/config.json`.
+pub fn hermetic_docker_config() {
+    static EMPTY: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    EMPTY.get_or_init(|| {
+        let d = std::env::temp_dir().join(format!("lazysnap-docker-config-{}", std::process::id()));
+        std::fs::create_dir_all(&d).expect("creating an empty DOCKER_CONFIG");
+        std::env::set_var("DOCKER_CONFIG", &d);
+        d
+    });
+}
+
+/// What a containerd 2.x environment with a loopback registry needs (CI=true: missing = failure).
+pub fn containerd2_prerequisites() -> bool {
+    use super::{have_cmd, have_dev_fuse, is_root, require};
+    hermetic_docker_config();
+    require(is_root(), "root (containerd, FUSE mounts)")
+        && require(have_dev_fuse(), "/dev/fuse")
+        && require(have_cmd("runc"), "runc (apt-get install runc)")
+        && require(have_cmd("timeout"), "timeout (coreutils)")
+        && require(
+            have_cmd("go"),
+            "go on PATH (builds containerd 2.x and the peers: scripts/install-*.sh)",
+        )
+        && require(
+            have_cmd("docker-registry"),
+            "docker-registry (scripts/install-deps.sh)",
+        )
+        && require(have_cmd("skopeo"), "skopeo (scripts/install-deps.sh)")
 }
 
 /// containerd 2.x's bin directory, built once (scripts/install-containerd2.sh: from its Go
