@@ -25,11 +25,23 @@
 # $STARGZ_BIN_DIR (scripts/install-peers.sh): also run the peer stargz-snapshotter
 # (containerd-stargz-grpc, socket DIR/stargz.sock) as proxy snapshotter `stargz`;
 # $STARGZ_PLAIN_HTTP lists host:port registries it reaches by plain HTTP.
+# $EROFS_BIN_DIR (containerd 2.x; scripts/install-peers.sh erofs-utils: mkfs.erofs >= 1.6):
+# put on containerd's PATH, so its built-in erofs differ loads (it needs `mkfs.erofs --tar`)
+# beside the erofs snapshotter; the transfer service unpacks snapshotter `erofs` with differ
+# `erofs` (each layer converted to an erofs image file, mounted by the kernel over a loop device).
+# $SOCI_BIN_DIR (scripts/install-peers.sh soci): also run the peer soci-snapshotter-grpc
+# (socket DIR/soci.sock, root DIR/soci) as proxy snapshotter `soci`; $SOCI_PLAIN_HTTP lists
+# host:port registries it reaches by plain HTTP. It lazily loads SOCI-enabled images (index
+# manifest v2: tools/peers/soci `soci convert`).
 # Needs root (containerd, FUSE mounts), Debian's containerd and runc.
 set -euo pipefail
 
 if [[ -n ${CONTAINERD_BIN_DIR:-} ]]; then
     export PATH=$CONTAINERD_BIN_DIR:$PATH
+fi
+if [[ -n ${EROFS_BIN_DIR:-} ]]; then
+    [[ -x $EROFS_BIN_DIR/mkfs.erofs ]] || { echo "containerd-env: no mkfs.erofs in $EROFS_BIN_DIR" >&2; exit 1; }
+    export PATH=$EROFS_BIN_DIR:$PATH
 fi
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -141,6 +153,17 @@ EOF
       enable_remote_snapshot_annotations = "true"
 EOF
         fi
+        if [[ -n ${SOCI_BIN_DIR:-} ]]; then
+            cat <<EOF
+  [proxy_plugins.soci]
+    type = "snapshot"
+    address = "$dir/soci.sock"
+    [proxy_plugins.soci.exports]
+      root = "$dir/soci"
+      address = "$dir/soci.sock"
+      enable_remote_snapshot_annotations = "true"
+EOF
+        fi
         if supports_proxy_diff; then
             cat <<EOF
   [proxy_plugins.lazysnap-diff]
@@ -172,6 +195,29 @@ EOF
     platform = "$(oci_platform)"
     snapshotter = "stargz"
     differ = "walking"
+EOF
+            fi
+            if [[ -n ${SOCI_BIN_DIR:-} ]]; then
+                # Layers soci does not mount lazily (no zTOC: under its min-layer-size) are
+                # applied by containerd as for overlayfs.
+                cat <<EOF
+  [[plugins."io.containerd.transfer.v1.local".unpack_config]]
+    platform = "$(oci_platform)"
+    snapshotter = "soci"
+    differ = "walking"
+EOF
+            fi
+            if [[ -n ${EROFS_BIN_DIR:-} ]]; then
+                # containerd's erofs snapshotter and differ (built in; the differ needs
+                # mkfs.erofs --tar=f, from EROFS_BIN_DIR). Defaults: the differ converts each
+                # layer's tar stream (mkfs.erofs --tar=f --aufs -Enoinline_data -b4096) into
+                # an erofs image; the snapshotter mounts them read-only (loop devices) under
+                # an overlayfs for the container.
+                cat <<EOF
+  [[plugins."io.containerd.transfer.v1.local".unpack_config]]
+    platform = "$(oci_platform)"
+    snapshotter = "erofs"
+    differ = "erofs"
 EOF
             fi
             if [[ ${CONTAINERD_CRI:-0} == 1 ]]; then
@@ -234,6 +280,28 @@ start_stargz() {
     fi
 }
 
+start_soci() {
+    local h
+    {
+        # This containerd: soci reads an image's manifest from its content store to fetch
+        # layers that have no zTOC itself (default /run/containerd/containerd.sock).
+        printf '[content_store]\n  containerd_address = "%s"\n\n' "$csock"
+        # soci parses a mirror's host as a URL (a bare host:port is not one).
+        for h in ${SOCI_PLAIN_HTTP//,/ }; do
+            printf '[[resolver.host."%s".mirrors]]\n  host = "http://%s"\n  insecure = true\n' "$h" "$h"
+        done
+    } >"$dir/soci.toml"
+    setsid "$SOCI_BIN_DIR/soci-snapshotter-grpc" --address "$dir/soci.sock" \
+        --root "$dir/soci" --config "$dir/soci.toml" --log-level "${SOCI_LOG_LEVEL:-info}" \
+        >>"$dir/soci.log" 2>&1 </dev/null &
+    echo $! >"$dir/soci.pid"
+    if ! wait_for "$START_TIMEOUT" "$dir/soci.pid" sock_ready "$dir/soci.sock"; then
+        tail -20 "$dir/soci.log" >&2 || true
+        stop_all
+        die "soci-snapshotter-grpc did not listen on $dir/soci.sock (log: $dir/soci.log)"
+    fi
+}
+
 start_lazysnap() {
     local bin
     bin=$(lazysnap_bin)
@@ -270,6 +338,7 @@ start() {
     write_config
     start_lazysnap
     [[ -n ${STARGZ_BIN_DIR:-} ]] && start_stargz
+    [[ -n ${SOCI_BIN_DIR:-} ]] && start_soci
     setsid containerd --config "$dir/config.toml" --log-level "${CONTAINERD_LOG_LEVEL:-info}" \
         >>"$dir/containerd.log" 2>&1 </dev/null &
     echo $! >"$dir/containerd.pid"
@@ -285,6 +354,12 @@ start() {
         echo "$plugins" >&2
         stop_all
         die "containerd did not load the lazysnap snapshotter"
+    fi
+    if [[ -n ${EROFS_BIN_DIR:-} ]] && ! grep -Eq 'differ\.v1 +erofs +.* ok' <<<"$plugins"; then
+        grep -E 'erofs' <<<"$plugins" >&2 || true
+        grep -E 'erofs' "$dir/containerd.log" | tail -5 >&2 || true
+        stop_all
+        die "containerd did not load the erofs differ (EROFS_BIN_DIR=$EROFS_BIN_DIR)"
     fi
     echo "containerd-env: running in $dir (containerd pid $(cat "$dir/containerd.pid"), lazysnap pid $(cat "$dir/lazysnap.pid"))"
     print_env
@@ -320,6 +395,15 @@ unmount_leftovers() {
     done
 }
 
+# Loop devices backing files under DIR (the erofs snapshotter's layer images; containerd
+# detaches them at unmount, this is for a killed containerd).
+detach_loops() {
+    local dev file
+    losetup -n -O NAME,BACK-FILE 2>/dev/null | while read -r dev file; do
+        case $file in "$dir"/*) losetup -d "$dev" 2>/dev/null || true ;; esac
+    done
+}
+
 stop_shims() {
     # runc shims of this containerd (their -address names our socket) outlive it by design.
     local pid
@@ -333,7 +417,9 @@ stop_all() {
     stop_shims
     stop_pid "$dir/lazysnap.pid" "lazysnap serve"
     stop_pid "$dir/stargz.pid" containerd-stargz-grpc
+    stop_pid "$dir/soci.pid" soci-snapshotter-grpc
     unmount_leftovers
+    detach_loops
 }
 
 stop() {

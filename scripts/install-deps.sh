@@ -23,6 +23,10 @@ PACKAGES=(
   stargz-snapshotter  # ctr-remote (Debian ships only that): the eStargz peer tool
   ca-certificates
   gcc zlib1g-dev   # soci-snapshotter's zTOC code is cgo over zlib (scripts/install-peers.sh)
+  # erofs-utils 1.8 (mkfs.erofs --tar, for containerd 2.x's erofs differ) built from source
+  # by scripts/install-peers.sh: Debian 12's erofs-utils 1.5 has no --tar
+  make autoconf automake libtool pkg-config curl
+  liblz4-dev liblzma-dev libzstd-dev uuid-dev
 )
 
 missing=()
@@ -57,5 +61,6 @@ fi
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 bash "$here/install-containerd2.sh" >/dev/null
 # nerdctl, the CNI plugins, crictl (tests/containerd2.rs, tests/cri.rs), stargz-snapshotter and
-# soci-snapshotter (the peers of scripts/bench-containerd.py), from their Go modules.
+# soci-snapshotter (the peers of scripts/bench-containerd.py), from their Go modules; erofs-utils
+# (containerd's erofs snapshotter, the bench's erofs row) from Debian's source tarball.
 bash "$here/install-peers.sh" >/dev/null

@@ -3,14 +3,19 @@
 // served as a containerd proxy snapshotter over gRPC. Upstream's main lives in the
 // soci-snapshotter `cmd` module, which the Go module proxy does not serve; this is a minimal
 // main over the library of the same release (see scripts/install-peers.sh). Flags and
-// defaults are upstream's; not here: metrics/debug listeners, the CRI keychain, systemd
-// socket activation.
+// defaults are upstream's, and so is the metadata store (config `metadata_store`: "db", one
+// bbolt database under the root, or "db-multi", one per layer), which the filesystem needs to
+// mount a layer from its zTOC; not here: metrics/debug listeners, the CRI keychain, systemd
+// socket activation. As upstream's (and containerd's own server), the namespace of a request
+// (incoming gRPC metadata) is made the outgoing one too, so the snapshotter's own calls back into
+// containerd (an image's manifest, for a layer without zTOC) name it.
 package main
 
 import (
 	"context"
 	"flag"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"os/signal"
@@ -18,13 +23,18 @@ import (
 	"syscall"
 
 	"github.com/awslabs/soci-snapshotter/config"
+	socifs "github.com/awslabs/soci-snapshotter/fs"
+	"github.com/awslabs/soci-snapshotter/metadata"
 	"github.com/awslabs/soci-snapshotter/service"
 	"github.com/awslabs/soci-snapshotter/service/keychain/dockerconfig"
 	"github.com/awslabs/soci-snapshotter/service/resolver"
 	"github.com/awslabs/soci-snapshotter/version"
+	"github.com/awslabs/soci-snapshotter/ztoc"
 	snapshotsapi "github.com/containerd/containerd/api/services/snapshots/v1"
 	"github.com/containerd/containerd/v2/contrib/snapshotservice"
+	"github.com/containerd/containerd/v2/pkg/namespaces"
 	"github.com/containerd/log"
+	bolt "go.etcd.io/bbolt"
 	"google.golang.org/grpc"
 )
 
@@ -60,13 +70,18 @@ func run(ctx context.Context) error {
 		return err
 	}
 	creds := []resolver.Credential{dockerconfig.NewDockerConfigKeychain(ctx)}
-	sn, err := service.NewSociSnapshotterService(ctx, *rootDir, &cfg.ServiceConfig, service.WithCredsFuncs(creds...))
+	mt, err := metadataStore(*rootDir, cfg)
+	if err != nil {
+		return fmt.Errorf("metadata store: %w", err)
+	}
+	sn, err := service.NewSociSnapshotterService(ctx, *rootDir, &cfg.ServiceConfig, service.WithCredsFuncs(creds...),
+		service.WithFilesystemOptions(socifs.WithMetadataStore(mt)))
 	if err != nil {
 		return err
 	}
 	defer sn.Close()
 
-	rpc := grpc.NewServer()
+	rpc := grpc.NewServer(grpc.UnaryInterceptor(unaryNamespace), grpc.StreamInterceptor(streamNamespace))
 	snapshotsapi.RegisterSnapshotsServer(rpc, snapshotservice.FromSnapshotter(sn))
 	if err := os.MkdirAll(filepath.Dir(*address), 0o700); err != nil {
 		return err
@@ -93,3 +108,55 @@ func run(ctx context.Context) error {
 		return err
 	}
 }
+
+// metadataStore: where the filesystem keeps a layer's file metadata (built from its zTOC), as
+// upstream's main chooses it from the config: "db" (the default) one bbolt database
+// ROOT/metadata.db shared by all layers, "db-multi" one database per layer under ROOT/metadata.
+// metadata_db_no_sync and metadata_insertion_chunk_size apply to both.
+func metadataStore(root string, cfg *config.Config) (metadata.Store, error) {
+	bopts := &bolt.Options{NoFreelistSync: true, NoSync: cfg.MetadataDBNoSync}
+	withChunk := func(opts []metadata.Option) []metadata.Option {
+		if cfg.MetadataInsertionChunkSize > 0 {
+			return append([]metadata.Option{metadata.WithInsertionChunkSize(cfg.MetadataInsertionChunkSize)}, opts...)
+		}
+		return opts
+	}
+	switch cfg.MetadataStore {
+	case "", "db":
+		db, err := bolt.Open(filepath.Join(root, "metadata.db"), 0o600, bopts)
+		if err != nil {
+			return nil, err
+		}
+		return func(sr *io.SectionReader, toc ztoc.TOC, opts ...metadata.Option) (metadata.Reader, error) {
+			return metadata.NewReader(db, sr, toc, withChunk(opts)...)
+		}, nil
+	case "db-multi":
+		multi := metadata.NewMultiReader(filepath.Join(root, "metadata"), metadata.DBMultiOptions{BoltOptions: bopts})
+		return func(sr *io.SectionReader, toc ztoc.TOC, opts ...metadata.Option) (metadata.Reader, error) {
+			return multi(sr, toc, withChunk(opts)...)
+		}, nil
+	default:
+		return nil, fmt.Errorf("unknown metadata_store %q (db, db-multi)", cfg.MetadataStore)
+	}
+}
+
+func unaryNamespace(ctx context.Context, req any, _ *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
+	if ns, ok := namespaces.Namespace(ctx); ok {
+		ctx = namespaces.WithNamespace(ctx, ns)
+	}
+	return h(ctx, req)
+}
+
+func streamNamespace(srv any, ss grpc.ServerStream, _ *grpc.StreamServerInfo, h grpc.StreamHandler) error {
+	if ns, ok := namespaces.Namespace(ss.Context()); ok {
+		ss = nsStream{ServerStream: ss, ctx: namespaces.WithNamespace(ss.Context(), ns)}
+	}
+	return h(srv, ss)
+}
+
+type nsStream struct {
+	grpc.ServerStream
+	ctx context.Context
+}
+
+func (s nsStream) Context() context.Context { return s.ctx }
