@@ -2,6 +2,8 @@
 //! (zstd frames too big to enter, gzip deflate blocks longer than a span), re-compressed in
 //! `span_size` chunks, each an independent zstd frame (level 1, with checksum), on a second
 //! thread. Written to a temp file beside the destination, fsynced and renamed at the end.
+//! The same file holds raw records (the dictionaries of zstd resume points), written as they
+//! are, in order with the frames.
 
 use std::fs::File;
 use std::io::{self, BufWriter, Write};
@@ -23,8 +25,15 @@ pub(super) struct CopyFrame {
     pub(super) c_len: u64,
 }
 
-/// (compressed offset, compressed length) of each frame in the local copy.
+/// (offset, length) of each frame or record in the local copy, in the order sent.
 type FrameTable = Vec<(u64, u64)>;
+
+enum Job {
+    /// Uncompressed bytes to compress into one frame.
+    Frame(Vec<u8>),
+    /// Bytes written as they are.
+    Record(Vec<u8>),
+}
 
 /// The local seekable copy: chunks of `span_size` go to a compressor thread, which appends
 /// each as an independent frame to a temp file beside the destination.
@@ -32,12 +41,21 @@ pub(super) struct LocalCopy {
     dest: PathBuf,
     tmp: tempfile::NamedTempFile,
     span_size: u64,
-    tx: Option<SyncSender<Vec<u8>>>,
+    tx: Option<SyncSender<Job>>,
     worker: Option<JoinHandle<io::Result<FrameTable>>>,
     chunk: Vec<u8>,
-    /// Uncompressed offset of `chunk[0]`, and of every chunk sent so far, in order.
+    /// Uncompressed offset of `chunk[0]`.
     chunk_u_off: u64,
-    sent_u_offs: Vec<u64>,
+    /// What was sent, in order: a frame's uncompressed offset, or `None` for a record.
+    sent: Vec<Option<u64>>,
+}
+
+/// What a finished local copy holds.
+pub(super) struct CopyTable {
+    pub(super) frames: Vec<CopyFrame>,
+    /// (offset, length) of each record, in the order written.
+    pub(super) records: Vec<(u64, u64)>,
+    pub(super) size: u64,
 }
 
 impl LocalCopy {
@@ -57,7 +75,7 @@ impl LocalCopy {
             .as_file()
             .try_clone()
             .map_err(|e| BlobError::io("cloning local copy handle", e))?;
-        let (tx, rx) = sync_channel::<Vec<u8>>(2);
+        let (tx, rx) = sync_channel::<Job>(2);
         let worker = std::thread::Builder::new()
             .name("lazysnap-copy".into())
             .spawn(move || compress_worker(rx, file))
@@ -71,7 +89,7 @@ impl LocalCopy {
             worker: Some(worker),
             chunk: Vec::new(),
             chunk_u_off: 0,
-            sent_u_offs: Vec::new(),
+            sent: Vec::new(),
         })
     }
 
@@ -102,12 +120,25 @@ impl LocalCopy {
         Ok(())
     }
 
+    /// Appends `bytes` as they are; returns the record's number (its place in
+    /// [`CopyTable::records`]).
+    pub(super) fn push_record(&mut self, bytes: Vec<u8>) -> Result<usize> {
+        let n = self.sent.iter().filter(|s| s.is_none()).count();
+        self.sent.push(None);
+        self.submit(Job::Record(bytes))?;
+        Ok(n)
+    }
+
     fn send(&mut self) -> Result<()> {
         let chunk = std::mem::take(&mut self.chunk);
         let len = chunk.len() as u64;
-        self.sent_u_offs.push(self.chunk_u_off);
+        self.sent.push(Some(self.chunk_u_off));
         self.chunk_u_off += len;
-        let ok = self.tx.as_ref().is_some_and(|tx| tx.send(chunk).is_ok());
+        self.submit(Job::Frame(chunk))
+    }
+
+    fn submit(&mut self, job: Job) -> Result<()> {
+        let ok = self.tx.as_ref().is_some_and(|tx| tx.send(job).is_ok());
         if !ok {
             // The worker stopped: its error says why.
             return Err(self
@@ -134,9 +165,9 @@ impl LocalCopy {
     }
 
     /// Waits for the compressor, fsyncs and renames the copy into place.
-    pub(super) fn finish(mut self) -> Result<(Vec<CopyFrame>, u64)> {
+    pub(super) fn finish(mut self) -> Result<CopyTable> {
         let table = self.join()?;
-        if table.len() != self.sent_u_offs.len() {
+        if table.len() != self.sent.len() {
             return Err(BlobError::Internal(
                 "local copy frame table is incomplete".into(),
             ));
@@ -155,31 +186,40 @@ impl LocalCopy {
                 .and_then(|d| d.sync_all())
                 .map_err(|e| BlobError::io(ctx("syncing directory of"), e))?;
         }
-        let spans = self
-            .sent_u_offs
-            .iter()
-            .zip(table)
-            .map(|(&u_off, (c_off, c_len))| CopyFrame {
-                u_off,
-                c_off,
-                c_len,
-            })
-            .collect();
-        Ok((spans, size))
+        let mut frames = Vec::new();
+        let mut records = Vec::new();
+        for (sent, (c_off, c_len)) in self.sent.iter().zip(table) {
+            match *sent {
+                Some(u_off) => frames.push(CopyFrame {
+                    u_off,
+                    c_off,
+                    c_len,
+                }),
+                None => records.push((c_off, c_len)),
+            }
+        }
+        Ok(CopyTable {
+            frames,
+            records,
+            size,
+        })
     }
 }
 
-fn compress_worker(rx: Receiver<Vec<u8>>, file: File) -> io::Result<FrameTable> {
+fn compress_worker(rx: Receiver<Job>, file: File) -> io::Result<FrameTable> {
     let mut comp = zstd::bulk::Compressor::new(COPY_LEVEL)?;
     comp.set_parameter(zstd::zstd_safe::CParameter::ChecksumFlag(true))?;
     let mut w = BufWriter::with_capacity(1 << 20, file);
     let mut table = Vec::new();
     let mut off = 0u64;
-    for chunk in rx {
-        let frame = comp.compress(&chunk)?;
-        w.write_all(&frame)?;
-        table.push((off, frame.len() as u64));
-        off += frame.len() as u64;
+    for job in rx {
+        let bytes = match job {
+            Job::Frame(chunk) => comp.compress(&chunk)?,
+            Job::Record(bytes) => bytes,
+        };
+        w.write_all(&bytes)?;
+        table.push((off, bytes.len() as u64));
+        off += bytes.len() as u64;
     }
     w.flush()?;
     Ok(table)

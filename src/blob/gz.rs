@@ -428,9 +428,10 @@ impl<R: Read> GzIndexer<R> {
                 if self.copying {
                     c.end_frame()?;
                 }
-                let (frames, local_copy_size) = c.finish()?;
+                let table = c.finish()?;
+                let local_copy_size = table.size;
                 let mut spans: Vec<GzSpan> = points.into_iter().map(GzSpan::Point).collect();
-                spans.extend(frames.into_iter().map(|f| GzSpan::Copy {
+                spans.extend(table.frames.into_iter().map(|f| GzSpan::Copy {
                     u_off: f.u_off,
                     c_off: f.c_off,
                     c_len: f.c_len,

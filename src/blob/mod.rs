@@ -102,6 +102,12 @@ pub enum BlobError {
     },
     #[error("invalid span map for {blob}: {msg}")]
     BadMap { blob: String, msg: String },
+    #[error("resume point of span {span} of {blob} in its local copy is damaged: {msg}")]
+    CorruptResumePoint {
+        blob: String,
+        span: usize,
+        msg: String,
+    },
     #[error("span map for {blob} needs a local seekable copy, but none was given")]
     MissingLocalCopy { blob: String },
     #[error("invalid span options: {0}")]
@@ -190,6 +196,32 @@ impl SpanMap {
             })
             .max()
             .unwrap_or(0)
+    }
+
+    /// Uncompressed range `[start, end)` of span `i` (a read inside it decodes all of it).
+    pub fn span_extent(&self, i: usize) -> (u64, u64) {
+        self.span_range(i)
+    }
+
+    /// Spans entered at a zstd resume point (their dictionaries are in the local copy).
+    pub fn resume_points(&self) -> usize {
+        match &self.index {
+            SpanIndex::Zstd(z) => z.resume_points(),
+            _ => 0,
+        }
+    }
+
+    /// Spans served from re-compressed data in the local copy (regions with no way in).
+    pub fn copied_spans(&self) -> usize {
+        match &self.index {
+            SpanIndex::Zstd(z) => z.copied_spans(),
+            SpanIndex::GzipCopy(g) => g
+                .spans
+                .iter()
+                .filter(|s| matches!(s, gz::GzSpan::Copy { .. }))
+                .count(),
+            _ => 0,
+        }
     }
 
     /// The span size the map was built with.

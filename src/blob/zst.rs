@@ -1,22 +1,32 @@
-//! zstd: frame-based random access, with a local seekable copy for frames too big to enter.
+//! zstd: frame-based random access, with resume points inside frames too big to read whole.
 //!
-//! A zstd frame can only be decoded from its start. The pass records every data frame's
-//! compressed and uncompressed extent; consecutive frames are grouped into spans of at most
-//! `span_size` uncompressed bytes (a lone frame up to 2 × `span_size` is its own span) and read
-//! straight from the blob. Skippable frames are stepped over and never inside a span.
+//! A zstd frame decodes from its start. The pass records every data frame's compressed and
+//! uncompressed extent; consecutive frames are grouped into spans of at most `span_size`
+//! uncompressed bytes (a lone frame up to 2 × `span_size` is its own span) and read straight
+//! from the blob. Skippable frames are stepped over and never inside a span.
 //!
-//! A frame larger than 2 × `span_size` (what `zstd` and most image builders write: one frame
-//! for the whole layer) cannot be entered in the middle. For those, the same pass re-compresses
-//! the frame's output in `span_size` chunks, each an independent zstd frame (level 1, with
-//! checksum), into a local copy file whose frame table goes into the map. Cost: one extra
-//! file on local disk about the size of the compressed frame, written once per layer, and the
-//! CPU of a level-1 compression, done on a second thread so the pass stays near decompression
-//! speed on two cores. A frame is only known to be big once it passes the threshold, so up to
-//! 2 × `span_size` of each frame is buffered; past that the rest streams into the copy (memory
-//! stays at a few spans: the buffer, the chunk being filled and two queued for the compressor).
+//! A bigger frame (what `zstd` and most image builders write: one frame for the whole layer)
+//! is entered at *resume points*: block starts where the pass saved what the next blocks take
+//! from before them (RFC 8878): the last window of output, the three repeat offsets, and the
+//! last Huffman and FSE tables. That is exactly what a zstd dictionary holds, so a resume point
+//! is a dictionary in the local file, and a read decodes a made-up frame header (the frame's
+//! window, no checksum) plus the blob's blocks from the point, with that dictionary
+//! ([`format`] follows the tables and offsets; libzstd decodes). Points are at least 4 windows
+//! and at most `max(span_size, 4 × window + 128 KiB)` apart, so the dictionaries cost at most a
+//! quarter of the output in local disk,
+//! and each one is checked at once against the block after it, and by crc32 when read.
+//!
+//! A frame whose window is larger than [`RESUME_WINDOW_MAX`] (`zstd --long`), or whose state
+//! cannot be written (see [`format::Tables::dictionary`]), falls back to the local seekable
+//! copy: the pass re-compresses the frame's output in `span_size` chunks, each an independent
+//! zstd frame, on a second thread (see [`super::copy`]). A frame is only known to be big once
+//! it passes 2 × `span_size`, so that much output (or the resume points' dictionaries) is
+//! buffered until then.
 //!
 //! Without `SpanOptions::local_copy`, big frames are split into virtual spans that are decoded
 //! from the frame start and skip ahead: correct but with unbounded work per read.
+
+pub(super) mod format;
 
 use std::fs::File;
 use std::io::{self, Read};
@@ -28,11 +38,15 @@ use zstd::zstd_safe::{self, DCtx, InBuffer, OutBuffer};
 
 use super::copy::LocalCopy;
 use super::{BlobError, Decode, PreadInput, Result, SpanIndex, SpanMap, SpanOptions};
+use format::{BlockHeader, BlockKind, FrameHeader, History, Needs, Tables};
 
 const ZSTD_MAGIC: u32 = 0xFD2F_B528;
 const SKIPPABLE_MASK: u32 = 0xFFFF_FFF0;
 const SKIPPABLE_MAGIC: u32 = 0x184D_2A50;
 const PASS_NAME: &str = "<indexing stream>";
+/// Largest window of a frame entered at resume points (klauspost's default is 8 MiB,
+/// `zstd -19` 8 MiB); a frame with a larger one goes to the local seekable copy.
+pub(super) const RESUME_WINDOW_MAX: u64 = 8 << 20;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub(super) enum Source {
@@ -42,6 +56,20 @@ pub(super) enum Source {
     LocalCopy,
     /// One frame from the blob, decoded from its start, dropping this many bytes first.
     BlobSkip(u64),
+    /// Blocks from the blob, decoded with a resume point's dictionary from the local copy.
+    /// Last, so maps written before it existed still decode.
+    Resume(ResumePoint),
+}
+
+/// Where a resume point's dictionary sits in the local copy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub(super) struct ResumePoint {
+    pub(super) dict_off: u64,
+    pub(super) dict_len: u64,
+    /// crc32 of the dictionary.
+    pub(super) crc: u32,
+    /// The frame's window size.
+    pub(super) window: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -82,8 +110,24 @@ impl ZstdIndex {
         let s = self.spans.get(i)?;
         match s.src {
             Source::LocalCopy => None,
-            Source::Blob | Source::BlobSkip(_) => Some((s.c_off, s.c_off.saturating_add(s.c_len))),
+            Source::Blob | Source::BlobSkip(_) | Source::Resume(_) => {
+                Some((s.c_off, s.c_off.saturating_add(s.c_len)))
+            }
         }
+    }
+
+    pub(super) fn resume_points(&self) -> usize {
+        self.spans
+            .iter()
+            .filter(|s| matches!(s.src, Source::Resume(_)))
+            .count()
+    }
+
+    pub(super) fn copied_spans(&self) -> usize {
+        self.spans
+            .iter()
+            .filter(|s| s.src == Source::LocalCopy)
+            .count()
     }
 
     pub(super) fn has_local_copy(&self) -> bool {
@@ -98,6 +142,15 @@ impl ZstdIndex {
             };
             if s.c_off.checked_add(s.c_len).is_none_or(|e| e > limit) {
                 return Err(format!("span {i} points past the end of its file"));
+            }
+            if let Source::Resume(p) = &s.src {
+                let end = p.dict_off.checked_add(p.dict_len);
+                if end.is_none_or(|e| e > self.local_copy_size)
+                    || p.window > RESUME_WINDOW_MAX
+                    || p.dict_len > p.window + (1 << 20)
+                {
+                    return Err(format!("resume point of span {i} is out of bounds"));
+                }
             }
         }
         Ok(())
@@ -116,9 +169,21 @@ impl ZstdIndex {
             .spans
             .get(idx)
             .ok_or_else(|| BlobError::Internal(format!("no span {idx} in {blob}")))?;
-        let (file, name, skip) = match s.src {
+        let (file, name, skip) = match &s.src {
+            Source::Resume(p) => {
+                let local = local.ok_or_else(|| BlobError::MissingLocalCopy {
+                    blob: blob.to_string(),
+                })?;
+                let dict =
+                    read_dictionary(local, p).map_err(|msg| BlobError::CorruptResumePoint {
+                        blob: blob.to_string(),
+                        span: idx,
+                        msg,
+                    })?;
+                return decode_resumed(blob_file, blob, s, p.window, &dict, out, counter);
+            }
             Source::Blob => (blob_file, blob.to_string(), 0),
-            Source::BlobSkip(skip) => (blob_file, blob.to_string(), skip),
+            &Source::BlobSkip(skip) => (blob_file, blob.to_string(), skip),
             Source::LocalCopy => (
                 local.map(|f| f as &dyn super::BlobBytes).ok_or_else(|| {
                     BlobError::MissingLocalCopy {
@@ -141,8 +206,80 @@ fn zerr(blob: &str, offset: u64, code: usize) -> BlobError {
     }
 }
 
+/// A resume point's dictionary, checked against its crc32.
+fn read_dictionary(local: &File, p: &ResumePoint) -> std::result::Result<Vec<u8>, String> {
+    let mut dict = vec![0u8; p.dict_len as usize];
+    let n = super::pread_full(local, p.dict_off, &mut dict).map_err(|e| e.to_string())?;
+    if n != dict.len() {
+        return Err("dictionary cut short".into());
+    }
+    if crc32fast::hash(&dict) != p.crc {
+        return Err("dictionary fails its crc32".into());
+    }
+    Ok(dict)
+}
+
+/// Decodes span `s` (blocks of a frame from a resume point) with the point's dictionary.
+fn decode_resumed(
+    file: &dyn super::BlobBytes,
+    blob: &str,
+    s: &ZSpan,
+    window: u64,
+    dict: &[u8],
+    out: &mut [u8],
+    counter: &AtomicU64,
+) -> Result<()> {
+    let bad = |msg: String| BlobError::CorruptZstd {
+        blob: blob.to_string(),
+        offset: s.c_off,
+        msg,
+    };
+    let header = format::resume_frame_header(window).map_err(bad)?;
+    let mut dctx = DCtx::create();
+    dctx.load_dictionary(dict).map_err(|code| {
+        bad(format!(
+            "resume dictionary: {}",
+            zstd_safe::get_error_name(code)
+        ))
+    })?;
+    let mut inb = InBuffer::around(&header[..]);
+    let mut ob = OutBuffer::around(&mut [][..]);
+    while inb.pos() < header.len() {
+        let at = inb.pos();
+        dctx.decompress_stream(&mut ob, &mut inb)
+            .map_err(|code| zerr(blob, s.c_off, code))?;
+        if inb.pos() == at {
+            return Err(bad("resume header not taken".into()));
+        }
+    }
+    stream_into(
+        dctx,
+        file,
+        blob,
+        s.c_off,
+        s.c_off + s.c_len,
+        0,
+        out,
+        counter,
+    )
+}
+
 /// Decodes the frames in `[start, end)` of `file`, drops `skip` bytes, fills `out` exactly.
 pub(super) fn decode_range(
+    file: &dyn super::BlobBytes,
+    name: &str,
+    start: u64,
+    end: u64,
+    skip: u64,
+    out: &mut [u8],
+    counter: &AtomicU64,
+) -> Result<()> {
+    stream_into(DCtx::create(), file, name, start, end, skip, out, counter)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn stream_into(
+    mut dctx: DCtx<'_>,
     file: &dyn super::BlobBytes,
     name: &str,
     start: u64,
@@ -151,7 +288,6 @@ pub(super) fn decode_range(
     out: &mut [u8],
     counter: &AtomicU64,
 ) -> Result<()> {
-    let mut dctx = DCtx::create();
     let mut src = PreadInput::new(file, name, start, end);
     let mut scratch = if skip > 0 {
         vec![0u8; 128 << 10]
@@ -209,20 +345,224 @@ struct Group {
     c_end: u64,
 }
 
+/// The last `cap` bytes of a frame's output: the window a resume point hands on.
+struct Ring {
+    buf: Vec<u8>,
+    cap: usize,
+    /// Next write position once `buf` is full.
+    pos: usize,
+}
+
+impl Ring {
+    fn new(cap: usize) -> Ring {
+        Ring {
+            buf: Vec::new(),
+            cap,
+            pos: 0,
+        }
+    }
+
+    fn push(&mut self, mut data: &[u8]) {
+        if data.len() >= self.cap {
+            data = &data[data.len() - self.cap..];
+        }
+        if self.buf.len() < self.cap {
+            let take = (self.cap - self.buf.len()).min(data.len());
+            self.buf.extend_from_slice(&data[..take]);
+            data = &data[take..];
+        }
+        while !data.is_empty() {
+            let take = (self.cap - self.pos).min(data.len());
+            self.buf[self.pos..self.pos + take].copy_from_slice(&data[..take]);
+            self.pos = (self.pos + take) % self.cap;
+            data = &data[take..];
+        }
+    }
+
+    /// The last `n` bytes (at most what was pushed), oldest first, in two pieces.
+    fn last(&self, n: usize) -> [&[u8]; 2] {
+        let n = n.min(self.buf.len());
+        if self.buf.len() < self.cap {
+            return [&self.buf[self.buf.len() - n..], &[]];
+        }
+        let start = (self.pos + self.cap - n) % self.cap;
+        if start + n <= self.cap {
+            [&self.buf[start..start + n], &[]]
+        } else {
+            [&self.buf[start..], &self.buf[..n - (self.cap - start)]]
+        }
+    }
+}
+
+/// A resume point placed at a block start, kept until its block checks out.
+struct Candidate {
+    u_in: u64,
+    c_off: u64,
+    dict: Vec<u8>,
+}
+
+/// A resume point of the frame: where it enters the blob, and its dictionary (in memory while
+/// the frame may still turn out small, else its record in the local copy).
+struct Point {
+    u_off: u64,
+    c_off: u64,
+    crc: u32,
+    dict_len: u64,
+    dict: std::result::Result<usize, Vec<u8>>,
+}
+
+/// What a frame too big to read whole needs for resume points: the entropy state, repeat
+/// offsets and window at block starts, every `spacing` bytes of output.
+struct Resume {
+    window: u64,
+    spacing: u64,
+    tables: Tables,
+    history: History,
+    ring: Ring,
+    /// In-frame offset of the last point (0: the frame start).
+    last_point: u64,
+    points: Vec<Point>,
+    candidate: Option<Candidate>,
+    /// A block could not be followed: no more points in this frame.
+    stopped: bool,
+}
+
+impl Resume {
+    fn new(window: u64, span_size: u64) -> Resume {
+        Resume {
+            window,
+            // A point stores one window: points at least 4 windows apart keep that within
+            // 25% of the output (one is placed up to a block early, see `consider`).
+            spacing: span_size.max(4 * window + format::BLOCK_MAX as u64),
+            tables: Tables::default(),
+            history: History::default(),
+            ring: Ring::new(window as usize),
+            last_point: 0,
+            points: Vec::new(),
+            candidate: None,
+            stopped: false,
+        }
+    }
+
+    /// Before block `block` (content after its header) at in-frame offset `u_in`: a
+    /// candidate point there if one is due and the state can be written as a dictionary.
+    fn consider(&mut self, u_in: u64, c_off: u64, kind: BlockKind, block: &[u8]) {
+        // A block adds at most BLOCK_MAX: placing the point a block early keeps spans within
+        // `spacing`.
+        if self.stopped || u_in + (format::BLOCK_MAX as u64) < self.last_point + self.spacing {
+            return;
+        }
+        let needs = match kind {
+            BlockKind::Compressed => match Needs::of_block(block) {
+                Ok(n) => n,
+                Err(e) => return self.stop(&e),
+            },
+            _ => Needs::ALL,
+        };
+        let reps = match self.history.reps() {
+            Ok(Some(r)) => r,
+            Ok(None) => return,
+            Err(e) => return self.stop(&e),
+        };
+        let n = self.window.min(u_in) as usize;
+        if let Some(dict) = self.tables.dictionary(needs, reps, &self.ring.last(n)) {
+            self.candidate = Some(Candidate { u_in, c_off, dict });
+        }
+    }
+
+    /// Follows a compressed block's tables and offsets.
+    fn follow(&mut self, block: &[u8]) {
+        if self.stopped {
+            return;
+        }
+        let before = self.tables.clone();
+        match self.tables.apply(block) {
+            Ok(0) => {}
+            Ok(_) => self.history.push(&before, block),
+            Err(e) => self.stop(&e),
+        }
+    }
+
+    fn stop(&mut self, why: &str) {
+        tracing::warn!(
+            why,
+            "zstd frame: no further resume points (spans get longer)"
+        );
+        self.stopped = true;
+        self.candidate = None;
+    }
+}
+
+/// Whether `dict` + the resume header + `block` (header and content) decode to `expect`.
+fn resumes_to(dict: &[u8], window: u64, block: &[u8], expect: &[u8]) -> bool {
+    let Ok(header) = format::resume_frame_header(window) else {
+        return false;
+    };
+    let mut d = DCtx::create();
+    if d.load_dictionary(dict).is_err() {
+        return false;
+    }
+    let mut got = vec![0u8; expect.len() + 1];
+    let mut filled = 0;
+    for input in [&header[..], block] {
+        let mut inb = InBuffer::around(input);
+        while inb.pos() < input.len() {
+            let mut ob = OutBuffer::around(&mut got[filled..]);
+            if d.decompress_stream(&mut ob, &mut inb).is_err() {
+                return false;
+            }
+            let (p, n) = (inb.pos(), ob.pos());
+            filled += n;
+            if n == 0 && p == inb.pos() && filled == got.len() {
+                return false;
+            }
+        }
+    }
+    // Output still buffered inside the decoder.
+    loop {
+        let mut inb = InBuffer::around(&[][..]);
+        let mut ob = OutBuffer::around(&mut got[filled..]);
+        if d.decompress_stream(&mut ob, &mut inb).is_err() {
+            return false;
+        }
+        if ob.pos() == 0 {
+            break;
+        }
+        filled += ob.pos();
+    }
+    got[..filled] == *expect
+}
+
 struct Frame {
     c_off: u64,
     u_off: u64,
     u_len: u64,
+    header: FrameHeader,
     /// Output kept while the frame might still be small enough to read from the blob.
     pending: Vec<u8>,
-    /// Past 2 × span_size: output goes to the local copy (or, without one, nowhere).
+    /// Past 2 × span_size: output goes to the local copy (or, without one, nowhere), or the
+    /// frame is entered at its resume points.
     big: bool,
+    resume: Option<Resume>,
+    /// End of the last block (before the checksum), once it was decoded.
+    blocks_end: Option<u64>,
 }
 
 enum State {
     FrameStart,
-    InFrame(Frame),
+    InFrame(Box<Frame>),
     Done,
+}
+
+/// A committed resume span, its dictionary's record pending in the local copy.
+struct ResumeSpan {
+    u_off: u64,
+    c_off: u64,
+    c_len: u64,
+    record: usize,
+    dict_len: u64,
+    crc: u32,
+    window: u64,
 }
 
 /// The indexing pass over a zstd stream.
@@ -239,16 +579,22 @@ pub(super) struct ZstdIndexer<R> {
     state: State,
     span_size: u64,
     spans: Vec<ZSpan>,
+    resume_spans: Vec<ResumeSpan>,
     group: Option<Group>,
     copy_path: Option<PathBuf>,
     copy: Option<LocalCopy>,
+    /// Output of the last block when the caller's buffer was too small for a whole block.
+    block_out: Vec<u8>,
+    out_pos: usize,
+    out_len: usize,
 }
 
 impl<R: Read> ZstdIndexer<R> {
     pub(super) fn new(inner: R, opts: SpanOptions) -> Result<Self> {
         Ok(ZstdIndexer {
             inner,
-            input: vec![0; zstd_safe::DCtx::in_size().max(128 << 10)],
+            // A whole block with its header and a checksum, plus room to refill in big reads.
+            input: vec![0; 2 * format::BLOCK_MAX + 64],
             in_pos: 0,
             in_len: 0,
             in_eof: false,
@@ -258,9 +604,13 @@ impl<R: Read> ZstdIndexer<R> {
             state: State::FrameStart,
             span_size: opts.span_size,
             spans: Vec::new(),
+            resume_spans: Vec::new(),
             group: None,
             copy_path: opts.local_copy,
             copy: None,
+            block_out: Vec::new(),
+            out_pos: 0,
+            out_len: 0,
         })
     }
 
@@ -332,46 +682,210 @@ impl<R: Read> ZstdIndexer<R> {
         }
     }
 
-    /// Output of the current frame: keep it while the frame may be small, else copy it.
-    fn frame_output(&mut self, data: &[u8]) -> Result<()> {
-        let State::InFrame(f) = &mut self.state else {
-            return Ok(());
-        };
+    fn local_copy(&mut self) -> Result<Option<&mut LocalCopy>> {
+        if self.copy.is_none() {
+            if let Some(path) = &self.copy_path {
+                self.copy = Some(LocalCopy::create(path.clone(), self.span_size)?);
+            }
+        }
+        Ok(self.copy.as_mut())
+    }
+
+    /// Moves a point's dictionary into the local copy.
+    fn commit_point(&mut self, p: &mut Point) -> Result<()> {
+        if let Err(dict) = &mut p.dict {
+            let dict = std::mem::take(dict);
+            let copy = self
+                .local_copy()?
+                .ok_or_else(|| BlobError::Internal("resume point without a local copy".into()))?;
+            p.dict = Ok(copy.push_record(dict)?);
+        }
+        Ok(())
+    }
+
+    /// Output of the current frame: keep it while the frame may be small, else copy it (or
+    /// for a frame with resume points, only keep its window).
+    fn frame_output(&mut self, f: &mut Frame, data: &[u8]) -> Result<()> {
         f.u_len += data.len() as u64;
+        if let Some(r) = &mut f.resume {
+            r.ring.push(data);
+        }
         if f.big {
-            if let Some(c) = &mut self.copy {
-                c.push(data)?;
+            if f.resume.is_none() {
+                if let Some(c) = &mut self.copy {
+                    c.push(data)?;
+                }
             }
             return Ok(());
         }
-        if self.copy_path.is_some() {
+        if self.copy_path.is_some() && f.resume.is_none() {
             f.pending.extend_from_slice(data);
         }
         if f.u_len > 2 * self.span_size {
             f.big = true;
-            let pending = std::mem::take(&mut f.pending);
-            let u_off = f.u_off;
-            if let Some(path) = &self.copy_path {
-                if self.copy.is_none() {
-                    self.copy = Some(LocalCopy::create(path.clone(), self.span_size)?);
-                }
-            }
             self.close_group();
-            if let Some(c) = &mut self.copy {
-                c.start_frame(u_off);
+            if let Some(r) = &mut f.resume {
+                let mut points = std::mem::take(&mut r.points);
+                for p in &mut points {
+                    self.commit_point(p)?;
+                }
+                if let Some(r) = &mut f.resume {
+                    r.points = points;
+                }
+                return Ok(());
+            }
+            let pending = std::mem::take(&mut f.pending);
+            if let Some(c) = self.local_copy()? {
+                c.start_frame(f.u_off);
                 c.push(&pending)?;
             }
         }
         Ok(())
     }
 
-    fn end_frame(&mut self, f: Frame) -> Result<()> {
+    /// Takes a checked candidate point as one of the frame's points.
+    fn accept(&mut self, f: &mut Frame, cand: Candidate) -> Result<()> {
+        let Some(r) = &mut f.resume else {
+            return Ok(());
+        };
+        r.last_point = cand.u_in;
+        let mut p = Point {
+            u_off: f.u_off + cand.u_in,
+            c_off: cand.c_off,
+            crc: crc32fast::hash(&cand.dict),
+            dict_len: cand.dict.len() as u64,
+            dict: Err(cand.dict),
+        };
+        if f.big {
+            self.commit_point(&mut p)?;
+        }
+        if let Some(r) = &mut f.resume {
+            r.points.push(p);
+        }
+        Ok(())
+    }
+
+    /// Decodes the next block of the frame into `out` (returns its length) or, when `out`
+    /// is too small for a block, into `block_out` (returns 0).
+    fn next_block(&mut self, f: &mut Frame, out: &mut [u8]) -> Result<usize> {
+        let c_off = self.consumed;
+        if self.ensure(3)? < 3 {
+            return Err(self.truncated());
+        }
+        let b = &self.input[self.in_pos..self.in_pos + 3];
+        let h = BlockHeader::parse([b[0], b[1], b[2]]).map_err(|m| self.corrupt(m))?;
+        let body = 3 + h.content_len();
+        let total = body + if h.last && f.header.checksum { 4 } else { 0 };
+        if self.ensure(total)? < total {
+            return Err(self.truncated());
+        }
+        let (start, end) = (self.in_pos, self.in_pos + total);
+        if let Some(r) = &mut f.resume {
+            r.consider(f.u_len, c_off, h.kind, &self.input[start + 3..start + body]);
+            if h.kind == BlockKind::Compressed {
+                r.follow(&self.input[start + 3..start + body]);
+            }
+        }
+        let mut own = std::mem::take(&mut self.block_out);
+        let direct = out.len() >= format::BLOCK_MAX;
+        if !direct && own.len() < format::BLOCK_MAX {
+            own.resize(format::BLOCK_MAX, 0);
+        }
+        let dst: &mut [u8] = if direct { out } else { &mut own };
+        let mut inb = InBuffer::around(&self.input[start..end]);
+        let mut produced = 0;
+        let mut ended = false;
+        while !ended {
+            let before = (inb.pos(), produced);
+            let mut ob = OutBuffer::around(&mut dst[produced..]);
+            let hint = self
+                .dctx
+                .decompress_stream(&mut ob, &mut inb)
+                .map_err(|code| zerr(PASS_NAME, c_off + before.0 as u64, code))?;
+            produced += ob.pos();
+            // 0: the frame ended (and a further call would start the next one).
+            ended = hint == 0;
+            if (inb.pos(), produced) == before {
+                break;
+            }
+        }
+        if inb.pos() < total {
+            return Err(self.corrupt(format!(
+                "a block of {total} bytes decodes past {} bytes of room",
+                dst.len()
+            )));
+        }
+        if h.last != ended {
+            return Err(self.corrupt("the frame does not end at its last block".into()));
+        }
+        let data = &dst[..produced];
+        // A point at an empty block (the empty last block encoders often write) would
+        // start a span at the frame end.
+        let cand = f.resume.as_mut().and_then(|r| r.candidate.take());
+        if let Some(cand) = cand.filter(|_| produced > 0) {
+            let window = f.resume.as_ref().map_or(0, |r| r.window);
+            if resumes_to(&cand.dict, window, &self.input[start..start + body], data) {
+                self.accept(f, cand)?;
+            } else {
+                tracing::warn!(
+                    c_off,
+                    "zstd resume point does not decode its block; skipped"
+                );
+            }
+        }
+        self.advance(total);
+        self.total_out += produced as u64;
+        self.frame_output(f, data)?;
+        if h.last {
+            f.blocks_end = Some(c_off + body as u64);
+        }
+        if direct {
+            self.block_out = own;
+            Ok(produced)
+        } else {
+            self.block_out = own;
+            self.out_pos = 0;
+            self.out_len = produced;
+            Ok(0)
+        }
+    }
+
+    fn end_frame(&mut self, mut f: Frame) -> Result<()> {
         let c_end = self.consumed;
         if f.big {
+            if let Some(r) = f.resume.take().filter(|r| !r.points.is_empty()) {
+                let blocks_end = f.blocks_end.unwrap_or(c_end);
+                self.spans.push(ZSpan {
+                    u_off: f.u_off,
+                    c_off: f.c_off,
+                    c_len: r.points[0].c_off - f.c_off,
+                    src: Source::Blob,
+                });
+                for (i, p) in r.points.iter().enumerate() {
+                    let next = r.points.get(i + 1).map_or(blocks_end, |n| n.c_off);
+                    let record = match p.dict {
+                        Ok(n) => n,
+                        Err(_) => {
+                            return Err(BlobError::Internal("resume point not written".into()))
+                        }
+                    };
+                    self.resume_spans.push(ResumeSpan {
+                        u_off: p.u_off,
+                        c_off: p.c_off,
+                        c_len: next - p.c_off,
+                        record,
+                        dict_len: p.dict_len,
+                        crc: p.crc,
+                        window: r.window,
+                    });
+                }
+                return Ok(());
+            }
             match &mut self.copy {
-                Some(c) => c.end_frame()?,
-                None => {
-                    // No local copy: virtual spans decoded from the frame start.
+                Some(c) if f.resume.is_none() => c.end_frame()?,
+                _ => {
+                    // No local copy (or no point could be placed): virtual spans decoded
+                    // from the frame start.
                     let mut skip = 0;
                     while skip < f.u_len {
                         self.spans.push(ZSpan {
@@ -408,6 +922,46 @@ impl<R: Read> ZstdIndexer<R> {
         Ok(())
     }
 
+    fn start_frame(&mut self) -> Result<Box<Frame>> {
+        self.ensure(format::FRAME_HEADER_MAX)?;
+        let header = format::frame_header(&self.input[self.in_pos..self.in_len])
+            .map_err(|m| self.corrupt(m))?
+            .ok_or_else(|| self.truncated())?;
+        let c_off = self.consumed;
+        let mut inb = InBuffer::around(&self.input[self.in_pos..self.in_pos + header.len]);
+        let mut ob = OutBuffer::around(&mut [][..]);
+        while inb.pos() < header.len {
+            let at = inb.pos();
+            self.dctx
+                .decompress_stream(&mut ob, &mut inb)
+                .map_err(|code| zerr(PASS_NAME, c_off, code))?;
+            if inb.pos() == at {
+                return Err(self.corrupt("frame header not taken".into()));
+            }
+        }
+        self.advance(header.len);
+        // A frame known to end before its first point would be due (e.g. a single-segment
+        // frame, whose window is its whole content) takes the local copy if it is big.
+        let resume = Resume::new(header.window, self.span_size);
+        let resume = (self.copy_path.is_some()
+            && header.dict_id == 0
+            && header.window <= RESUME_WINDOW_MAX
+            && header
+                .content_size
+                .is_none_or(|n| n > 2 * self.span_size && n > resume.spacing))
+        .then_some(resume);
+        Ok(Box::new(Frame {
+            c_off,
+            u_off: self.total_out,
+            u_len: 0,
+            header,
+            pending: Vec::new(),
+            big: false,
+            resume,
+            blocks_end: None,
+        }))
+    }
+
     pub(super) fn finish(mut self, total_out: u64) -> Result<SpanMap> {
         if !matches!(self.state, State::Done) {
             return Err(BlobError::NotFinished);
@@ -417,15 +971,41 @@ impl<R: Read> ZstdIndexer<R> {
         let mut spans = std::mem::take(&mut self.spans);
         let mut local_copy_size = 0;
         if let Some(c) = self.copy.take() {
-            let (table, size) = c.finish()?;
-            local_copy_size = size;
-            spans.extend(table.into_iter().map(|f| ZSpan {
+            let table = c.finish()?;
+            local_copy_size = table.size;
+            spans.extend(table.frames.into_iter().map(|f| ZSpan {
                 u_off: f.u_off,
                 c_off: f.c_off,
                 c_len: f.c_len,
                 src: Source::LocalCopy,
             }));
+            for r in std::mem::take(&mut self.resume_spans) {
+                let (dict_off, len) = *table.records.get(r.record).ok_or_else(|| {
+                    BlobError::Internal("resume point record missing from the local copy".into())
+                })?;
+                if len != r.dict_len {
+                    return Err(BlobError::Internal(
+                        "resume point record size differs".into(),
+                    ));
+                }
+                spans.push(ZSpan {
+                    u_off: r.u_off,
+                    c_off: r.c_off,
+                    c_len: r.c_len,
+                    src: Source::Resume(ResumePoint {
+                        dict_off,
+                        dict_len: r.dict_len,
+                        crc: r.crc,
+                        window: r.window,
+                    }),
+                });
+            }
             spans.sort_by_key(|s| s.u_off);
+        }
+        if !self.resume_spans.is_empty() {
+            return Err(BlobError::Internal(
+                "resume points without a local copy".into(),
+            ));
         }
         Ok(SpanMap {
             compression: super::Compression::Zstd,
@@ -447,12 +1027,17 @@ impl<R: Read> Decode for ZstdIndexer<R> {
 
     fn decode(&mut self, out: &mut [u8]) -> Result<usize> {
         loop {
-            match &mut self.state {
+            if self.out_pos < self.out_len {
+                let n = out.len().min(self.out_len - self.out_pos);
+                out[..n].copy_from_slice(&self.block_out[self.out_pos..self.out_pos + n]);
+                self.out_pos += n;
+                return Ok(n);
+            }
+            match std::mem::replace(&mut self.state, State::Done) {
                 State::Done => return Ok(0),
                 State::FrameStart => {
                     let have = self.ensure(8)?;
                     if have == 0 {
-                        self.state = State::Done;
                         return Ok(0);
                     }
                     if have < 4 {
@@ -470,50 +1055,23 @@ impl<R: Read> Decode for ZstdIndexer<R> {
                         self.close_group();
                         self.advance(8);
                         self.skip_bytes(u64::from(size))?;
+                        self.state = State::FrameStart;
                     } else if magic == ZSTD_MAGIC {
-                        self.state = State::InFrame(Frame {
-                            c_off: self.consumed,
-                            u_off: self.total_out,
-                            u_len: 0,
-                            pending: Vec::new(),
-                            big: false,
-                        });
+                        self.state = State::InFrame(self.start_frame()?);
                     } else {
                         return Err(self.corrupt(format!("bad frame magic {magic:#010x}")));
                     }
                 }
-                State::InFrame(_) => {
-                    if self.in_pos == self.in_len {
-                        self.ensure(1)?;
+                State::InFrame(mut f) => {
+                    if f.blocks_end.is_some() {
+                        self.end_frame(*f)?;
+                        self.state = State::FrameStart;
+                        continue;
                     }
-                    let avail = self.in_len - self.in_pos;
-                    let mut inb = InBuffer::around(&self.input[self.in_pos..self.in_len]);
-                    let mut ob = OutBuffer::around(&mut *out);
-                    let ret = self.dctx.decompress_stream(&mut ob, &mut inb);
-                    let used = inb.pos();
-                    let produced = ob.pos();
-                    let hint = match ret {
-                        Ok(h) => h,
-                        Err(code) => {
-                            let offset = self.consumed;
-                            return Err(zerr(PASS_NAME, offset, code));
-                        }
-                    };
-                    self.advance(used);
-                    self.total_out += produced as u64;
-                    self.frame_output(&out[..produced])?;
-                    if hint == 0 {
-                        let State::InFrame(f) =
-                            std::mem::replace(&mut self.state, State::FrameStart)
-                        else {
-                            return Err(BlobError::Internal("zstd pass state lost".into()));
-                        };
-                        self.end_frame(f)?;
-                    } else if used == 0 && produced == 0 && avail == 0 && self.in_eof {
-                        return Err(self.truncated());
-                    }
-                    if produced > 0 {
-                        return Ok(produced);
+                    let n = self.next_block(&mut f, out)?;
+                    self.state = State::InFrame(f);
+                    if n > 0 {
+                        return Ok(n);
                     }
                 }
             }
