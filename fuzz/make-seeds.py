@@ -3,7 +3,7 @@
 
 Real data, small: layer tars in every format the tar reader knows (ustar, GNU with long names
 and old sparse headers, PAX with xattrs, global headers and sparse 0.1/1.0 from GNU tar),
-their gzip (levels, multi-member) and zstd (levels, multi-frame, skippable frames, small
+their gzip (levels, multi-member) and zstd (levels, multi-frame, skippable frames, resume points, small
 blocks) forms, and the JSON documents of an OCI layout and a docker save archive.
 """
 import gzip, hashlib, io, json, os, shutil, subprocess, sys, tarfile, tempfile
@@ -105,6 +105,9 @@ def main():
     put("zstd_reader", "no-check.zst", zstd(big, "--no-check", "-1"))
     put("zstd_reader", "long.zst", zstd(bytes(20000) + big, "-1"))
     put("zstd_reader", "empty.zst", zstd(b""))
+    # A 1 KiB window: resume points every 5 KiB (the pass follows tables and offsets).
+    put("zstd_reader", "resume.zst", zstd(b"".join(tars.values()) + big, "-3", "--zstd=wlog=10"))
+    put("zstd_reader", "resume-19.zst", zstd(b"".join(tars.values()) + big, "-19", "--zstd=wlog=10"))
 
     def dig(b):
         return "sha256:" + hashlib.sha256(b).hexdigest()

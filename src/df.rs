@@ -42,8 +42,14 @@ pub struct DiskUsage {
     pub indexes: Count,
     /// Span maps (`index/<blob>.spans`).
     pub span_maps: Count,
-    /// Local seekable copies (`index/<blob>.seekable.zst`).
+    /// Local seekable copies (`index/<blob>.seekable.zst`): re-compressed regions a read
+    /// cannot enter in the blob (zstd frames with a window past the cap, over-long deflate
+    /// blocks).
     pub local_copies: Count,
+    /// Resume-point dictionaries of single-frame zstd blobs (the same file name, holding only
+    /// dictionaries), and the uncompressed bytes of the blobs they serve.
+    pub zstd_resume_points: Count,
+    pub zstd_resume_serves: u64,
     /// Remote records of lazily pulled blobs (`index/<blob>.remote`).
     pub remote_records: Count,
     /// Chunks of lazily pulled blobs fetched so far (`chunks/`).
@@ -80,8 +86,17 @@ pub fn disk_usage(root: &mut Root) -> Result<DiskUsage, CheckError> {
             let len = e.metadata().map(|m| m.len()).unwrap_or(0);
             if crate::root::is_temp_name(&name) {
                 du.temp.add(len);
-            } else if name.ends_with(".seekable.zst") {
-                du.local_copies.add(len);
+            } else if let Some(hex) = name.strip_suffix(".seekable.zst") {
+                let map = std::fs::read(root.index_dir().join(format!("{hex}.spans")))
+                    .ok()
+                    .and_then(|b| postcard::from_bytes::<crate::blob::SpanMap>(&b).ok());
+                match map.filter(|m| m.resume_points() > 0 && m.copied_spans() == 0) {
+                    Some(m) => {
+                        du.zstd_resume_points.add(len);
+                        du.zstd_resume_serves += m.uncompressed_size;
+                    }
+                    None => du.local_copies.add(len),
+                }
             } else if name.ends_with(".spans") {
                 du.span_maps.add(len);
             } else if name.ends_with(".remote") {
@@ -130,6 +145,7 @@ pub fn disk_usage(root: &mut Root) -> Result<DiskUsage, CheckError> {
         du.indexes,
         du.span_maps,
         du.local_copies,
+        du.zstd_resume_points,
         du.remote_records,
         du.chunk_cache,
         du.uppers,
@@ -179,6 +195,15 @@ impl DiskUsage {
         line(&mut s, "layer indexes", &self.indexes);
         line(&mut s, "span maps", &self.span_maps);
         line(&mut s, "local seekable copies", &self.local_copies);
+        line(&mut s, "zstd resume points", &self.zstd_resume_points);
+        if self.zstd_resume_serves > 0 {
+            let pct = 100.0 * self.zstd_resume_points.bytes as f64 / self.zstd_resume_serves as f64;
+            let _ = writeln!(
+                s,
+                "  ({pct:.1}% of the {} they serve uncompressed)",
+                human(self.zstd_resume_serves)
+            );
+        }
         line(&mut s, "remote blob records", &self.remote_records);
         line(&mut s, "chunk cache (lazy pulls)", &self.chunk_cache);
         line(&mut s, "snapshot upper dirs", &self.uppers);

@@ -12,7 +12,7 @@
 //! is a dictionary in the local file, and a read decodes a made-up frame header (the frame's
 //! window, no checksum) plus the blob's blocks from the point, with that dictionary
 //! ([`format`] follows the tables and offsets; libzstd decodes). Points are at least 4 windows
-//! and at most `max(span_size, 4 × window + 128 KiB)` apart, so the dictionaries cost at most a
+//! and at most `max(span_size, 4 × window + a block)` apart, so the dictionaries cost at most a
 //! quarter of the output in local disk,
 //! and each one is checked at once against the block after it, and by crc32 when read.
 //!
@@ -433,7 +433,7 @@ impl Resume {
             window,
             // A point stores one window: points at least 4 windows apart keep that within
             // 25% of the output (one is placed up to a block early, see `consider`).
-            spacing: span_size.max(4 * window + format::BLOCK_MAX as u64),
+            spacing: span_size.max(4 * window + block_max(window)),
             tables: Tables::default(),
             history: History::default(),
             ring: Ring::new(window as usize),
@@ -449,7 +449,7 @@ impl Resume {
     fn consider(&mut self, u_in: u64, c_off: u64, kind: BlockKind, block: &[u8]) {
         // A block adds at most BLOCK_MAX: placing the point a block early keeps spans within
         // `spacing`.
-        if self.stopped || u_in + (format::BLOCK_MAX as u64) < self.last_point + self.spacing {
+        if self.stopped || u_in + block_max(self.window) < self.last_point + self.spacing {
             return;
         }
         let needs = match kind {
@@ -491,6 +491,11 @@ impl Resume {
         self.stopped = true;
         self.candidate = None;
     }
+}
+
+/// Most output of one block in a frame with this window.
+fn block_max(window: u64) -> u64 {
+    window.min(format::BLOCK_MAX as u64)
 }
 
 /// Whether `dict` + the resume header + `block` (header and content) decode to `expect`.
