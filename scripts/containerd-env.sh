@@ -28,7 +28,8 @@
 # $EROFS_BIN_DIR (containerd 2.x; scripts/install-peers.sh erofs-utils: mkfs.erofs >= 1.6):
 # put on containerd's PATH, so its built-in erofs differ loads (it needs `mkfs.erofs --tar`)
 # beside the erofs snapshotter; the transfer service unpacks snapshotter `erofs` with differ
-# `erofs` (each layer converted to an erofs image file, mounted by the kernel over a loop device).
+# `erofs` (each layer converted to an erofs image file, mounted read-only by the
+# kernel: file-backed on Linux >= 6.12, else over a loop device).
 # $SOCI_BIN_DIR (scripts/install-peers.sh soci): also run the peer soci-snapshotter-grpc
 # (socket DIR/soci.sock, root DIR/soci) as proxy snapshotter `soci`; $SOCI_PLAIN_HTTP lists
 # host:port registries it reaches by plain HTTP. It lazily loads SOCI-enabled images (index
@@ -211,7 +212,7 @@ EOF
                 # containerd's erofs snapshotter and differ (built in; the differ needs
                 # mkfs.erofs --tar=f, from EROFS_BIN_DIR). Defaults: the differ converts each
                 # layer's tar stream (mkfs.erofs --tar=f --aufs -Enoinline_data -b4096) into
-                # an erofs image; the snapshotter mounts them read-only (loop devices) under
+                # an erofs image; the snapshotter mounts them read-only (file-backed or loop) under
                 # an overlayfs for the container.
                 cat <<EOF
   [[plugins."io.containerd.transfer.v1.local".unpack_config]]
