@@ -1,8 +1,12 @@
 //! `import`: image source → content store → unpack (index) → metadata. A failed import takes
 //! back what it added, so the store is as it was.
 
-use std::path::Path;
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::thread::JoinHandle;
 
 use anyhow::Context as _;
 use serde::Serialize;
@@ -11,10 +15,10 @@ use tracing::info_span;
 use crate::digest::Digest;
 use crate::image::resolve::{IngestProgress, Ingested};
 use crate::image::source::{open_source, ImageSource};
-use crate::image::{resolve_images, Desc, LayerDesc, Platform, ResolvedImage};
+use crate::image::{resolve_images, Desc, ImageError, LayerDesc, Platform, ResolvedImage};
 use crate::meta::{ImageLayerRow, ImageRow};
 use crate::root::Root;
-use crate::unpack::{unpack, unpack_with, PreIndexed, UnpackProgress};
+use crate::unpack::{unpack, unpack_with, Indexed, Limits, PreIndexed, UnpackProgress};
 
 /// Progress reporting for a whole import (the CLI draws bars; tests pass a no-op).
 pub trait Reporter: IngestProgress {
@@ -63,15 +67,89 @@ pub fn import(
         })
         .filter(|n| !n.is_empty())
         .unwrap_or_else(|| "image".to_string());
-    import_source(
+    let source = IndexWhileCopying {
+        inner: source.as_ref(),
+        root: root.path.clone(),
+        limits: root.limits,
+        indexing: RefCell::default(),
+    };
+    let result = import_source(
         root,
-        source.as_ref(),
+        &source,
         name,
         platform,
         &default_name,
         reporter,
-        &|_| None,
-    )
+        &|layer| source.take(layer),
+    );
+    // Indexers of a failed import may still be writing: wait, then drop what they wrote.
+    source.finish();
+    if result.is_err() {
+        let _ = crate::gc::remove_unreferenced_index_files(root);
+    }
+    result
+}
+
+/// A local source whose layer blobs are indexed from the same bytes as they are copied into
+/// the store, as a pull does: one read of each blob, and the copy (with its digest) overlaps
+/// the index. `unpack_with` takes the result once the store checked the blob and the diffID
+/// matches the config.
+struct IndexWhileCopying<'a> {
+    inner: &'a dyn ImageSource,
+    root: PathBuf,
+    limits: Limits,
+    indexing: RefCell<HashMap<Digest, JoinHandle<anyhow::Result<Indexed>>>>,
+}
+
+impl IndexWhileCopying<'_> {
+    fn take(&self, layer: &LayerDesc) -> Option<anyhow::Result<Indexed>> {
+        let h = self.indexing.borrow_mut().remove(&layer.desc.digest)?;
+        Some(h.join().unwrap_or_else(|_| {
+            Err(anyhow::anyhow!(
+                "indexing thread of {} panicked",
+                layer.desc.digest
+            ))
+        }))
+    }
+
+    fn finish(&self) {
+        let handles: Vec<_> = self.indexing.borrow_mut().drain().collect();
+        for (_, h) in handles {
+            let _ = h.join();
+        }
+    }
+}
+
+impl ImageSource for IndexWhileCopying<'_> {
+    fn open(&self, path: &str) -> Result<(Box<dyn Read + '_>, u64), ImageError> {
+        self.inner.open(path)
+    }
+
+    fn exists(&self, path: &str) -> bool {
+        self.inner.exists(path)
+    }
+
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+
+    fn is_remote(&self, digest: &Digest) -> bool {
+        self.inner.is_remote(digest)
+    }
+
+    fn open_layer(&self, layer: &LayerDesc) -> Result<(Box<dyn Read + '_>, u64), ImageError> {
+        let (reader, size) = self.inner.open_layer(layer)?;
+        let (tee, handle) =
+            crate::tee::tee_index(reader, self.root.clone(), layer.clone(), self.limits);
+        if let Some(old) = self
+            .indexing
+            .borrow_mut()
+            .insert(layer.desc.digest.clone(), handle)
+        {
+            let _ = old.join();
+        }
+        Ok((Box::new(tee), size))
+    }
 }
 
 /// Imports the images of any [`ImageSource`] (a layout, an archive, a registry): every blob

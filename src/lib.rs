@@ -24,5 +24,6 @@ pub mod root;
 pub mod service;
 pub mod snapshot;
 pub mod store;
+pub mod tee;
 pub mod trace;
 pub mod unpack;

@@ -107,6 +107,7 @@ impl ContentStore {
         let mut hasher = Sha256::new();
         let mut buf = vec![0u8; 1 << 20];
         let mut total = 0u64;
+        let mut writeback = Writeback::default();
         loop {
             let n = match src.read(&mut buf) {
                 Ok(0) => break,
@@ -117,6 +118,7 @@ impl ContentStore {
             hasher.update(&buf[..n]);
             tmp.write_all(&buf[..n])
                 .map_err(io_err("writing ingest file"))?;
+            writeback.wrote(tmp.as_file(), n);
             total += n as u64;
             progress(total);
         }
@@ -309,6 +311,38 @@ pub fn sync_dir(dir: &Path) -> Result<()> {
 
 /// Prefix of [`write_atomic`]'s temp files.
 pub const ATOMIC_TEMP_PREFIX: &str = ".tmp-";
+
+/// Writes are handed to the disk every this many bytes (see [`Writeback`]).
+const WRITEBACK_EVERY: u64 = 8 << 20;
+
+/// Starts writeback of a file being written every [`WRITEBACK_EVERY`] bytes
+/// (`sync_file_range(SYNC_FILE_RANGE_WRITE)`), so the final fsync waits for the last few
+/// megabytes instead of the whole file: the disk works while the writer goes on.
+#[derive(Debug, Default)]
+pub struct Writeback {
+    written: u64,
+    started: u64,
+}
+
+impl Writeback {
+    pub fn wrote(&mut self, file: &File, n: usize) {
+        self.written += n as u64;
+        if self.written - self.started >= WRITEBACK_EVERY {
+            use std::os::fd::AsRawFd as _;
+            // SAFETY: a plain syscall on an fd `file` keeps open; it only starts I/O, and a
+            // failure is harmless (the fsync at the end still writes everything).
+            unsafe {
+                libc::sync_file_range(
+                    file.as_raw_fd(),
+                    self.started as libc::off64_t,
+                    (self.written - self.started) as libc::off64_t,
+                    libc::SYNC_FILE_RANGE_WRITE,
+                );
+            }
+            self.started = self.written;
+        }
+    }
+}
 
 /// Creates a temp file in `dir` and takes an exclusive `flock` on it for as long as it is
 /// open. Flocks die with their process, so [`remove_if_stale`] in another process can tell a

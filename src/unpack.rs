@@ -162,26 +162,37 @@ impl<R: Read> Read for CountingReader<R> {
 
 /// Decompresses on its own thread so hashing and tar parsing overlap with inflate (the pass
 /// then runs at decompression speed on two cores). Hands the inner reader back at the end.
+/// Chunks go back to the decompressing thread once read, so it reuses them instead of
+/// allocating (and faulting in) a fresh megabyte each time.
 struct ThreadedReader<R: Read + Send + 'static> {
     rx: mpsc::Receiver<io::Result<Vec<u8>>>,
+    free: mpsc::SyncSender<Vec<u8>>,
     current: Vec<u8>,
     pos: usize,
     handle: Option<thread::JoinHandle<R>>,
     done: bool,
 }
 
+/// Size of the chunks between the two threads.
+const CHUNK: usize = 1 << 20;
+/// A chunk is sent once less room than this is left: zstd decodes whole blocks (128 KiB) into
+/// the chunk when they fit, and goes through a buffer when they do not.
+const CHUNK_SLACK: usize = 128 << 10;
+
 impl<R: Read + Send + 'static> ThreadedReader<R> {
     fn spawn(mut inner: R) -> Self {
         let (tx, rx) = mpsc::sync_channel::<io::Result<Vec<u8>>>(8);
+        let (free, free_rx) = mpsc::sync_channel::<Vec<u8>>(10);
         let handle = thread::spawn(move || loop {
-            let mut buf = vec![0u8; 1 << 20];
+            let mut buf = free_rx.try_recv().unwrap_or_default();
+            buf.resize(CHUNK, 0);
             let mut filled = 0;
             let result = loop {
                 match inner.read(&mut buf[filled..]) {
                     Ok(0) => break Ok(()),
                     Ok(n) => {
                         filled += n;
-                        if filled == buf.len() {
+                        if filled + CHUNK_SLACK > buf.len() {
                             break Ok(());
                         }
                     }
@@ -205,6 +216,7 @@ impl<R: Read + Send + 'static> ThreadedReader<R> {
         });
         Self {
             rx,
+            free,
             current: Vec::new(),
             pos: 0,
             handle: Some(handle),
@@ -230,7 +242,9 @@ impl<R: Read + Send + 'static> Read for &mut ThreadedReader<R> {
             }
             match self.rx.recv() {
                 Ok(Ok(chunk)) => {
-                    self.current = chunk;
+                    let used = std::mem::replace(&mut self.current, chunk);
+                    // Full (or the thread has enough): dropped.
+                    let _ = self.free.try_send(used);
                     self.pos = 0;
                 }
                 Ok(Err(e)) => {

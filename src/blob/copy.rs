@@ -2,8 +2,8 @@
 //! (zstd frames too big to enter, gzip deflate blocks longer than a span), re-compressed in
 //! `span_size` chunks, each an independent zstd frame (level 1, with checksum), on a second
 //! thread. Written to a temp file beside the destination, fsynced and renamed at the end.
-//! The same file holds raw records (the dictionaries of zstd resume points), written as they
-//! are, in order with the frames.
+//! The same file holds records (the dictionaries of zstd resume points), written as they are,
+//! in order with the frames, once they pass their check (also on the second thread).
 
 use std::fs::File;
 use std::io::{self, BufWriter, Write};
@@ -25,14 +25,35 @@ pub(super) struct CopyFrame {
     pub(super) c_len: u64,
 }
 
-/// (offset, length) of each frame or record in the local copy, in the order sent.
-type FrameTable = Vec<(u64, u64)>;
+type FrameTable = Vec<Written>;
+
+/// Decides on the worker thread whether a record's bytes are written.
+pub(super) type RecordCheck = Box<dyn FnOnce(&[u8]) -> bool + Send>;
+
+/// Bytes to write as they are (the concatenation of `parts`), if `check` accepts them.
+pub(super) struct Record {
+    pub(super) parts: Vec<Vec<u8>>,
+    pub(super) check: Option<RecordCheck>,
+}
+
+/// Where a record went: `None` if its check refused it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct RecordAt {
+    pub(super) off: u64,
+    pub(super) len: u64,
+    pub(super) crc: u32,
+}
 
 enum Job {
     /// Uncompressed bytes to compress into one frame.
     Frame(Vec<u8>),
-    /// Bytes written as they are.
-    Record(Vec<u8>),
+    Record(Record),
+}
+
+/// What the worker wrote per job, in order: (offset, length) of a frame, or a record.
+enum Written {
+    Frame(u64, u64),
+    Record(Option<RecordAt>),
 }
 
 /// The local seekable copy: chunks of `span_size` go to a compressor thread, which appends
@@ -53,8 +74,8 @@ pub(super) struct LocalCopy {
 /// What a finished local copy holds.
 pub(super) struct CopyTable {
     pub(super) frames: Vec<CopyFrame>,
-    /// (offset, length) of each record, in the order written.
-    pub(super) records: Vec<(u64, u64)>,
+    /// Each record in the order pushed: where it went, or `None` if its check refused it.
+    pub(super) records: Vec<Option<RecordAt>>,
     pub(super) size: u64,
 }
 
@@ -120,12 +141,11 @@ impl LocalCopy {
         Ok(())
     }
 
-    /// Appends `bytes` as they are; returns the record's number (its place in
-    /// [`CopyTable::records`]).
-    pub(super) fn push_record(&mut self, bytes: Vec<u8>) -> Result<usize> {
+    /// Appends a record; returns its number (its place in [`CopyTable::records`]).
+    pub(super) fn push_record(&mut self, record: Record) -> Result<usize> {
         let n = self.sent.iter().filter(|s| s.is_none()).count();
         self.sent.push(None);
-        self.submit(Job::Record(bytes))?;
+        self.submit(Job::Record(record))?;
         Ok(n)
     }
 
@@ -172,7 +192,14 @@ impl LocalCopy {
                 "local copy frame table is incomplete".into(),
             ));
         }
-        let size = table.last().map_or(0, |(o, l)| o + l);
+        let size = table
+            .iter()
+            .filter_map(|w| match w {
+                Written::Frame(o, l) => Some(o + l),
+                Written::Record(r) => r.map(|r| r.off + r.len),
+            })
+            .max()
+            .unwrap_or(0);
         let ctx = |what: &str| format!("{what} local copy {}", self.dest.display());
         self.tmp
             .as_file()
@@ -188,14 +215,15 @@ impl LocalCopy {
         }
         let mut frames = Vec::new();
         let mut records = Vec::new();
-        for (sent, (c_off, c_len)) in self.sent.iter().zip(table) {
-            match *sent {
-                Some(u_off) => frames.push(CopyFrame {
+        for (sent, written) in self.sent.iter().zip(table) {
+            match (*sent, written) {
+                (Some(u_off), Written::Frame(c_off, c_len)) => frames.push(CopyFrame {
                     u_off,
                     c_off,
                     c_len,
                 }),
-                None => records.push((c_off, c_len)),
+                (None, Written::Record(r)) => records.push(r),
+                _ => return Err(BlobError::Internal("local copy table out of order".into())),
             }
         }
         Ok(CopyTable {
@@ -209,17 +237,42 @@ impl LocalCopy {
 fn compress_worker(rx: Receiver<Job>, file: File) -> io::Result<FrameTable> {
     let mut comp = zstd::bulk::Compressor::new(COPY_LEVEL)?;
     comp.set_parameter(zstd::zstd_safe::CParameter::ChecksumFlag(true))?;
+    let wb_file = file.try_clone()?;
+    let mut writeback = crate::store::Writeback::default();
     let mut w = BufWriter::with_capacity(1 << 20, file);
     let mut table = Vec::new();
     let mut off = 0u64;
+    let mut joined = Vec::new();
     for job in rx {
         let bytes = match job {
-            Job::Frame(chunk) => comp.compress(&chunk)?,
-            Job::Record(bytes) => bytes,
+            Job::Frame(chunk) => {
+                let frame = comp.compress(&chunk)?;
+                table.push(Written::Frame(off, frame.len() as u64));
+                frame
+            }
+            Job::Record(r) => {
+                joined.clear();
+                for p in &r.parts {
+                    joined.extend_from_slice(p);
+                }
+                if !r.check.is_none_or(|check| check(&joined)) {
+                    table.push(Written::Record(None));
+                    continue;
+                }
+                table.push(Written::Record(Some(RecordAt {
+                    off,
+                    len: joined.len() as u64,
+                    crc: crc32fast::hash(&joined),
+                })));
+                std::mem::take(&mut joined)
+            }
         };
         w.write_all(&bytes)?;
-        table.push((off, bytes.len() as u64));
+        writeback.wrote(&wb_file, bytes.len());
         off += bytes.len() as u64;
+        if joined.capacity() == 0 {
+            joined = bytes;
+        }
     }
     w.flush()?;
     Ok(table)

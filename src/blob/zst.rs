@@ -36,7 +36,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use serde::{Deserialize, Serialize};
 use zstd::zstd_safe::{self, DCtx, InBuffer, OutBuffer};
 
-use super::copy::LocalCopy;
+use super::copy::{LocalCopy, Record};
 use super::{BlobError, Decode, PreadInput, Result, SpanIndex, SpanMap, SpanOptions};
 use format::{BlockHeader, BlockKind, FrameHeader, History, Needs, Tables};
 
@@ -394,21 +394,22 @@ impl Ring {
     }
 }
 
-/// A resume point placed at a block start, kept until its block checks out.
+/// A resume point placed at a block start, until its block is decoded: the dictionary's
+/// tables and repeat offsets, and its window.
 struct Candidate {
     u_in: u64,
     c_off: u64,
-    dict: Vec<u8>,
+    prefix: Vec<u8>,
+    window: Vec<u8>,
 }
 
 /// A resume point of the frame: where it enters the blob, and its dictionary (in memory while
-/// the frame may still turn out small, else its record in the local copy).
+/// the frame may still turn out small, else its record in the local copy, checked there
+/// against the block after it).
 struct Point {
     u_off: u64,
     c_off: u64,
-    crc: u32,
-    dict_len: u64,
-    dict: std::result::Result<usize, Vec<u8>>,
+    dict: std::result::Result<usize, Record>,
 }
 
 /// What a frame too big to read whole needs for resume points: the entropy state, repeat
@@ -464,10 +465,21 @@ impl Resume {
             Ok(None) => return,
             Err(e) => return self.stop(&e),
         };
-        let n = self.window.min(u_in) as usize;
-        if let Some(dict) = self.tables.dictionary(needs, reps, &self.ring.last(n)) {
-            self.candidate = Some(Candidate { u_in, c_off, dict });
+        if let Some(prefix) = self.tables.dictionary_prefix(needs, reps) {
+            let n = self.window.min(u_in) as usize;
+            self.candidate = Some(Candidate {
+                u_in,
+                c_off,
+                prefix,
+                window: self.ring.last(n).concat(),
+            });
         }
+    }
+
+    /// In-frame offset from which output must go to the ring: a window before the next point
+    /// can be due (copying all output would cost the pass a memcpy of everything).
+    fn window_from(&self) -> u64 {
+        (self.last_point + self.spacing).saturating_sub(block_max(self.window) + self.window)
     }
 
     /// Follows a compressed block's tables and offsets.
@@ -565,9 +577,10 @@ struct ResumeSpan {
     c_off: u64,
     c_len: u64,
     record: usize,
-    dict_len: u64,
-    crc: u32,
     window: u64,
+    /// The frame's start, to decode from should the record fail its check.
+    frame_c_off: u64,
+    frame_u_off: u64,
 }
 
 /// The indexing pass over a zstd stream.
@@ -698,23 +711,28 @@ impl<R: Read> ZstdIndexer<R> {
 
     /// Moves a point's dictionary into the local copy.
     fn commit_point(&mut self, p: &mut Point) -> Result<()> {
-        if let Err(dict) = &mut p.dict {
-            let dict = std::mem::take(dict);
-            let copy = self
-                .local_copy()?
-                .ok_or_else(|| BlobError::Internal("resume point without a local copy".into()))?;
-            p.dict = Ok(copy.push_record(dict)?);
-        }
+        let dict = std::mem::replace(&mut p.dict, Ok(usize::MAX));
+        p.dict = match dict {
+            Ok(n) => Ok(n),
+            Err(record) => {
+                let copy = self.local_copy()?.ok_or_else(|| {
+                    BlobError::Internal("resume point without a local copy".into())
+                })?;
+                Ok(copy.push_record(record)?)
+            }
+        };
         Ok(())
     }
 
     /// Output of the current frame: keep it while the frame may be small, else copy it (or
     /// for a frame with resume points, only keep its window).
     fn frame_output(&mut self, f: &mut Frame, data: &[u8]) -> Result<()> {
-        f.u_len += data.len() as u64;
         if let Some(r) = &mut f.resume {
-            r.ring.push(data);
+            if f.u_len + data.len() as u64 > r.window_from() {
+                r.ring.push(data);
+            }
         }
+        f.u_len += data.len() as u64;
         if f.big {
             if f.resume.is_none() {
                 if let Some(c) = &mut self.copy {
@@ -748,18 +766,30 @@ impl<R: Read> ZstdIndexer<R> {
         Ok(())
     }
 
-    /// Takes a checked candidate point as one of the frame's points.
-    fn accept(&mut self, f: &mut Frame, cand: Candidate) -> Result<()> {
+    /// Takes a candidate as one of the frame's points; `block` (header and content) decodes
+    /// to `expect`, which the local copy's thread checks the dictionary against.
+    fn accept(
+        &mut self,
+        f: &mut Frame,
+        cand: Candidate,
+        block: Vec<u8>,
+        expect: &[u8],
+    ) -> Result<()> {
         let Some(r) = &mut f.resume else {
             return Ok(());
         };
         r.last_point = cand.u_in;
+        let (window, expect) = (r.window, expect.to_vec());
+        let record = Record {
+            parts: vec![cand.prefix, cand.window],
+            check: Some(Box::new(move |dict: &[u8]| {
+                resumes_to(dict, window, &block, &expect)
+            })),
+        };
         let mut p = Point {
             u_off: f.u_off + cand.u_in,
             c_off: cand.c_off,
-            crc: crc32fast::hash(&cand.dict),
-            dict_len: cand.dict.len() as u64,
-            dict: Err(cand.dict),
+            dict: Err(record),
         };
         if f.big {
             self.commit_point(&mut p)?;
@@ -828,15 +858,8 @@ impl<R: Read> ZstdIndexer<R> {
         // start a span at the frame end.
         let cand = f.resume.as_mut().and_then(|r| r.candidate.take());
         if let Some(cand) = cand.filter(|_| produced > 0) {
-            let window = f.resume.as_ref().map_or(0, |r| r.window);
-            if resumes_to(&cand.dict, window, &self.input[start..start + body], data) {
-                self.accept(f, cand)?;
-            } else {
-                tracing::warn!(
-                    c_off,
-                    "zstd resume point does not decode its block; skipped"
-                );
-            }
+            let block = self.input[start..start + body].to_vec();
+            self.accept(f, cand, block, data)?;
         }
         self.advance(total);
         self.total_out += produced as u64;
@@ -879,9 +902,9 @@ impl<R: Read> ZstdIndexer<R> {
                         c_off: p.c_off,
                         c_len: next - p.c_off,
                         record,
-                        dict_len: p.dict_len,
-                        crc: p.crc,
                         window: r.window,
+                        frame_c_off: f.c_off,
+                        frame_u_off: f.u_off,
                     });
                 }
                 return Ok(());
@@ -985,24 +1008,35 @@ impl<R: Read> ZstdIndexer<R> {
                 src: Source::LocalCopy,
             }));
             for r in std::mem::take(&mut self.resume_spans) {
-                let (dict_off, len) = *table.records.get(r.record).ok_or_else(|| {
+                let at = *table.records.get(r.record).ok_or_else(|| {
                     BlobError::Internal("resume point record missing from the local copy".into())
                 })?;
-                if len != r.dict_len {
-                    return Err(BlobError::Internal(
-                        "resume point record size differs".into(),
-                    ));
-                }
-                spans.push(ZSpan {
-                    u_off: r.u_off,
-                    c_off: r.c_off,
-                    c_len: r.c_len,
-                    src: Source::Resume(ResumePoint {
-                        dict_off,
-                        dict_len: r.dict_len,
-                        crc: r.crc,
-                        window: r.window,
-                    }),
+                spans.push(match at {
+                    Some(at) => ZSpan {
+                        u_off: r.u_off,
+                        c_off: r.c_off,
+                        c_len: r.c_len,
+                        src: Source::Resume(ResumePoint {
+                            dict_off: at.off,
+                            dict_len: at.len,
+                            crc: at.crc,
+                            window: r.window,
+                        }),
+                    },
+                    None => {
+                        // The dictionary did not decode the block after it (a state this
+                        // pass cannot follow): that span is decoded from the frame start.
+                        tracing::warn!(
+                            c_off = r.c_off,
+                            "zstd resume point does not decode its block; that span decodes from the frame start"
+                        );
+                        ZSpan {
+                            u_off: r.u_off,
+                            c_off: r.frame_c_off,
+                            c_len: r.c_off + r.c_len - r.frame_c_off,
+                            src: Source::BlobSkip(r.u_off - r.frame_u_off),
+                        }
+                    }
                 });
             }
             spans.sort_by_key(|s| s.u_off);

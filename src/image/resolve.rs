@@ -69,11 +69,27 @@ struct Ctx<'a> {
 impl Ctx<'_> {
     /// Copies blob `digest` from the layout's `blobs/` into the store, verified.
     fn ingest(&mut self, desc: &Desc) -> Result<(), ImageError> {
+        let path = format!("blobs/sha256/{}", desc.digest.hex());
+        self.ingest_from(desc, |s| s.open(&path))
+    }
+
+    /// As [`Ctx::ingest`], for a layer (which the source may index as it is read).
+    fn ingest_layer(&mut self, layer: &LayerDesc) -> Result<(), ImageError> {
+        self.ingest_from(&layer.desc, |s| s.open_layer(layer))
+    }
+
+    fn ingest_from<'s>(
+        &mut self,
+        desc: &Desc,
+        open: impl FnOnce(&'s dyn ImageSource) -> Result<(Box<dyn Read + 's>, u64), ImageError>,
+    ) -> Result<(), ImageError>
+    where
+        Self: 's,
+    {
         if self.store.contains(&desc.digest) {
             return Ok(());
         }
-        let path = format!("blobs/sha256/{}", desc.digest.hex());
-        let (mut reader, size) = self.source.open(&path).map_err(|e| match e {
+        let (mut reader, size) = open(self.source).map_err(|e| match e {
             ImageError::Missing(_) => ImageError::Missing(format!(
                 "blob {} ({}) named by the image is not in {}",
                 desc.digest,
@@ -447,7 +463,7 @@ fn resolve_target(
     let layers = manifest_layers(&manifest, &config, &what)?;
     for layer in &layers {
         if !ctx.source.is_remote(&layer.desc.digest) {
-            ctx.ingest(&layer.desc)?;
+            ctx.ingest_layer(layer)?;
         }
         blobs.push(layer.desc.digest.clone());
     }

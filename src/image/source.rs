@@ -19,6 +19,14 @@ pub trait ImageSource {
     fn is_remote(&self, _digest: &crate::digest::Digest) -> bool {
         false
     }
+    /// Opens a layer blob to copy into the store; a source may also index the layer from the
+    /// same bytes (`import::IndexWhileCopying`).
+    fn open_layer(
+        &self,
+        layer: &super::LayerDesc,
+    ) -> Result<(Box<dyn Read + '_>, u64), ImageError> {
+        self.open(&format!("blobs/sha256/{}", layer.desc.digest.hex()))
+    }
 }
 
 pub fn open_source(path: &Path) -> Result<Box<dyn ImageSource>, ImageError> {

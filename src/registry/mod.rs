@@ -15,7 +15,6 @@ pub mod push;
 pub mod reference;
 pub mod retry;
 pub mod source;
-pub mod tee;
 pub mod tls;
 pub mod toc;
 

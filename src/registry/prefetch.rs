@@ -12,11 +12,11 @@ use tracing::{debug_span, warn};
 
 use super::blob::BlobStream;
 use super::client::Client;
-use super::tee::tee_index;
 use super::RegistryError;
 use crate::digest::Digest;
 use crate::image::{layer_compression, Desc, LayerDesc};
 use crate::store::ContentStore;
+use crate::tee::tee_index;
 use crate::unpack::{Indexed, Limits};
 
 /// Downloads at once, besides the one the import pipeline streams itself.

@@ -21,7 +21,6 @@ use super::lazy::RemoteInfo;
 use super::prefetch::Prefetcher;
 use super::reference::Reference;
 use super::retry::RetryPolicy;
-use super::tee::tee_index;
 use super::toc::{fetch_toc, manifest_layer_descs, toc_artifact, toc_layers, FetchedToc};
 use super::RegistryError;
 use crate::digest::Digest;
@@ -31,6 +30,7 @@ use crate::image::{
     OCI_INDEX, OCI_MANIFEST,
 };
 use crate::store::ContentStore;
+use crate::tee::tee_index;
 use crate::unpack::{Indexed, Limits};
 
 /// How to reach a registry.

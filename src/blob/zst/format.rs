@@ -330,16 +330,12 @@ impl Tables {
         Ok(l.nb_seq)
     }
 
-    /// The dictionary that hands this state, `reps` and `content` (the window) to libzstd, or
-    /// `None` if a table `needs` names cannot be written in a dictionary (an RLE table, which
-    /// has accuracy 0 where a dictionary's tables start at 5).
-    pub(crate) fn dictionary(
-        &self,
-        needs: Needs,
-        reps: [u32; 3],
-        content: &[&[u8]],
-    ) -> Option<Vec<u8>> {
-        let mut d = Vec::with_capacity(256 + content.iter().map(|c| c.len()).sum::<usize>());
+    /// The start of the dictionary that hands this state and `reps` to libzstd (the window
+    /// follows it as the dictionary's content), or `None` if a table `needs` names cannot be
+    /// written in a dictionary (an RLE table, which has accuracy 0 where a dictionary's tables
+    /// start at 5).
+    pub(crate) fn dictionary_prefix(&self, needs: Needs, reps: [u32; 3]) -> Option<Vec<u8>> {
+        let mut d = Vec::with_capacity(512);
         d.extend_from_slice(&DICT_MAGIC.to_le_bytes());
         d.extend_from_slice(&RESUME_DICT_ID.to_le_bytes());
         match &self.huf {
@@ -359,9 +355,6 @@ impl Tables {
         }
         for r in reps {
             d.extend_from_slice(&r.to_le_bytes());
-        }
-        for c in content {
-            d.extend_from_slice(c);
         }
         Some(d)
     }

@@ -1,6 +1,7 @@
-//! Indexing a layer while it downloads: the bytes the content store ingests are also handed
-//! (through a bounded channel, so the slower side sets the pace) to an indexing thread, so a
-//! pull reads each layer once. The result is used only after the store has checked the
+//! Indexing a layer while it is copied in (downloaded by a pull, copied from a layout by an
+//! import): the bytes the content store ingests are also handed (through a bounded channel, so
+//! the slower side sets the pace) to an indexing thread, so each layer is read once and the copy
+//! overlaps the index. The result is used only after the store has checked the
 //! digest of the same stream and the diffID is checked against the config (`unpack_with`).
 
 use std::io::{self, Read};
