@@ -20,6 +20,45 @@ pub struct ChainLevel {
     pub uncompressed_size: u64,
     pub entries: u64,
     pub index: String,
+    /// How a read enters the blob: gzip checkpoints, zstd frames, zstd resume points, or a
+    /// local seekable copy (re-compressed: regions with no way in), with its span count.
+    pub random_access: String,
+    /// Local bytes kept beside the blob for that (resume-point dictionaries or the copy).
+    pub local_copy_size: u64,
+}
+
+/// `random_access` and `local_copy_size` of a blob.
+fn random_access(root: &Root, blob: &crate::meta::BlobRow) -> (String, u64) {
+    let local = blob
+        .local_copy
+        .as_deref()
+        .and_then(|p| std::fs::metadata(root.abs(p)).ok())
+        .map_or(0, |m| m.len());
+    let map = std::fs::read(root.abs(&blob.spans_path))
+        .ok()
+        .and_then(|b| postcard::from_bytes::<crate::blob::SpanMap>(&b).ok());
+    let Some(map) = map else {
+        return ("span map missing".into(), local);
+    };
+    let spans = map.span_count();
+    let how = if map.copied_spans() > 0 {
+        format!(
+            "local seekable copy for {} of {spans} spans (a zstd window past 8 MiB or over-long deflate blocks)",
+            map.copied_spans()
+        )
+    } else if map.resume_points() > 0 {
+        format!(
+            "zstd resume points: {} in {spans} spans",
+            map.resume_points()
+        )
+    } else {
+        match map.compression {
+            crate::blob::Compression::Gzip => format!("gzip checkpoints: {spans} spans"),
+            crate::blob::Compression::Zstd => format!("zstd frames: {spans} spans"),
+            crate::blob::Compression::None => "uncompressed".into(),
+        }
+    };
+    (how, local)
 }
 
 #[derive(Debug, Serialize)]
@@ -74,6 +113,7 @@ pub fn image_view(root: &Root, name: &str) -> anyhow::Result<ImageView> {
                 .layer(&c.diff_id)?
                 .with_context(|| format!("layer {} not recorded", c.diff_id))?;
             uncompressed += layer.uncompressed_size;
+            let (random_access, local_copy_size) = random_access(root, &blob);
             chain.push(ChainLevel {
                 chain_id: c.chain_id,
                 parent: c.parent,
@@ -85,6 +125,8 @@ pub fn image_view(root: &Root, name: &str) -> anyhow::Result<ImageView> {
                 uncompressed_size: layer.uncompressed_size,
                 entries: layer.entries,
                 index: layer.index_path,
+                random_access,
+                local_copy_size,
             });
         }
     }
