@@ -36,18 +36,7 @@ fn prerequisites() -> bool {
 fn pause_archive(work: &Path) -> PathBuf {
     let bin = work.join("rootfs/pause");
     std::fs::create_dir_all(bin.parent().unwrap()).unwrap();
-    let out = std::process::Command::new("go")
-        .args(["build", "-trimpath", "-o"])
-        .arg(&bin)
-        .arg(".")
-        .current_dir(common::repo_root().join("tools/pause"))
-        .env("CGO_ENABLED", "0")
-        .env("GOTOOLCHAIN", "local")
-        .env("GOFLAGS", "-buildvcs=false")
-        .env("GOCACHE", common::repo_root().join("target/go-build-cache"))
-        .output()
-        .unwrap();
-    check("go build tools/pause", out);
+    common::go_build_tool("pause", &bin);
     let layer = work.join("pause-layer.tar");
     check(
         "tar pause",

@@ -82,22 +82,7 @@ fn klauspost() -> Option<PathBuf> {
             return None;
         }
         let bin = common::repo_root().join("target/tools/zstd-klauspost");
-        let out = Command::new("go")
-            .args(["build", "-trimpath", "-o"])
-            .arg(&bin)
-            .arg(".")
-            .current_dir(common::repo_root().join("tools/zstd-klauspost"))
-            .env("CGO_ENABLED", "0")
-            .env("GOTOOLCHAIN", "local")
-            .env("GOFLAGS", "-buildvcs=false -mod=readonly")
-            .env("GOCACHE", common::repo_root().join("target/go-build-cache"))
-            .output()
-            .expect("go build");
-        assert!(
-            out.status.success(),
-            "go build tools/zstd-klauspost: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        common::go_build_tool("zstd-klauspost", &bin);
         Some(bin)
     })
     .clone()

@@ -867,15 +867,13 @@ impl<R: Read> ZstdIndexer<R> {
         if h.last {
             f.blocks_end = Some(c_off + body as u64);
         }
+        self.block_out = own;
         if direct {
-            self.block_out = own;
-            Ok(produced)
-        } else {
-            self.block_out = own;
-            self.out_pos = 0;
-            self.out_len = produced;
-            Ok(0)
+            return Ok(produced);
         }
+        self.out_pos = 0;
+        self.out_len = produced;
+        Ok(0)
     }
 
     fn end_frame(&mut self, mut f: Frame) -> Result<()> {

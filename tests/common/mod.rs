@@ -849,3 +849,24 @@ pub fn run_go_suite(label: &str, dir: &Path, envs: &[(&str, &OsStr)]) -> GoSuite
     }
     GoSuiteRun { stdout, summary }
 }
+
+/// Builds the Go main in `tools/<tool>` (static, no network toolchain switch, the module's
+/// go.sum as is) into `out`; panics with go's stderr on failure.
+pub fn go_build_tool(tool: &str, out: &Path) {
+    let built = std::process::Command::new("go")
+        .args(["build", "-trimpath", "-o"])
+        .arg(out)
+        .arg(".")
+        .current_dir(repo_root().join("tools").join(tool))
+        .env("CGO_ENABLED", "0")
+        .env("GOTOOLCHAIN", "local")
+        .env("GOFLAGS", "-buildvcs=false -mod=readonly")
+        .env("GOCACHE", repo_root().join("target/go-build-cache"))
+        .output()
+        .expect("running go build");
+    assert!(
+        built.status.success(),
+        "go build tools/{tool}: {}",
+        String::from_utf8_lossy(&built.stderr)
+    );
+}
