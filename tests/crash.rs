@@ -197,6 +197,7 @@ struct Figures {
     temp_files_left: u64,
     temp_bytes_left: u64,
     orphan_dirs_left: u64,
+    unused_lowers_left: u64,
     inconsistencies: Vec<String>,
     lost: Vec<String>,
 }
@@ -230,6 +231,8 @@ fn check_after(root: &Path, figures: &mut Figures, verify: bool) -> Vec<String> 
                 figures.temp_bytes_left += l["bytes"].as_u64().unwrap();
             }
             "orphan_snapshot_dir" => figures.orphan_dirs_left += 1,
+            // A kill between a snapshot's removal and its shared lower's unmount.
+            "unused_lower" => figures.unused_lowers_left += 1,
             k => panic!("unknown leftover kind {k}"),
         }
     }
@@ -445,8 +448,16 @@ fn kill_at_random_points_then_check_and_compare() {
         figures.iterations += 1;
         // Reopen: check first (verifying digests every few iterations and at the end).
         let verify = i % 4 == 3 || i + 1 == iterations;
+        let left = |f: &Figures| f.temp_files_left + f.orphan_dirs_left + f.unused_lowers_left;
+        let left_before = left(&figures);
         for u in check_after(&root, &mut figures, verify) {
             figures.inconsistencies.push(format!("{ctx}: {u}"));
+        }
+        // Leftovers are a kill's: an operation that ran to its end leaves none.
+        if completed && left(&figures) != left_before {
+            figures
+                .inconsistencies
+                .push(format!("{ctx}: completed, yet check found leftovers"));
         }
         // Everything that existed before is still there (but what the operation removes).
         let after = state(&root);
@@ -517,13 +528,14 @@ fn kill_at_random_points_then_check_and_compare() {
     );
     drop(cleanup);
     eprintln!(
-        "crash figures: iterations {}, killed {}, completed {}, temp files left by kills {} ({} bytes, removed by check --repair), orphan snapshot dirs {}, inconsistencies {}, items lost {}, {:.1}s",
+        "crash figures: iterations {}, killed {}, completed {}, temp files left by kills {} ({} bytes, removed by check --repair), orphan snapshot dirs {}, unused lowers {}, inconsistencies {}, items lost {}, {:.1}s",
         figures.iterations,
         figures.killed,
         figures.completed,
         figures.temp_files_left,
         figures.temp_bytes_left,
         figures.orphan_dirs_left,
+        figures.unused_lowers_left,
         figures.inconsistencies.len(),
         figures.lost.len(),
         started.elapsed().as_secs_f64()
