@@ -348,7 +348,10 @@ fn main() {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
+    // Absolute: mount daemons run elsewhere and mountinfo lists absolute paths.
     let root_path = cli.root.clone().unwrap_or_else(default_root);
+    let root_path = std::path::absolute(&root_path)
+        .with_context(|| format!("resolving root {}", root_path.display()))?;
     let upper_mode = lazysnap::snapshot::UpperMode::parse(&cli.upper)?;
     if matches!(
         cli.command,

@@ -106,6 +106,39 @@ fn every_snapshot_of_a_chain_shares_one_lower_which_goes_with_the_last() {
     assert!(!check.contains("leftover"), "{check}");
 }
 
+/// `--root` given relative to the working directory: the second snapshot of a chain finds
+/// the shared lower the first one mounted (mountinfo lists absolute paths).
+#[test]
+fn a_relative_root_shares_the_lower_too() {
+    if !prerequisites() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("root");
+    common::import_image(&root, "debian-gzip", "deb");
+    let chain = top_chain(&root, "deb");
+    let _c = Cleanup(root.clone(), vec!["r1".into(), "r2".into()]);
+    for key in ["r1", "r2"] {
+        let out = std::process::Command::new(common::lazysnap_bin())
+            .current_dir(tmp.path())
+            .args([
+                "--root", "root", "--upper", "overlay", "snapshot", "prepare",
+            ])
+            .args([key, &chain])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "prepare {key} with a relative root: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert_eq!(lower_mounts(&root).len(), 1, "one lower for both");
+    let m = json(&root, &["snapshot", "mounts", "r2"]);
+    let mnt = SnapshotMount::new(&m, &tmp.path().join("r2"));
+    assert!(fs::read(mnt.dir.join("usr/bin/python3")).unwrap().len() > 1000);
+}
+
 /// Changes that exercise every form an overlay upper holds a change in.
 const CHANGES: &str = r#"
 set -e
