@@ -15,6 +15,7 @@ pub mod gc;
 pub mod image;
 pub mod import;
 pub mod index;
+pub mod keeper;
 pub mod layer;
 pub mod meta;
 pub mod mount;

@@ -247,6 +247,19 @@ enum Command {
         /// (internal) IMAGE is the key of an active snapshot or view to serve
         #[arg(long, hide = true)]
         snapshot: bool,
+        /// (internal) take over the live mount at DIR on this `/dev/fuse` fd (from its keeper)
+        #[arg(long, hide = true, requires = "foreground")]
+        resume_fd: Option<i32>,
+    },
+    /// (internal) hold a read-only mount's FUSE connection; start a new daemon on it when the
+    /// daemon PID dies (see src/keeper.rs)
+    #[command(hide = true)]
+    FuseKeeper {
+        #[arg(long)]
+        pid: u32,
+        /// The daemon's arguments
+        #[arg(last = true)]
+        daemon_args: Vec<std::ffi::OsString>,
     },
     /// Commit the changes made in a `mount --rw` directory as a new image NAME
     Commit {
@@ -368,6 +381,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
     }
     match cli.command {
+        Command::FuseKeeper { pid, daemon_args } => {
+            lazysnap::keeper::run(pid, daemon_args)?;
+        }
         Command::Import {
             path,
             name,
@@ -648,16 +664,24 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             threads,
             snapshot,
             owners,
+            resume_fd,
             ..
         } => {
             let req = lazysnap::mount::MountRequest {
                 owners: owners.unwrap_or(OwnersArg::Image).into(),
                 snapshot,
                 target: image,
-                dir: std::fs::canonicalize(&dir)
-                    .with_context(|| format!("mountpoint {} does not exist", dir.display()))?,
+                // A mount being taken over is not to be touched (no daemon serves it yet); the
+                // keeper passes the canonical path the first daemon got.
+                dir: if resume_fd.is_some() {
+                    dir
+                } else {
+                    std::fs::canonicalize(&dir)
+                        .with_context(|| format!("mountpoint {} does not exist", dir.display()))?
+                },
                 cache_bytes: cache_size,
                 threads,
+                resume_fd,
             };
             let root = Root::open(&root_path)?;
             if foreground {

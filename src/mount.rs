@@ -17,7 +17,7 @@ use crate::layer::open_stack;
 use crate::root::Root;
 
 /// Env var naming the fd the foreground child reports readiness on.
-const READY_FD_ENV: &str = "LAZYSNAP_READY_FD";
+pub(crate) const READY_FD_ENV: &str = "LAZYSNAP_READY_FD";
 
 pub struct MountRequest {
     /// Image name, or the key of a committed snapshot / chain ID; with `snapshot`, the key of
@@ -29,7 +29,13 @@ pub struct MountRequest {
     pub threads: Option<usize>,
     /// Whose ids the mount shows.
     pub owners: Owners,
+    /// Take over the live mount at `dir` whose `/dev/fuse` connection is this fd (passed by
+    /// the mount's keeper, [`crate::keeper`]) instead of mounting.
+    pub resume_fd: Option<i32>,
 }
+
+/// Env var that, set to `0`, mounts without a keeper (a dead daemon then leaves a stale mount).
+pub const KEEPER_ENV: &str = "LAZYSNAP_FUSE_KEEPER";
 
 /// The chain ID to mount for `target`: an image's top chain, or a committed snapshot's.
 pub fn resolve_chain(root: &Root, target: &str) -> anyhow::Result<String> {
@@ -106,7 +112,10 @@ pub fn run_foreground(root: Root, req: &MountRequest) -> anyhow::Result<()> {
     .context("installing signal handlers")?;
     let ready_fd = take_ready_fd();
     let result = (|| {
-        prepare_mountpoint(&req.dir)?;
+        // A mount being taken over is live (and nothing here may touch it: no daemon serves it).
+        if req.resume_fd.is_none() {
+            prepare_mountpoint(&req.dir)?;
+        }
         let (chain, upper) = if req.snapshot {
             let spec = crate::snapshot::spec_for(&root, &req.target)?;
             (spec.chain_id, spec.upper)
@@ -128,8 +137,24 @@ pub fn run_foreground(root: Root, req: &MountRequest) -> anyhow::Result<()> {
         if let Some(t) = req.threads {
             opts.threads = t.max(1);
         }
-        let handle = lazysnap_fuse::mount(stack, &req.dir, &opts)
+        // Read-only mounts are kept; writable ones would need their open files handed over.
+        opts.recoverable =
+            opts.upper.is_none() && std::env::var_os(KEEPER_ENV).is_none_or(|v| v != "0");
+        if let Some(fd) = req.resume_fd {
+            // SAFETY: the keeper passed us the connection on this fd.
+            let device = unsafe { OwnedFd::from_raw_fd(fd) };
+            let handle = lazysnap_fuse::serve_taken_over(stack, device, &req.dir, &opts)
+                .with_context(|| format!("taking over the mount at {}", req.dir.display()))?;
+            return anyhow::Ok(handle);
+        }
+        let mut handle = lazysnap_fuse::mount(stack, &req.dir, &opts)
             .with_context(|| format!("mounting at {}", req.dir.display()))?;
+        if let Some(device) = handle.take_device_fd() {
+            let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+            if let Err(e) = crate::keeper::spawn(device, std::process::id(), &args) {
+                warn!(error = %format!("{e:#}"), "no keeper for the mount: a crash of this daemon will leave it stale");
+            }
+        }
         anyhow::Ok(handle)
     })();
     let handle = match result {
@@ -175,7 +200,11 @@ fn take_ready_fd() -> Option<std::fs::File> {
     let fd: i32 = std::env::var(READY_FD_ENV).ok()?.parse().ok()?;
     std::env::remove_var(READY_FD_ENV);
     // SAFETY: the parent passed us this fd for our exclusive use.
-    Some(unsafe { std::fs::File::from(OwnedFd::from_raw_fd(fd)) })
+    let file = unsafe { std::fs::File::from(OwnedFd::from_raw_fd(fd)) };
+    // Not inherited by the keeper: the parent waits for the pipe's end.
+    // SAFETY: fcntl on an fd we own.
+    unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
+    Some(file)
 }
 
 /// Starts a detached daemon serving the mount; returns once it is ready, with the time the
@@ -311,6 +340,7 @@ impl crate::snapshot::Mounter for DaemonMounter {
             } else {
                 self.owners
             },
+            resume_fd: None,
         };
         let log = daemon_log(&self.root_path);
         if let Some(parent) = log.parent() {

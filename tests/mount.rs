@@ -265,8 +265,10 @@ fn unmount_sigterm_and_stale_mounts() {
     assert!(status.success(), "{status}");
     assert!(!is_mounted(&mnt));
 
-    // A killed daemon leaves a stale mount; the next mount cleans it and says so.
+    // A killed daemon without a keeper (tests/keeper.rs: with one, a new daemon takes over)
+    // leaves a stale mount; the next mount cleans it and says so.
     let mut child = Command::new(common::lazysnap_bin())
+        .env("LAZYSNAP_FUSE_KEEPER", "0")
         .arg("--root")
         .arg(&root)
         .args(["mount", "--foreground", "edge", mnt.to_str().unwrap()])

@@ -516,7 +516,10 @@ fn mount_daemon_of(mountpoint: &Path) -> Option<i32> {
         let pid: i32 = e.file_name().to_str()?.parse().ok()?;
         let cmdline = fs::read(e.path().join("cmdline")).ok()?;
         let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-        (args.contains(&b"--foreground".as_slice()) && args.contains(&want)).then_some(pid)
+        (args.contains(&b"--foreground".as_slice())
+            && args.contains(&want)
+            && !args.contains(&b"fuse-keeper".as_slice()))
+        .then_some(pid)
     })
 }
 

@@ -51,8 +51,8 @@ pub use fs::MergedFs;
 pub use layer::{DirEntry, LayerStack, LayerTree, NodeAttr, NodeId, NodeKind, Timestamp, Xattrs};
 pub use merge::{Ino, Merged, ROOT_INO};
 pub use mount::{
-    fuser_config, is_mountpoint, is_stale_mount, mount, mountpoints, unmount, MountHandle,
-    MountOptions,
+    connection_gone, fuser_config, is_mountpoint, is_stale_mount, mount, mountpoints,
+    serve_taken_over, unmount, MountHandle, MountOptions,
 };
 pub use owners::{in_user_namespace, privileged, Owners};
 pub use ownership::{read_override, Override};

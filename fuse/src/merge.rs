@@ -11,9 +11,11 @@
 //!   directory is not merely implied by the paths of its children.
 //!
 //! Nothing is merged at construction: a directory is merged on its first lookup or listing and
-//! cached, so a mount costs nothing up front. Inode numbers are handed out on first sight and
-//! never reused or changed while the [`Merged`] lives; a node visible through several hardlinks
-//! of one layer gets one inode.
+//! cached, so a mount costs nothing up front. The inode number of a layer node is a pure function of
+//! (layer, node) ([`origin_ino`]), so a daemon started again over the same stack answers the
+//! numbers the kernel got from an earlier one ([`Merged::inode`] finds such a node again by its
+//! path); a node visible through several hardlinks of one layer gets one inode. Entries only the
+//! upper has are numbered from [`UPPER_INO_BASE`] on, never reused while the [`Merged`] lives.
 //!
 //! A writable upper directory (an OCI layer in directory form, see [`mod@write`]) may sit above
 //! the layers: its entries win, its `.wh.NAME` files hide lower names and its `.wh..wh..opq`
@@ -58,6 +60,26 @@ const MAX_DEPTH: usize = 4096;
 
 /// The root directory's inode number (FUSE's `FUSE_ROOT_ID`).
 pub const ROOT_INO: Ino = 1;
+
+/// First inode number of entries only the upper directory has: above every [`origin_ino`]
+/// (layers are fewer than 65535).
+pub const UPPER_INO_BASE: Ino = 1 << 48;
+
+/// The inode number of layer node `o`: the same in every daemon serving the stack.
+pub fn origin_ino(o: Origin) -> Ino {
+    ((u64::from(o.layer) + 1) << 32) | u64::from(o.node)
+}
+
+/// The layer node numbered `ino` by [`origin_ino`].
+fn ino_origin(ino: Ino) -> Option<Origin> {
+    if !(1 << 32..UPPER_INO_BASE).contains(&ino) {
+        return None;
+    }
+    Some(Origin {
+        layer: u32::try_from((ino >> 32) - 1).ok()?,
+        node: ino as u32,
+    })
+}
 
 /// A node of one layer: `layer` indexes the stack, bottom = 0.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -248,6 +270,25 @@ impl Inode {
     }
 }
 
+/// Every directory entry of `layer` that names a node, by node: one walk of the whole tree.
+fn node_names(layer: &dyn LayerTree) -> NodeNames {
+    let mut names = NodeNames::new();
+    let mut dirs = vec![layer.root()];
+    while let Some(dir) = dirs.pop() {
+        layer.for_each_child(dir, &mut |name, e| {
+            if let DirEntry::Node(node) = e {
+                let seen = names.entry(node).or_default();
+                // A directory has one name; one seen again is a loop in a damaged index.
+                if seen.is_empty() && layer.attr(node).kind == NodeKind::Dir {
+                    dirs.push(node);
+                }
+                seen.push((dir, name.into()));
+            }
+        });
+    }
+    names
+}
+
 /// `merge_len` for a directory with `sources`: through the first opaque one.
 fn merge_len(layers: &LayerStack, sources: &[Origin]) -> usize {
     sources
@@ -258,19 +299,29 @@ fn merge_len(layers: &LayerStack, sources: &[Origin]) -> usize {
 
 #[derive(Default)]
 pub(crate) struct Table {
-    /// Indexed by `ino - 1`.
-    pub inodes: Vec<Arc<Inode>>,
+    pub inodes: HashMap<Ino, Arc<Inode>>,
     /// Inode of a layer node: the topmost source of each inode.
     pub by_origin: HashMap<Origin, Ino>,
     /// Inode of an upper entry.
     pub by_upper: HashMap<HostId, Ino>,
+    /// Entries only the upper has handed out so far.
+    upper_only: u64,
 }
 
 impl Table {
-    /// Hands out the next inode number.
-    pub fn push(&mut self, make: impl FnOnce(Ino) -> Inode) -> Ino {
-        let ino = self.inodes.len() as Ino + 1;
-        self.inodes.push(Arc::new(make(ino)));
+    /// Records the inode of layer node `origin` (its topmost source), numbered [`origin_ino`].
+    pub fn push_origin(&mut self, origin: Origin, make: impl FnOnce(Ino) -> Inode) -> Ino {
+        let ino = origin_ino(origin);
+        self.inodes.insert(ino, Arc::new(make(ino)));
+        self.by_origin.insert(origin, ino);
+        ino
+    }
+
+    /// Hands out the next number for an entry only the upper has.
+    pub fn push_upper(&mut self, make: impl FnOnce(Ino) -> Inode) -> Ino {
+        self.upper_only += 1;
+        let ino = UPPER_INO_BASE + self.upper_only;
+        self.inodes.insert(ino, Arc::new(make(ino)));
         ino
     }
 }
@@ -285,7 +336,13 @@ pub struct Merged {
     /// `O_PATH` fds of recently used upper entries; bounded by the open-file limit.
     pub(crate) fds: FdCache,
     pub(crate) tmp_seq: AtomicU64,
+    /// Per layer, the names of every node, built on the first number asked for that this
+    /// daemon never handed out (see [`Merged::inode`]).
+    names: Vec<std::sync::OnceLock<NodeNames>>,
 }
+
+/// The directory entries naming each node of one layer, as (parent dir, name).
+type NodeNames = HashMap<NodeId, Vec<(NodeId, Box<[u8]>)>>;
 
 impl std::fmt::Debug for Merged {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -362,8 +419,9 @@ impl Merged {
         if let Some(top) = root.sources.first() {
             table.by_origin.insert(*top, ROOT_INO);
         }
-        table.inodes.push(root);
+        table.inodes.insert(ROOT_INO, root);
         Merged {
+            names: layers.iter().map(|_| std::sync::OnceLock::new()).collect(),
             layers,
             table: RwLock::new(table),
             upper,
@@ -432,11 +490,51 @@ impl Merged {
         &self.layers[o.layer as usize]
     }
 
-    /// The inode `ino`, if it was handed out.
+    /// The inode `ino`, if it was handed out, by this daemon or (a layer node's) by an earlier
+    /// one serving the same stack.
     pub fn inode(&self, ino: Ino) -> Option<Arc<Inode>> {
-        let idx = usize::try_from(ino.checked_sub(1)?).ok()?;
-        let t = self.table.read().unwrap_or_else(PoisonError::into_inner);
-        t.inodes.get(idx).cloned()
+        let known = self
+            .table
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .inodes
+            .get(&ino)
+            .cloned();
+        known.or_else(|| self.find_again(ino))
+    }
+
+    /// Finds layer node `ino` again by merging the directories on one of its paths, which
+    /// numbers it as it was numbered before, and checks that the path leads to it (a name
+    /// whited out above, say, leads elsewhere).
+    fn find_again(&self, ino: Ino) -> Option<Arc<Inode>> {
+        let o = ino_origin(ino)?;
+        let layer = self.layers.get(o.layer as usize)?;
+        let names = self.names[o.layer as usize].get_or_init(|| node_names(layer.as_ref()));
+        let _s = tracing::debug_span!("find_again", ino, layer = o.layer, node = o.node).entered();
+        for (dir, name) in names.get(&o.node).into_iter().flatten() {
+            let mut path = vec![&name[..]];
+            let mut at = *dir;
+            while at != layer.root() {
+                let (up, n) = names.get(&at)?.first()?;
+                path.push(&n[..]);
+                at = *up;
+                if path.len() > MAX_DEPTH {
+                    return None;
+                }
+            }
+            let mut cur = ROOT_INO;
+            for n in path.iter().rev() {
+                match self.child(cur, n) {
+                    Some(c) => cur = c,
+                    None => break,
+                }
+            }
+            if cur == ino {
+                let t = self.table.read().unwrap_or_else(PoisonError::into_inner);
+                return t.inodes.get(&ino).cloned();
+            }
+        }
+        None
     }
 
     /// How many inodes were handed out so far.
@@ -723,11 +821,9 @@ impl Merged {
                     } else {
                         sources.len()
                     };
-                    let ino = table.push(|ino| {
+                    table.push_origin(key, |ino| {
                         Inode::new(ino, inode.ino, &name, kind, sources, merge_len, None)
-                    });
-                    table.by_origin.insert(key, ino);
-                    ino
+                    })
                 }
             };
             children.push(Child { name, ino, kind });
@@ -739,7 +835,7 @@ impl Merged {
             let known = table
                 .by_upper
                 .get(&e.id)
-                .and_then(|ino| table.inodes.get(*ino as usize - 1))
+                .and_then(|ino| table.inodes.get(ino))
                 .filter(|i| i.kind == e.kind)
                 .cloned();
             let ino = match known {
@@ -749,7 +845,7 @@ impl Merged {
                 }
                 None => {
                     let merge_len = merge_len(&self.layers, &sources);
-                    let ino = table.push(|ino| {
+                    let ino = table.push_upper(|ino| {
                         let up = UpperNode::new(e.id);
                         Inode::new(
                             ino,

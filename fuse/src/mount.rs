@@ -3,6 +3,7 @@
 use std::ffi::CString;
 use std::fs;
 use std::io;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -49,6 +50,10 @@ pub struct MountOptions {
     pub record_ownership_in_xattr: bool,
     /// Whose ids the mount shows (the image's by default).
     pub owners: Owners,
+    /// Serve from one `/dev/fuse` fd (no cloned fds, whose requests in flight would be lost with
+    /// the daemon) and keep a duplicate of it ([`MountHandle::take_device_fd`]), so that another
+    /// daemon can take the connection over ([`serve_taken_over`]). Read-only mounts only.
+    pub recoverable: bool,
 }
 
 impl Default for MountOptions {
@@ -66,6 +71,7 @@ impl Default for MountOptions {
             upper: None,
             record_ownership_in_xattr: false,
             owners: Owners::Image,
+            recoverable: false,
         }
     }
 }
@@ -77,6 +83,8 @@ pub struct MountHandle {
     session: Option<BackgroundSession>,
     mountpoint: PathBuf,
     merged: Arc<Merged>,
+    /// A duplicate of the connection's `/dev/fuse` fd, for a keeper (recoverable mounts).
+    device: Option<OwnedFd>,
 }
 
 impl MountHandle {
@@ -88,6 +96,13 @@ impl MountHandle {
     /// The merged view being served.
     pub fn merged(&self) -> &Arc<Merged> {
         &self.merged
+    }
+
+    /// A duplicate of the connection's `/dev/fuse` fd (once; recoverable mounts only). While any
+    /// process holds it, the kernel keeps the connection: a daemon that dies leaves requests
+    /// waiting for the next one instead of a stale mount.
+    pub fn take_device_fd(&mut self) -> Option<OwnedFd> {
+        self.device.take()
     }
 
     /// Unmounts and waits for the serving threads to stop. When the mount is busy it is detached
@@ -164,7 +179,7 @@ pub fn fuser_config(opts: &MountOptions) -> Config {
         SessionACL::Owner
     };
     config.n_threads = Some(opts.threads.max(1));
-    config.clone_fd = opts.threads > 1;
+    config.clone_fd = opts.threads > 1 && !opts.recoverable;
     config
 }
 
@@ -216,17 +231,104 @@ pub fn mount(
              (without udev, as root: chmod 0666 /dev/fuse; scripts/install-deps.sh does it)"
         )));
     }
-    let session = fuser::spawn_mount(fs, &canonical, &config).map_err(mount_err)?;
+    if opts.recoverable && opts.upper.is_some() {
+        return Err(mount_err(io::Error::other(
+            "a writable mount cannot be taken over yet (recoverable is for read-only mounts)",
+        )));
+    }
+    let session = fuser::Session::new(fs, &canonical, &config).map_err(mount_err)?;
+    let device = if opts.recoverable {
+        Some(session.as_fd().try_clone_to_owned().map_err(mount_err)?)
+    } else {
+        None
+    };
+    let session = session.spawn().map_err(mount_err)?;
     let handle = MountHandle {
         session: Some(session),
         mountpoint: canonical,
         merged,
+        device,
     };
     if let Some(kb) = opts.read_ahead_kb {
         raise_read_ahead(&handle.mountpoint, kb);
     }
     info!(mountpoint = %handle.mountpoint.display(), "mounted");
     Ok(handle)
+}
+
+/// Serves the merged view of `stack` on `device`, the `/dev/fuse` fd of a live read-only mount
+/// at `mountpoint` whose daemon is gone (or handing over): no mount, no INIT (the kernel sent it
+/// to the first daemon). The node ids the kernel holds are a pure function of the stack
+/// ([`crate::merge::origin_ino`]), so they resolve here too; the requests the previous daemon
+/// had read but not answered are asked for again (`FUSE_NOTIFY_RESEND`, Linux 6.9+).
+pub fn serve_taken_over(
+    stack: LayerStack,
+    device: OwnedFd,
+    mountpoint: &Path,
+    opts: &MountOptions,
+) -> Result<MountHandle, FuseError> {
+    let err = |source| FuseError::Mount {
+        path: mountpoint.to_path_buf(),
+        source,
+    };
+    if opts.upper.is_some() {
+        return Err(err(io::Error::other(
+            "a writable mount cannot be taken over yet",
+        )));
+    }
+    let fs = MergedFs::new(stack).with_owners(opts.owners);
+    let merged = fs.merged().clone();
+    let config = fuser_config(&MountOptions {
+        recoverable: true,
+        ..opts.clone()
+    });
+    let keep = device.try_clone().map_err(err)?;
+    let session = fuser::Session::from_initialized_fd(fs, device, config.acl, config);
+    let session = session.spawn().map_err(err)?;
+    match resend_pending(&keep) {
+        Ok(()) => debug!("asked the kernel to resend the requests in flight"),
+        Err(e) => warn!(
+            error = %e,
+            "FUSE_NOTIFY_RESEND refused (Linux < 6.9?): requests the previous daemon had read stay unanswered"
+        ),
+    }
+    info!(mountpoint = %mountpoint.display(), "took the mount over");
+    Ok(MountHandle {
+        session: Some(session),
+        mountpoint: mountpoint.to_path_buf(),
+        merged,
+        device: Some(keep),
+    })
+}
+
+/// `FUSE_NOTIFY_RESEND` (include/uapi/linux/fuse.h): the kernel queues again every request a
+/// daemon read from this connection and did not answer.
+fn resend_pending(device: &OwnedFd) -> io::Result<()> {
+    const FUSE_NOTIFY_RESEND: i32 = 7;
+    // struct fuse_out_header { u32 len; i32 error; u64 unique }: a notification has unique 0
+    // and its code in `error`.
+    let mut msg = [0u8; 16];
+    msg[0..4].copy_from_slice(&16u32.to_ne_bytes());
+    msg[4..8].copy_from_slice(&FUSE_NOTIFY_RESEND.to_ne_bytes());
+    // SAFETY: writes 16 bytes from a live buffer to an fd we own.
+    let n = unsafe { libc::write(device.as_raw_fd(), msg.as_ptr().cast(), msg.len()) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// True when the FUSE connection behind `device` is gone (unmounted or aborted): the device
+/// then polls as an error. Does not read: requests stay for the daemon.
+pub fn connection_gone(device: &OwnedFd) -> bool {
+    let mut p = libc::pollfd {
+        fd: device.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one pollfd for a live fd, no waiting.
+    let n = unsafe { libc::poll(&mut p, 1, 0) };
+    n > 0 && p.revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0
 }
 
 /// Sets the readahead of the mount's bdi (named after its device number). Best effort: it

@@ -738,8 +738,17 @@ pub fn import_image(root: &Path, src: &str, name: &str) {
 }
 
 /// The pids of this build's `lazysnap` processes whose command line names `path` (the mount
-/// daemons of a root or of a mountpoint).
+/// daemons of a root or of a mountpoint; their keepers are not counted).
 pub fn lazysnap_processes(path: &Path) -> Vec<u32> {
+    lazysnap_processes_of(path, false)
+}
+
+/// The `fuse-keeper`s (src/keeper.rs) with `path` in their arguments.
+pub fn keeper_processes(path: &Path) -> Vec<u32> {
+    lazysnap_processes_of(path, true)
+}
+
+fn lazysnap_processes_of(path: &Path, keepers: bool) -> Vec<u32> {
     let needle = path.as_os_str().as_bytes().to_vec();
     // /proc/PID/exe is the resolved path; the binary's may lead through a symlink.
     let bin = fs::canonicalize(lazysnap_bin()).unwrap_or_else(|_| lazysnap_bin());
@@ -751,7 +760,9 @@ pub fn lazysnap_processes(path: &Path) -> Vec<u32> {
             let pid: u32 = e.file_name().to_str()?.parse().ok()?;
             let exe = fs::read_link(e.path().join("exe")).ok()?;
             let cmd = fs::read(e.path().join("cmdline")).ok()?;
-            (exe == bin && cmd.windows(needle.len()).any(|w| w == needle)).then_some(pid)
+            let keeper = cmd.split(|b| *b == 0).any(|a| a == b"fuse-keeper");
+            (exe == bin && keeper == keepers && cmd.windows(needle.len()).any(|w| w == needle))
+                .then_some(pid)
         })
         .collect()
 }

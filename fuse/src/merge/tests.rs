@@ -86,6 +86,7 @@ fn check_reference(layers: &[MemLayer]) {
     let st = stack(layers.to_vec());
     let m = Merged::new(st.clone());
     let got = walk(&m);
+    check_found_again(&st, &got);
     let want = apply_layers(&st);
     let got_paths: Vec<_> = got.keys().map(|p| String::from_utf8_lossy(p)).collect();
     let want_paths: Vec<_> = want.keys().map(|p| String::from_utf8_lossy(p)).collect();
@@ -116,6 +117,45 @@ fn check_reference(layers: &[MemLayer]) {
         distinct.len(),
         ino_of.len(),
         "distinct nodes share an inode"
+    );
+}
+
+/// A second view over the same stack (a daemon started again after a crash) answers every
+/// number the first handed out, deepest paths first, with the same entry.
+fn check_found_again(st: &LayerStack, got: &BTreeMap<Vec<u8>, (Ino, NodeAttr)>) {
+    let again = Merged::new(st.clone());
+    for (p, (ino, a)) in got.iter().rev() {
+        let ps = String::from_utf8_lossy(p);
+        assert_eq!(
+            again.attr(*ino).as_ref(),
+            Some(a),
+            "/{ps} (ino {ino}) found again"
+        );
+    }
+    for (p, (ino, a)) in got {
+        if a.kind == NodeKind::Dir {
+            let list = |m: &Merged| -> Vec<(Vec<u8>, Ino)> {
+                let d = m.dir(*ino).expect("a dir");
+                d.children()
+                    .iter()
+                    .map(|c| (c.name.to_vec(), c.ino))
+                    .collect()
+            };
+            let first = Merged::new(st.clone());
+            let _ = walk(&first);
+            assert_eq!(
+                list(&again),
+                list(&first),
+                "children of /{}",
+                String::from_utf8_lossy(p)
+            );
+        }
+    }
+    assert_eq!(again.inode(UPPER_INO_BASE + 1).map(|i| i.ino), None);
+    assert_eq!(
+        again.inode(1 << 40).map(|i| i.ino),
+        None,
+        "a number never handed out"
     );
 }
 

@@ -467,7 +467,7 @@ impl Merged {
         let id = host::host_id(&host::stat_fd(fd.as_fd())?);
         let ino = {
             let mut t = self.table.write().unwrap_or_else(PoisonError::into_inner);
-            let ino = t.push(|ino| {
+            let ino = t.push_upper(|ino| {
                 Inode::new(
                     ino,
                     parent,

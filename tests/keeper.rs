@@ -1,0 +1,240 @@
+//! [upgrade] A read-only mount survives the death of its daemon: the mount's keeper
+//! (src/keeper.rs) holds the `/dev/fuse` connection and starts a new daemon on it, which
+//! answers the node ids the kernel already has and the requests the dead one had read.
+//! Readers in a loop see no error across `kill -9`s (`LAZYSNAP_KEEPER_KILLS`, default 5; the
+//! issue's 100 with `LAZYSNAP_KEEPER_KILLS=100`), and the tree still equals umoci's afterwards.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+
+/// The regular files under `dir` with their sha256, read through the mount.
+fn file_hashes(dir: &Path) -> BTreeMap<PathBuf, [u8; 32]> {
+    common::entries_under(dir)
+        .into_iter()
+        .filter(|(_, m)| m.is_file())
+        .map(|(p, _)| {
+            let data = fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+            (p, Sha256::digest(&data).into())
+        })
+        .collect()
+}
+
+fn drop_caches() {
+    // Root only (the test requires it): reads then reach the daemon again.
+    let _ = fs::write("/proc/sys/vm/drop_caches", "3");
+}
+
+/// The daemon serving `mnt`, once there is exactly one, with a keeper beside it.
+fn wait_for_daemon(mnt: &Path, not: Option<u32>) -> u32 {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let d = common::lazysnap_processes(mnt);
+        if d.len() == 1 && Some(d[0]) != not {
+            return d[0];
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no new daemon for {} (daemons {d:?}, keepers {:?})",
+            mnt.display(),
+            common::keeper_processes(mnt)
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn readers_see_no_error_while_the_daemon_is_killed_again_and_again() {
+    if !common::can_mount() || !common::require(common::is_root(), "root (drop_caches)") {
+        return;
+    }
+    let kills: u32 = std::env::var("LAZYSNAP_KEEPER_KILLS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5);
+    let data = common::testdata();
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("root");
+    common::import_image(&root, "debian-gzip", "deb");
+    let mnt = tmp.path().join("mnt");
+    fs::create_dir_all(&mnt).unwrap();
+    // A small span cache: the new daemons decompress again, reads keep reaching them.
+    common::ok(
+        &root,
+        &["mount", "deb", mnt.to_str().unwrap(), "--cache-size", "4M"],
+    );
+    let _unmount = Unmount(root.clone(), mnt.clone());
+    let mut daemon = wait_for_daemon(&mnt, None);
+    assert_eq!(
+        common::keeper_processes(&mnt).len(),
+        1,
+        "a keeper for the mount"
+    );
+    let want = Arc::new(file_hashes(&mnt));
+    assert!(want.len() > 1000, "{} files", want.len());
+
+    // Readers: every file in a loop, each compared with its first read.
+    let stop = Arc::new(AtomicBool::new(false));
+    let errors = Arc::new(Mutex::new(Vec::<String>::new()));
+    let reads = Arc::new(AtomicU64::new(0));
+    let slowest_us = Arc::new(AtomicU64::new(0));
+    let readers: Vec<_> = (0..4)
+        .map(|r| {
+            let (want, stop, errors, reads, slowest_us) = (
+                want.clone(),
+                stop.clone(),
+                errors.clone(),
+                reads.clone(),
+                slowest_us.clone(),
+            );
+            std::thread::spawn(move || {
+                let files: Vec<(&PathBuf, &[u8; 32])> = want.iter().collect();
+                let mut i = r * files.len() / 4;
+                while !stop.load(Ordering::Relaxed) {
+                    let (p, h) = files[i % files.len()];
+                    let t = Instant::now();
+                    match fs::read(p) {
+                        Ok(d) if Sha256::digest(&d)[..] == h[..] => {}
+                        Ok(_) => errors
+                            .lock()
+                            .unwrap()
+                            .push(format!("{}: wrong bytes", p.display())),
+                        Err(e) => errors.lock().unwrap().push(format!("{}: {e}", p.display())),
+                    }
+                    // Metadata too: the kernel's node ids must resolve in the new daemon.
+                    if let Err(e) = fs::symlink_metadata(p) {
+                        errors
+                            .lock()
+                            .unwrap()
+                            .push(format!("stat {}: {e}", p.display()));
+                    }
+                    slowest_us.fetch_max(t.elapsed().as_micros() as u64, Ordering::Relaxed);
+                    reads.fetch_add(1, Ordering::Relaxed);
+                    i += 1;
+                }
+            })
+        })
+        .collect();
+
+    let mut stalls = Vec::new();
+    for k in 0..kills {
+        // Let the readers get going on a cold cache, so requests are in flight at the kill.
+        drop_caches();
+        std::thread::sleep(Duration::from_millis(150));
+        // SAFETY: signalling the mount daemon this test started.
+        unsafe { libc::kill(daemon as i32, libc::SIGKILL) };
+        let killed = Instant::now();
+        daemon = wait_for_daemon(&mnt, Some(daemon));
+        // The first read served after the kill.
+        let before = reads.load(Ordering::Relaxed);
+        while reads.load(Ordering::Relaxed) == before {
+            assert!(
+                killed.elapsed() < Duration::from_secs(30),
+                "kill {k}: reads did not continue"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        stalls.push(killed.elapsed());
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    stop.store(true, Ordering::Relaxed);
+    for r in readers {
+        r.join().unwrap();
+    }
+    let errors = errors.lock().unwrap();
+    stalls.sort();
+    eprintln!(
+        "keeper: {kills} kills, {} reads, {} errors; reads continued within median {:?}, max {:?} of a kill; slowest read {} ms",
+        reads.load(Ordering::Relaxed),
+        errors.len(),
+        stalls.get(stalls.len() / 2),
+        stalls.last(),
+        slowest_us.load(Ordering::Relaxed) / 1000
+    );
+    assert!(
+        errors.is_empty(),
+        "{} failed reads across the kills, first: {:?}",
+        errors.len(),
+        &errors[..errors.len().min(10)]
+    );
+    assert_eq!(common::keeper_processes(&mnt).len(), 1, "still one keeper");
+
+    // Everything, field by field, after the kills (metadata from the last daemon).
+    drop_caches();
+    let reference = common::reference_tree(&data.join("debian-gzip"), common::TAG);
+    let diffs = common::compare_trees_with(
+        &mnt,
+        &reference,
+        &common::CompareOptions::for_reference(&reference),
+    );
+    assert!(diffs.is_empty(), "after the kills vs umoci: {diffs:#?}");
+
+    // Unmounting ends the daemon and the keeper.
+    common::ok(&root, &["umount", mnt.to_str().unwrap()]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !(common::lazysnap_processes(&mnt).is_empty()
+        && common::keeper_processes(&mnt).is_empty())
+    {
+        assert!(
+            Instant::now() < deadline,
+            "daemon or keeper left after umount"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Without a keeper (`LAZYSNAP_FUSE_KEEPER=0`) a killed daemon leaves a stale mount, as before:
+/// the keeper is what makes the difference, and `umount` still cleans up.
+#[test]
+fn without_a_keeper_a_killed_daemon_leaves_a_stale_mount() {
+    if !common::can_mount() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("root");
+    common::import_image(&root, "debian-gzip", "deb");
+    let mnt = tmp.path().join("mnt");
+    fs::create_dir_all(&mnt).unwrap();
+    let out = std::process::Command::new(common::lazysnap_bin())
+        .env("LAZYSNAP_FUSE_KEEPER", "0")
+        .arg("--root")
+        .arg(&root)
+        .args(["mount", "deb"])
+        .arg(&mnt)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _unmount = Unmount(root.clone(), mnt.clone());
+    let daemon = wait_for_daemon(&mnt, None);
+    assert!(common::keeper_processes(&mnt).is_empty());
+    // SAFETY: signalling the mount daemon this test started.
+    unsafe { libc::kill(daemon as i32, libc::SIGKILL) };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !lazysnap_fuse::is_stale_mount(&mnt) {
+        assert!(Instant::now() < deadline, "no stale mount after the kill");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    common::ok(&root, &["umount", mnt.to_str().unwrap()]);
+    assert!(!lazysnap_fuse::is_mountpoint(&mnt));
+}
+
+/// Unmounts (lazily if need be) when the test ends, even failing.
+struct Unmount(PathBuf, PathBuf);
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        if lazysnap_fuse::is_mountpoint(&self.1) {
+            let _ = common::lazysnap(&self.0, &["umount", self.1.to_str().unwrap()]);
+        }
+    }
+}
