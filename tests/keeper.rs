@@ -238,3 +238,51 @@ impl Drop for Unmount {
         }
     }
 }
+
+/// A container's overlayfs sits on the chain's shared read-only lower: a kill of the lower's
+/// daemon does not reach the container's reads or writes.
+#[test]
+fn an_overlay_snapshot_survives_kill_9_of_its_lowers_daemon() {
+    if !common::can_mount() || !common::require(common::is_root(), "root (kernel overlayfs)") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("root");
+    common::import_image(&root, "debian-gzip", "deb");
+    let chain = common::top_chain(&root, "deb");
+    let m = common::json(
+        &root,
+        &["--upper", "overlay", "snapshot", "prepare", "c", &chain],
+    );
+    let merged = common::SnapshotMount::new(&m, &tmp.path().join("c"));
+    let lowers = root.join("lowers");
+    let before = file_hashes(&merged.dir.join("usr/lib/python3.11/json"));
+    fs::write(merged.dir.join("etc/written"), b"before").unwrap();
+    for _ in 0..3 {
+        let daemon = wait_for_daemon(&lowers, None);
+        // SAFETY: signalling the lower's daemon this test started.
+        unsafe { libc::kill(daemon as i32, libc::SIGKILL) };
+        drop_caches();
+        let after = file_hashes(&merged.dir.join("usr/lib/python3.11/json"));
+        assert_eq!(
+            after, before,
+            "the lower's files through overlayfs after a kill"
+        );
+        assert_eq!(fs::read(merged.dir.join("etc/written")).unwrap(), b"before");
+        wait_for_daemon(&lowers, Some(daemon));
+    }
+    let out = std::process::Command::new("chroot")
+        .arg(&merged.dir)
+        .args(["/usr/bin/python3", "-c", "import json, email; print('ok')"])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok", "{out:?}");
+    drop(merged);
+    common::ok(&root, &["snapshot", "rm", "c"]);
+    // The lower went with its last snapshot, and its keeper with it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !common::keeper_processes(&lowers).is_empty() {
+        assert!(Instant::now() < deadline, "the lower's keeper outlived it");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

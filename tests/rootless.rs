@@ -399,6 +399,50 @@ fn plain_user_imports_mounts_and_reads() {
 /// In a user namespace (as rootless containerd and podman run): the mount shows the image's
 /// owners through the namespace's id maps and reads exactly like umoci's tree; a `--rw` mount
 /// records chown/chmod/mknod without privilege, and the commit and export carry them.
+/// [upgrade] A plain user's read-only mount outlives its daemon too: passing an fd needs no
+/// privilege, so the user's own keeper starts the next daemon, and the tree read after three
+/// `kill -9`s equals the one read before.
+#[test]
+fn a_plain_users_mount_survives_kill_9_of_its_daemon() {
+    let Some(user) = prerequisites() else { return };
+    let layout = image("debian-zstd");
+    let s = Scratch::new(&user, "keeper");
+    s.ok(
+        false,
+        &format!(
+            r#"$L import {layout} --name img >/dev/null
+            $L mount img $S/mnt >/dev/null
+            python3 $TREE $S/mnt > $S/out/before
+            daemon() {{ pgrep -u "$(id -u)" -f "mount --foreground .* $S/mnt" | while read p; do
+                grep -qa fuse-keeper /proc/$p/cmdline || echo $p; done; }}
+            test -n "$(pgrep -u "$(id -u)" -f "fuse-keeper .* $S/mnt")"
+            # Every readable file's bytes; any error but the user's own EACCES fails.
+            sum() {{ {{ find $S/mnt -type f -readable -exec cat {{}} + 2>$S/out/err || true; }} | md5sum > $S/out/sum-$1
+                ! grep -v "Permission denied" $S/out/err; }}
+            sum 0
+            for i in 1 2 3; do
+                d=$(daemon); test -n "$d"; kill -9 $d
+                for t in $(seq 100); do n=$(daemon); [ -n "$n" ] && [ "$n" != "$d" ] && break; sleep 0.1; done
+                test "$n" != "$d"
+                sum $i
+            done
+            python3 $TREE $S/mnt > $S/out/after
+            $L umount $S/mnt >/dev/null"#,
+            layout = layout.display()
+        ),
+    );
+    let read = |f: &str| fs::read_to_string(s.dir.join("out").join(f)).unwrap();
+    assert_eq!(read("after"), read("before"), "the tree after three kills");
+    assert!(read("before").lines().count() > 1000);
+    for i in 1..=3 {
+        assert_eq!(
+            read(&format!("sum-{i}")),
+            read("sum-0"),
+            "the bytes after kill {i}"
+        );
+    }
+}
+
 #[test]
 fn user_namespace_mount_write_commit_export() {
     let Some(user) = prerequisites() else { return };
