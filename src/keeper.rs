@@ -11,6 +11,8 @@
 use std::ffi::OsString;
 use std::io::Read as _;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt as _;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -67,69 +69,218 @@ fn pass_fds(cmd: &mut Command, device: &OwnedFd, ready: Option<RawFd>) {
     }
 }
 
-/// The keeper's main: holds fd [`DEVICE_FD`], waits for daemon `pid` (not its child) to end and
-/// then, while the connection lives, starts a daemon on it with `daemon_args` and waits for that
-/// one, and so on.
+/// The signal that asks a keeper to replace its daemon by one started from the binary now at
+/// the keeper's path (`lazysnap upgrade`).
+pub const UPGRADE_SIGNAL: i32 = libc::SIGUSR1;
+
+/// The daemon being kept: a pid and a pidfd that polls readable once it has exited.
+struct Daemon {
+    pid: u32,
+    exited: OwnedFd,
+    /// Set when it is our child (to be reaped); the first daemon started us instead.
+    child: Option<Child>,
+}
+
+impl Daemon {
+    fn watch(pid: u32, child: Option<Child>) -> std::io::Result<Daemon> {
+        Ok(Daemon {
+            pid,
+            exited: pidfd_open(pid)?,
+            child,
+        })
+    }
+
+    /// Waits for it to exit (reaping it when it is ours); returns how, when we know.
+    fn wait(&mut self) -> String {
+        let _ = poll_readable(&[self.exited.as_raw_fd()], -1);
+        match self.child.as_mut().map(|c| c.wait()) {
+            Some(Ok(s)) => s.to_string(),
+            _ => "exited".to_string(),
+        }
+    }
+
+    fn kill(&mut self) {
+        // SAFETY: signalling the daemon we keep; a pidfd names it even if it exited meanwhile.
+        unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                self.exited.as_raw_fd(),
+                libc::SIGKILL,
+                std::ptr::null::<libc::siginfo_t>(),
+                0,
+            )
+        };
+    }
+}
+
+/// The keeper's main: holds fd [`DEVICE_FD`] and the daemon `pid` that started it (not its
+/// child). When the daemon dies while the connection lives, it starts a new one on it from
+/// `daemon_args`; on [`UPGRADE_SIGNAL`] it starts a new one beside it, and once that serves,
+/// kills the old one and has the kernel resend what it had read (both serve the same
+/// read-only tree, so either may answer any request).
 pub fn run(pid: u32, daemon_args: Vec<OsString>) -> anyhow::Result<()> {
     let _span = info_span!("fuse_keeper", pid).entered();
     // SAFETY: the daemon that started us passed the connection on this fd for our keeping.
     let device = unsafe { OwnedFd::from_raw_fd(DEVICE_FD) };
+    // The path, not /proc/self/exe: an upgrade replaces the file there, and new daemons start
+    // from what is there then.
+    let exe = std::env::current_exe().context("finding the lazysnap binary")?;
+    let (upgrades, upgrade_write) = pipe().context("creating a pipe")?;
+    signal_hook::low_level::pipe::register(UPGRADE_SIGNAL, upgrade_write)
+        .context("installing the upgrade signal")?;
     // Signals aimed at the session (a terminal's ^C) are the daemon's to answer.
     // SAFETY: setting signal dispositions to ignore has no preconditions.
     unsafe {
         libc::signal(libc::SIGINT, libc::SIG_IGN);
         libc::signal(libc::SIGHUP, libc::SIG_IGN);
     }
-    wait_for_exit(pid).context("watching the mount daemon")?;
-    let exe = std::env::current_exe().context("finding the lazysnap binary")?;
+    let mut daemon = match Daemon::watch(pid, None) {
+        Ok(d) => Some(d),
+        // Gone already.
+        Err(e) if e.raw_os_error() == Some(libc::ESRCH) => None,
+        Err(e) => return Err(e).context("watching the mount daemon"),
+    };
     let mut failed_starts = 0;
-    let mut last = pid;
     loop {
+        if let Some(d) = daemon.as_mut() {
+            let ready = poll_readable(&[d.exited.as_raw_fd(), upgrades.as_raw_fd()], -1)
+                .context("waiting on the mount daemon")?;
+            if ready[1] {
+                drain(&upgrades);
+                let _s = info_span!("upgrade", old = d.pid).entered();
+                match start_daemon(&exe, &daemon_args, &device) {
+                    Ok(new) => {
+                        d.kill();
+                        d.wait();
+                        // What the old one had read and not answered is read by the new one.
+                        if let Err(e) = lazysnap_fuse::resend_pending(&device) {
+                            warn!(error = %e, "FUSE_NOTIFY_RESEND refused: requests the old daemon had read stay unanswered");
+                        }
+                        info!(old = d.pid, new = new.pid, "mount daemon upgraded");
+                        daemon = Some(new);
+                    }
+                    Err(e) => {
+                        warn!(error = %format!("{e:#}"), "upgrade failed; the old daemon goes on serving")
+                    }
+                }
+                continue;
+            }
+            if !ready[0] {
+                continue;
+            }
+            let how = d.wait();
+            info!(pid = d.pid, how, "the mount daemon ended");
+        }
+        daemon = None;
         if lazysnap_fuse::connection_gone(&device) {
             info!("the mount is gone; the keeper exits");
             return Ok(());
         }
-        let started = Instant::now();
-        let (ready_read, ready_write) = pipe().context("creating a pipe")?;
-        let mut cmd = Command::new(&exe);
-        cmd.args(&daemon_args)
-            .arg("--resume-fd")
-            .arg(DEVICE_FD.to_string())
-            .env(
-                crate::mount::READY_FD_ENV,
-                ready_write.as_raw_fd().to_string(),
-            )
-            .stdin(Stdio::null())
-            .stdout(Stdio::null());
-        pass_fds(&mut cmd, &device, Some(ready_write.as_raw_fd()));
-        let mut child: Child = cmd.spawn().context("starting a mount daemon")?;
-        drop(ready_write);
-        let mut msg = String::new();
-        let _ = std::fs::File::from(ready_read).read_to_string(&mut msg);
-        if msg.starts_with("ok") {
-            warn!(
-                dead = last,
-                new = child.id(),
-                ms = started.elapsed().as_secs_f64() * 1000.0,
-                "the mount daemon died; a new one took the mount over"
-            );
-        }
-        last = child.id();
-        let status = child.wait().context("waiting for the mount daemon")?;
-        if !msg.starts_with("ok") && !lazysnap_fuse::connection_gone(&device) {
-            failed_starts += 1;
-            warn!(%status, message = %msg, failed_starts, "a mount daemon died before serving");
-            if failed_starts >= MAX_FAILED_STARTS {
-                anyhow::bail!(
-                    "{failed_starts} mount daemons in a row died before serving (last: {status}, \
-                     {msg}); letting the mount go"
+        match start_daemon(&exe, &daemon_args, &device) {
+            Ok(new) => {
+                warn!(
+                    new = new.pid,
+                    "the mount daemon died; a new one took the mount over"
                 );
+                failed_starts = 0;
+                daemon = Some(new);
             }
-            std::thread::sleep(Duration::from_millis(50 << failed_starts.min(5)));
-        } else {
-            failed_starts = 0;
+            Err(e) if lazysnap_fuse::connection_gone(&device) => {
+                info!(error = %format!("{e:#}"), "the mount is gone; the keeper exits");
+                return Ok(());
+            }
+            Err(e) => {
+                failed_starts += 1;
+                warn!(error = %format!("{e:#}"), failed_starts, "a mount daemon died before serving");
+                if failed_starts >= MAX_FAILED_STARTS {
+                    anyhow::bail!(
+                        "{failed_starts} mount daemons in a row died before serving; letting the \
+                         mount go (last: {e:#})"
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(50 << failed_starts.min(5)));
+            }
         }
     }
+}
+
+/// Starts a daemon that takes the connection over and returns once it serves.
+fn start_daemon(exe: &Path, daemon_args: &[OsString], device: &OwnedFd) -> anyhow::Result<Daemon> {
+    let started = Instant::now();
+    let (ready_read, ready_write) = pipe().context("creating a pipe")?;
+    let mut cmd = Command::new(exe);
+    cmd.args(daemon_args)
+        .arg("--resume-fd")
+        .arg(DEVICE_FD.to_string())
+        .env(
+            crate::mount::READY_FD_ENV,
+            ready_write.as_raw_fd().to_string(),
+        )
+        .stdin(Stdio::null())
+        .stdout(Stdio::null());
+    pass_fds(&mut cmd, device, Some(ready_write.as_raw_fd()));
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("starting {}", exe.display()))?;
+    drop(ready_write);
+    let mut msg = String::new();
+    let _ = std::fs::File::from(ready_read).read_to_string(&mut msg);
+    if !msg.starts_with("ok") {
+        let status = child.wait().map(|s| s.to_string()).unwrap_or_default();
+        anyhow::bail!(
+            "the daemon exited ({status}) before serving: {}",
+            msg.trim()
+        );
+    }
+    let pid = child.id();
+    info!(
+        pid,
+        ms = started.elapsed().as_secs_f64() * 1000.0,
+        "a daemon took the mount over"
+    );
+    Daemon::watch(pid, Some(child)).context("watching the new daemon")
+}
+
+fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
+    let pid = libc::pid_t::try_from(pid).map_err(|_| std::io::ErrorKind::InvalidInput)?;
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the fd was just returned to us.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// Polls `fds` for input (`timeout_ms` -1: until one is ready); which are ready.
+fn poll_readable(fds: &[RawFd], timeout_ms: i32) -> std::io::Result<Vec<bool>> {
+    let mut p: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|&fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    loop {
+        // SAFETY: `p` is a live array of pollfds of live fds.
+        let n = unsafe { libc::poll(p.as_mut_ptr(), p.len() as libc::nfds_t, timeout_ms) };
+        if n >= 0 {
+            return Ok(p.iter().map(|x| x.revents != 0).collect());
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// Empties the upgrade pipe (signals that came together ask for one upgrade).
+fn drain(fd: &OwnedFd) {
+    let mut buf = [0u8; 64];
+    // SAFETY: reads into a live buffer from a non-blocking-enough pipe: only after poll said
+    // it is readable, and one read takes what a burst of signals wrote.
+    unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
 }
 
 /// A pipe, both ends close-on-exec: (read end, write end).
@@ -143,36 +294,120 @@ fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
-/// Blocks until process `pid` has exited (it is not our child: a pidfd tells).
-fn wait_for_exit(pid: u32) -> std::io::Result<()> {
-    let pid = libc::pid_t::try_from(pid).map_err(|_| std::io::ErrorKind::InvalidInput)?;
-    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    if fd < 0 {
-        let e = std::io::Error::last_os_error();
-        // Already gone.
-        return if e.raw_os_error() == Some(libc::ESRCH) {
-            Ok(())
-        } else {
-            Err(e)
+/// One kept mount replaced by `lazysnap upgrade`.
+#[derive(Debug)]
+pub struct Upgraded {
+    pub mountpoint: PathBuf,
+    pub old: u32,
+    pub new: u32,
+    pub ms: f64,
+}
+
+/// `lazysnap upgrade`: every kept mount of `root` gets a daemon started from the binary now at
+/// its keeper's path, one mount at a time (the old daemon serves until the new one does).
+/// Writable mounts have no keeper and are not touched (the returned list says which were).
+pub fn upgrade_all(root: &Path) -> anyhow::Result<Vec<Upgraded>> {
+    let mut done = Vec::new();
+    for keeper in keepers_of(root) {
+        let _s = info_span!("upgrade", keeper.pid).entered();
+        let Some(old) = daemon_of(keeper.pid) else {
+            warn!(keeper = keeper.pid, "a keeper without a daemon; skipped");
+            continue;
         };
+        let started = Instant::now();
+        // SAFETY: signalling a keeper of this root (its handler only writes to a pipe).
+        if unsafe { libc::kill(keeper.pid as i32, UPGRADE_SIGNAL) } != 0 {
+            continue; // gone meanwhile (its mount with it)
+        }
+        let new = loop {
+            match daemon_of(keeper.pid) {
+                Some(d) if d != old && !is_alive(old) => break d,
+                _ if !is_alive(keeper.pid) => anyhow::bail!(
+                    "the keeper of {} exited during the upgrade",
+                    keeper.mountpoint.display()
+                ),
+                _ if started.elapsed() > Duration::from_secs(60) => anyhow::bail!(
+                    "no new daemon for {} after 60 s (see the mount log)",
+                    keeper.mountpoint.display()
+                ),
+                _ => std::thread::sleep(Duration::from_millis(5)),
+            }
+        };
+        done.push(Upgraded {
+            mountpoint: keeper.mountpoint,
+            old,
+            new,
+            ms: started.elapsed().as_secs_f64() * 1000.0,
+        });
     }
-    // SAFETY: the fd was just returned to us.
-    let pidfd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
-    let mut p = libc::pollfd {
-        fd: pidfd.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
+    Ok(done)
+}
+
+struct KeeperProcess {
+    pid: u32,
+    mountpoint: PathBuf,
+}
+
+/// The keepers whose daemons serve mounts of `root`.
+fn keepers_of(root: &Path) -> Vec<KeeperProcess> {
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return Vec::new();
     };
-    loop {
-        // SAFETY: one pollfd for a live fd.
-        let n = unsafe { libc::poll(&mut p, 1, -1) };
-        if n > 0 {
-            return Ok(());
-        }
-        let e = std::io::Error::last_os_error();
-        if e.kind() != std::io::ErrorKind::Interrupted {
-            return Err(e);
-        }
+    let root = root.as_os_str().as_encoded_bytes();
+    let mut out: Vec<KeeperProcess> = procs
+        .flatten()
+        .filter_map(|e| {
+            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+            let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+            let args: Vec<&[u8]> = cmdline
+                .split(|b| *b == 0)
+                .filter(|a| !a.is_empty())
+                .collect();
+            let is_keeper = args.get(1) == Some(&b"fuse-keeper".as_slice());
+            let of_root = args.windows(2).any(|w| w[0] == b"--root" && w[1] == root);
+            let last = args.last().copied()?;
+            (is_keeper && of_root).then(|| KeeperProcess {
+                pid,
+                mountpoint: PathBuf::from(std::ffi::OsStr::from_bytes(last)),
+            })
+        })
+        .collect();
+    out.sort_by_key(|k| k.pid);
+    out
+}
+
+/// The daemon a keeper keeps: its child, or before its first restart the daemon that started
+/// it (its parent).
+fn daemon_of(keeper: u32) -> Option<u32> {
+    let children =
+        std::fs::read_to_string(format!("/proc/{keeper}/task/{keeper}/children")).ok()?;
+    if let Some(c) = children
+        .split_whitespace()
+        .filter_map(|c| c.parse().ok())
+        .next()
+    {
+        return Some(c);
     }
+    let stat = std::fs::read_to_string(format!("/proc/{keeper}/stat")).ok()?;
+    // pid (comm) state ppid ...: comm may hold spaces, so from the last ')'.
+    let ppid: u32 = stat
+        .rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    let cmdline = std::fs::read(format!("/proc/{ppid}/cmdline")).ok()?;
+    cmdline
+        .split(|b| *b == 0)
+        .any(|a| a == b"--foreground")
+        .then_some(ppid)
+}
+
+fn is_alive(pid: u32) -> bool {
+    // A zombie has exited: it serves nothing.
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| Some(s.rsplit_once(')')?.1.split_whitespace().next()? != "Z"))
+        .unwrap_or(false)
 }

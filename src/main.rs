@@ -251,6 +251,9 @@ enum Command {
         #[arg(long, hide = true, requires = "foreground")]
         resume_fd: Option<i32>,
     },
+    /// Replace the daemon of every read-only mount of the root by one started from the binary
+    /// installed now, without unmounting: requests in flight are answered by the new daemon
+    Upgrade,
     /// (internal) hold a read-only mount's FUSE connection; start a new daemon on it when the
     /// daemon PID dies (see src/keeper.rs)
     #[command(hide = true)]
@@ -383,6 +386,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::FuseKeeper { pid, daemon_args } => {
             lazysnap::keeper::run(pid, daemon_args)?;
+        }
+        Command::Upgrade => {
+            let done = lazysnap::keeper::upgrade_all(&root_path)?;
+            for u in &done {
+                println!(
+                    "upgraded {}: daemon {} -> {} in {:.1} ms",
+                    u.mountpoint.display(),
+                    u.old,
+                    u.new,
+                    u.ms
+                );
+            }
+            println!("{} mount(s) upgraded", done.len());
         }
         Command::Import {
             path,

@@ -80,48 +80,7 @@ fn readers_see_no_error_while_the_daemon_is_killed_again_and_again() {
     let want = Arc::new(file_hashes(&mnt));
     assert!(want.len() > 1000, "{} files", want.len());
 
-    // Readers: every file in a loop, each compared with its first read.
-    let stop = Arc::new(AtomicBool::new(false));
-    let errors = Arc::new(Mutex::new(Vec::<String>::new()));
-    let reads = Arc::new(AtomicU64::new(0));
-    let slowest_us = Arc::new(AtomicU64::new(0));
-    let readers: Vec<_> = (0..4)
-        .map(|r| {
-            let (want, stop, errors, reads, slowest_us) = (
-                want.clone(),
-                stop.clone(),
-                errors.clone(),
-                reads.clone(),
-                slowest_us.clone(),
-            );
-            std::thread::spawn(move || {
-                let files: Vec<(&PathBuf, &[u8; 32])> = want.iter().collect();
-                let mut i = r * files.len() / 4;
-                while !stop.load(Ordering::Relaxed) {
-                    let (p, h) = files[i % files.len()];
-                    let t = Instant::now();
-                    match fs::read(p) {
-                        Ok(d) if Sha256::digest(&d)[..] == h[..] => {}
-                        Ok(_) => errors
-                            .lock()
-                            .unwrap()
-                            .push(format!("{}: wrong bytes", p.display())),
-                        Err(e) => errors.lock().unwrap().push(format!("{}: {e}", p.display())),
-                    }
-                    // Metadata too: the kernel's node ids must resolve in the new daemon.
-                    if let Err(e) = fs::symlink_metadata(p) {
-                        errors
-                            .lock()
-                            .unwrap()
-                            .push(format!("stat {}: {e}", p.display()));
-                    }
-                    slowest_us.fetch_max(t.elapsed().as_micros() as u64, Ordering::Relaxed);
-                    reads.fetch_add(1, Ordering::Relaxed);
-                    i += 1;
-                }
-            })
-        })
-        .collect();
+    let readers = Readers::start(want.clone(), 4);
 
     let mut stalls = Vec::new();
     for k in 0..kills {
@@ -133,8 +92,8 @@ fn readers_see_no_error_while_the_daemon_is_killed_again_and_again() {
         let killed = Instant::now();
         daemon = wait_for_daemon(&mnt, Some(daemon));
         // The first read served after the kill.
-        let before = reads.load(Ordering::Relaxed);
-        while reads.load(Ordering::Relaxed) == before {
+        let before = readers.reads();
+        while readers.reads() == before {
             assert!(
                 killed.elapsed() < Duration::from_secs(30),
                 "kill {k}: reads did not continue"
@@ -144,19 +103,13 @@ fn readers_see_no_error_while_the_daemon_is_killed_again_and_again() {
         stalls.push(killed.elapsed());
     }
     std::thread::sleep(Duration::from_millis(200));
-    stop.store(true, Ordering::Relaxed);
-    for r in readers {
-        r.join().unwrap();
-    }
-    let errors = errors.lock().unwrap();
+    let (reads, slowest, errors) = readers.stop();
     stalls.sort();
     eprintln!(
-        "keeper: {kills} kills, {} reads, {} errors; reads continued within median {:?}, max {:?} of a kill; slowest read {} ms",
-        reads.load(Ordering::Relaxed),
+        "keeper: {kills} kills, {reads} reads, {} errors; reads continued within median {:?}, max {:?} of a kill; slowest read {slowest:?}",
         errors.len(),
         stalls.get(stalls.len() / 2),
         stalls.last(),
-        slowest_us.load(Ordering::Relaxed) / 1000
     );
     assert!(
         errors.is_empty(),
@@ -284,5 +237,191 @@ fn an_overlay_snapshot_survives_kill_9_of_its_lowers_daemon() {
     while !common::keeper_processes(&lowers).is_empty() {
         assert!(Instant::now() < deadline, "the lower's keeper outlived it");
         std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Threads reading every file of `want` in a loop, each read compared with its hash.
+struct Readers {
+    stop: Arc<AtomicBool>,
+    errors: Arc<Mutex<Vec<String>>>,
+    reads: Arc<AtomicU64>,
+    slowest_us: Arc<AtomicU64>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Readers {
+    fn start(want: Arc<BTreeMap<PathBuf, [u8; 32]>>, n: usize) -> Readers {
+        let stop = Arc::new(AtomicBool::new(false));
+        let errors = Arc::new(Mutex::new(Vec::<String>::new()));
+        let reads = Arc::new(AtomicU64::new(0));
+        let slowest_us = Arc::new(AtomicU64::new(0));
+        let threads = (0..n)
+            .map(|r| {
+                let (want, stop, errors, reads, slowest_us) = (
+                    want.clone(),
+                    stop.clone(),
+                    errors.clone(),
+                    reads.clone(),
+                    slowest_us.clone(),
+                );
+                std::thread::spawn(move || {
+                    let files: Vec<(&PathBuf, &[u8; 32])> = want.iter().collect();
+                    let mut i = r * files.len() / n;
+                    while !stop.load(Ordering::Relaxed) {
+                        let (p, h) = files[i % files.len()];
+                        let t = Instant::now();
+                        let fail = |m: String| errors.lock().unwrap().push(m);
+                        match fs::read(p) {
+                            Ok(d) if Sha256::digest(&d)[..] == h[..] => {}
+                            Ok(_) => fail(format!("{}: wrong bytes", p.display())),
+                            Err(e) => fail(format!("{}: {e}", p.display())),
+                        }
+                        // Metadata too: the kernel's node ids must resolve in a new daemon.
+                        if let Err(e) = fs::symlink_metadata(p) {
+                            fail(format!("stat {}: {e}", p.display()));
+                        }
+                        slowest_us.fetch_max(t.elapsed().as_micros() as u64, Ordering::Relaxed);
+                        reads.fetch_add(1, Ordering::Relaxed);
+                        i += 1;
+                    }
+                })
+            })
+            .collect();
+        Readers {
+            stop,
+            errors,
+            reads,
+            slowest_us,
+            threads,
+        }
+    }
+
+    fn reads(&self) -> u64 {
+        self.reads.load(Ordering::Relaxed)
+    }
+
+    /// Stops them: (reads, the slowest read, the errors).
+    fn stop(mut self) -> (u64, Duration, Vec<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in std::mem::take(&mut self.threads) {
+            t.join().unwrap();
+        }
+        let errors = std::mem::take(&mut *self.errors.lock().unwrap());
+        (
+            self.reads(),
+            Duration::from_micros(self.slowest_us.load(Ordering::Relaxed)),
+            errors,
+        )
+    }
+}
+
+/// `lazysnap upgrade` under readers, with the binary replaced by a new file each time (as an
+/// install does): every daemon runs the new file, no read fails (`LAZYSNAP_KEEPER_UPGRADES`,
+/// default the 10).
+#[test]
+fn upgrade_replaces_the_daemon_under_readers_without_a_failed_read() {
+    if !common::can_mount() || !common::require(common::is_root(), "root (drop_caches)") {
+        return;
+    }
+    let upgrades: u32 = std::env::var("LAZYSNAP_KEEPER_UPGRADES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10);
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("root");
+    common::import_image(&root, "debian-gzip", "deb");
+    let mnt = tmp.path().join("mnt");
+    fs::create_dir_all(&mnt).unwrap();
+    // The "installed" binary: a copy replaced by a new file (new inode) before each upgrade.
+    let bin = tmp.path().join("bin/lazysnap");
+    let install = || {
+        fs::create_dir_all(bin.parent().unwrap()).unwrap();
+        let next = bin.with_extension("new");
+        fs::copy(common::lazysnap_bin(), &next).unwrap();
+        fs::rename(&next, &bin).unwrap();
+    };
+    install();
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(&bin)
+            .arg("--root")
+            .arg(&root)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    run(&["mount", "deb", mnt.to_str().unwrap(), "--cache-size", "4M"]);
+    let _unmount = Unmount(root.clone(), mnt.clone());
+    let want = Arc::new(file_hashes(&mnt));
+    let readers = Readers::start(want, 4);
+    let on_deleted_file = |pid: u32| {
+        fs::read_link(format!("/proc/{pid}/exe"))
+            .map(|p| p.to_string_lossy().ends_with(" (deleted)"))
+            .unwrap_or(false)
+    };
+    let mut daemon = wait_for_daemon_of(&bin, &mnt, None);
+    for u in 0..upgrades {
+        drop_caches();
+        std::thread::sleep(Duration::from_millis(100));
+        install();
+        assert!(
+            on_deleted_file(daemon),
+            "the old daemon runs the replaced file"
+        );
+        let out = run(&["upgrade"]);
+        assert!(out.contains("1 mount(s) upgraded"), "upgrade {u}: {out}");
+        let new = wait_for_daemon_of(&bin, &mnt, Some(daemon));
+        assert!(
+            !on_deleted_file(new),
+            "upgrade {u}: the new daemon runs the new file"
+        );
+        daemon = new;
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let (reads, slowest, errors) = readers.stop();
+    eprintln!(
+        "keeper: {upgrades} upgrades, {reads} reads, {} errors, slowest read {slowest:?}",
+        errors.len()
+    );
+    assert!(
+        errors.is_empty(),
+        "failed reads across upgrades: {:?}",
+        &errors[..errors.len().min(10)]
+    );
+}
+
+/// [`wait_for_daemon`] for daemons started from `bin` (the tests' helpers know this build's).
+fn wait_for_daemon_of(bin: &Path, mnt: &Path, not: Option<u32>) -> u32 {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let d: Vec<u32> = fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter_map(|e| {
+                let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+                let cmd = fs::read(e.path().join("cmdline")).ok()?;
+                let args: Vec<&[u8]> = cmd.split(|b| *b == 0).collect();
+                let ours = args.first() == Some(&bin.as_os_str().as_encoded_bytes());
+                (ours
+                    && args.contains(&b"--foreground".as_slice())
+                    && args.contains(&mnt.as_os_str().as_encoded_bytes())
+                    && !args.contains(&b"fuse-keeper".as_slice()))
+                .then_some(pid)
+            })
+            .collect();
+        if d.len() == 1 && Some(d[0]) != not {
+            return d[0];
+        }
+        assert!(
+            Instant::now() < deadline,
+            "daemons of {}: {d:?}",
+            mnt.display()
+        );
+        std::thread::sleep(Duration::from_millis(10));
     }
 }

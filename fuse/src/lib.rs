@@ -52,7 +52,7 @@ pub use layer::{DirEntry, LayerStack, LayerTree, NodeAttr, NodeId, NodeKind, Tim
 pub use merge::{Ino, Merged, ROOT_INO};
 pub use mount::{
     connection_gone, fuser_config, is_mountpoint, is_stale_mount, mount, mountpoints,
-    serve_taken_over, unmount, MountHandle, MountOptions,
+    resend_pending, serve_taken_over, unmount, MountHandle, MountOptions,
 };
 pub use owners::{in_user_namespace, privileged, Owners};
 pub use ownership::{read_override, Override};

@@ -303,7 +303,7 @@ pub fn serve_taken_over(
 
 /// `FUSE_NOTIFY_RESEND` (include/uapi/linux/fuse.h): the kernel queues again every request a
 /// daemon read from this connection and did not answer.
-fn resend_pending(device: &OwnedFd) -> io::Result<()> {
+pub fn resend_pending(device: &OwnedFd) -> io::Result<()> {
     const FUSE_NOTIFY_RESEND: i32 = 7;
     // struct fuse_out_header { u32 len; i32 error; u64 unique }: a notification has unique 0
     // and its code in `error`.
