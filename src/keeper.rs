@@ -37,6 +37,9 @@ pub fn spawn(device: OwnedFd, daemon_pid: u32, daemon_args: &[OsString]) -> anyh
         .arg(daemon_pid.to_string())
         .arg("--")
         .args(daemon_args)
+        // What every daemon taking over must number nodes by.
+        .arg("--ino-scheme")
+        .arg(lazysnap_fuse::INO_SCHEME.to_string())
         .stdin(Stdio::null())
         .stdout(Stdio::null());
     pass_fds(&mut cmd, &device, None);

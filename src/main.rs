@@ -250,6 +250,9 @@ enum Command {
         /// (internal) take over the live mount at DIR on this `/dev/fuse` fd (from its keeper)
         #[arg(long, hide = true, requires = "foreground")]
         resume_fd: Option<i32>,
+        /// (internal) how the node ids the kernel holds for DIR were numbered
+        #[arg(long, hide = true)]
+        ino_scheme: Option<u32>,
     },
     /// Replace the daemon of every read-only mount of the root by one started from the binary
     /// installed now, without unmounting: requests in flight are answered by the new daemon
@@ -681,6 +684,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             snapshot,
             owners,
             resume_fd,
+            ino_scheme,
             ..
         } => {
             let req = lazysnap::mount::MountRequest {
@@ -698,6 +702,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 cache_bytes: cache_size,
                 threads,
                 resume_fd,
+                ino_scheme,
             };
             let root = Root::open(&root_path)?;
             if foreground {

@@ -32,6 +32,8 @@ pub struct MountRequest {
     /// Take over the live mount at `dir` whose `/dev/fuse` connection is this fd (passed by
     /// the mount's keeper, [`crate::keeper`]) instead of mounting.
     pub resume_fd: Option<i32>,
+    /// With `resume_fd`: the [`lazysnap_fuse::INO_SCHEME`] of the daemon that mounted `dir`.
+    pub ino_scheme: Option<u32>,
 }
 
 /// Env var that, set to `0`, mounts without a keeper (a dead daemon then leaves a stale mount).
@@ -113,8 +115,17 @@ pub fn run_foreground(root: Root, req: &MountRequest) -> anyhow::Result<()> {
     let ready_fd = take_ready_fd();
     let result = (|| {
         // A mount being taken over is live (and nothing here may touch it: no daemon serves it).
-        if req.resume_fd.is_none() {
-            prepare_mountpoint(&req.dir)?;
+        match (req.resume_fd, req.ino_scheme) {
+            (None, _) => prepare_mountpoint(&req.dir)?,
+            (Some(_), Some(s)) if s == lazysnap_fuse::INO_SCHEME => {}
+            (Some(_), s) => bail!(
+                "cannot take over {}: the kernel holds node ids numbered by scheme {} (the build \
+                 that mounted it), this build numbers them by scheme {}; unmount and mount again \
+                 to serve it from this build",
+                req.dir.display(),
+                s.map_or("unknown".to_string(), |s| s.to_string()),
+                lazysnap_fuse::INO_SCHEME
+            ),
         }
         let (chain, upper) = if req.snapshot {
             let spec = crate::snapshot::spec_for(&root, &req.target)?;
@@ -341,6 +352,7 @@ impl crate::snapshot::Mounter for DaemonMounter {
                 self.owners
             },
             resume_fd: None,
+            ino_scheme: None,
         };
         let log = daemon_log(&self.root_path);
         if let Some(parent) = log.parent() {

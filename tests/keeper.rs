@@ -425,3 +425,42 @@ fn wait_for_daemon_of(bin: &Path, mnt: &Path, not: Option<u32>) -> u32 {
         std::thread::sleep(Duration::from_millis(10));
     }
 }
+
+/// A daemon numbering nodes by another scheme than the one the kernel's ids came from refuses
+/// to take the mount over (the keeper then keeps the old daemon, or lets the mount go after a
+/// crash), with a message that says so: never a wrong answer to the kernel.
+#[test]
+fn a_daemon_of_another_ino_scheme_refuses_to_take_over() {
+    if !common::can_mount() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("root");
+    common::import_image(&root, "debian-gzip", "deb");
+    let mnt = tmp.path().join("mnt");
+    fs::create_dir_all(&mnt).unwrap();
+    common::ok(&root, &["mount", "deb", mnt.to_str().unwrap()]);
+    let _unmount = Unmount(root.clone(), mnt.clone());
+    let before = file_hashes(&mnt.join("etc"));
+    let other = (lazysnap_fuse::INO_SCHEME + 1).to_string();
+    let out = common::lazysnap(
+        &root,
+        &[
+            "mount",
+            "--foreground",
+            "deb",
+            mnt.to_str().unwrap(),
+            "--resume-fd",
+            "3",
+            "--ino-scheme",
+            &other,
+        ],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains(&format!("scheme {other}")),
+        "{err}"
+    );
+    drop_caches();
+    assert_eq!(file_hashes(&mnt.join("etc")), before, "the mount serves on");
+}

@@ -49,7 +49,7 @@ pub mod upper;
 pub use error::FuseError;
 pub use fs::MergedFs;
 pub use layer::{DirEntry, LayerStack, LayerTree, NodeAttr, NodeId, NodeKind, Timestamp, Xattrs};
-pub use merge::{Ino, Merged, ROOT_INO};
+pub use merge::{Ino, Merged, INO_SCHEME, ROOT_INO};
 pub use mount::{
     connection_gone, fuser_config, is_mountpoint, is_stale_mount, mount, mountpoints,
     resend_pending, serve_taken_over, unmount, MountHandle, MountOptions,

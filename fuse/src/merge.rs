@@ -65,6 +65,10 @@ pub const ROOT_INO: Ino = 1;
 /// (layers are fewer than 65535).
 pub const UPPER_INO_BASE: Ino = 1 << 48;
 
+/// The version of how inode numbers are made ([`origin_ino`], [`UPPER_INO_BASE`]). A daemon
+/// takes over a mount only from one of the same scheme: the kernel holds the numbers.
+pub const INO_SCHEME: u32 = 1;
+
 /// The inode number of layer node `o`: the same in every daemon serving the stack.
 pub fn origin_ino(o: Origin) -> Ino {
     ((u64::from(o.layer) + 1) << 32) | u64::from(o.node)
