@@ -310,6 +310,24 @@ pub struct Upgraded {
 /// its keeper's path, one mount at a time (the old daemon serves until the new one does).
 /// Writable mounts have no keeper and are not touched (the returned list says which were).
 pub fn upgrade_all(root: &Path) -> anyhow::Result<Vec<Upgraded>> {
+    upgrade_where(root, |_| true)
+}
+
+/// `serve` at its start: the kept mounts whose daemon runs another binary than this process
+/// (an older build, replaced since) are upgraded to this one.
+pub fn upgrade_outdated(root: &Path) -> anyhow::Result<Vec<Upgraded>> {
+    let Ok(this) = std::fs::metadata("/proc/self/exe") else {
+        return Ok(Vec::new());
+    };
+    upgrade_where(root, |daemon| {
+        use std::os::unix::fs::MetadataExt as _;
+        std::fs::metadata(format!("/proc/{daemon}/exe"))
+            .map(|m| (m.dev(), m.ino()) != (this.dev(), this.ino()))
+            .unwrap_or(false)
+    })
+}
+
+fn upgrade_where(root: &Path, outdated: impl Fn(u32) -> bool) -> anyhow::Result<Vec<Upgraded>> {
     let mut done = Vec::new();
     for keeper in keepers_of(root) {
         let _s = info_span!("upgrade", keeper.pid).entered();
@@ -317,6 +335,9 @@ pub fn upgrade_all(root: &Path) -> anyhow::Result<Vec<Upgraded>> {
             warn!(keeper = keeper.pid, "a keeper without a daemon; skipped");
             continue;
         };
+        if !outdated(old) {
+            continue;
+        }
         let started = Instant::now();
         // SAFETY: signalling a keeper of this root (its handler only writes to a pipe).
         if unsafe { libc::kill(keeper.pid as i32, UPGRADE_SIGNAL) } != 0 {

@@ -316,7 +316,8 @@ impl Readers {
 }
 
 /// `lazysnap upgrade` under readers, with the binary replaced by a new file each time (as an
-/// install does): every daemon runs the new file, no read fails (`LAZYSNAP_KEEPER_UPGRADES`,
+/// install does), and then the start of a newer `serve`: every daemon runs the new file, no
+/// read fails (`LAZYSNAP_KEEPER_UPGRADES`,
 /// default the 10).
 #[test]
 fn upgrade_replaces_the_daemon_under_readers_without_a_failed_read() {
@@ -382,6 +383,25 @@ fn upgrade_replaces_the_daemon_under_readers_without_a_failed_read() {
         );
         daemon = new;
     }
+    // `serve` started from a newer build upgrades the daemons of older ones at its start.
+    install();
+    assert!(on_deleted_file(daemon));
+    let sock = tmp.path().join("serve.sock");
+    let mut server = std::process::Command::new(&bin)
+        .arg("--root")
+        .arg(&root)
+        .args(["serve", "--address"])
+        .arg(&sock)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let new = wait_for_daemon_of(&bin, &mnt, Some(daemon));
+    let _ = server.kill();
+    let _ = server.wait();
+    assert!(
+        !on_deleted_file(new),
+        "serve's start moved the mount to the new build"
+    );
     std::thread::sleep(Duration::from_millis(200));
     let (reads, slowest, errors) = readers.stop();
     eprintln!(

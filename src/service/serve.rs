@@ -111,6 +111,15 @@ pub async fn serve(
         sn.containerd_content = containerd_content;
         sn.remote = remote.map(crate::snapshot::remote::Resolver::new);
         reattach(&mut sn);
+        // Read-only mounts served by an older build's daemons move to this one.
+        match crate::keeper::upgrade_outdated(&sn.root().path) {
+            Ok(done) => {
+                for u in done {
+                    info!(mountpoint = %u.mountpoint.display(), old = u.old, new = u.new, ms = u.ms, "mount daemon upgraded to this build");
+                }
+            }
+            Err(e) => warn!(error = %format!("{e:#}"), "upgrading older mount daemons failed"),
+        }
         Ok(sn)
     })
     .await
