@@ -32,11 +32,16 @@ fn drop_caches() {
     let _ = fs::write("/proc/sys/vm/drop_caches", "3");
 }
 
-/// The daemon serving `mnt`, once there is exactly one, with a keeper beside it.
+/// The daemon serving `mnt` (this build's), once there is exactly one and it is not `not`.
 fn wait_for_daemon(mnt: &Path, not: Option<u32>) -> u32 {
+    wait_for_one(mnt, not, || common::lazysnap_processes(mnt))
+}
+
+/// The one process `list` gives, once it is not `not`.
+fn wait_for_one(mnt: &Path, not: Option<u32>, list: impl Fn() -> Vec<u32>) -> u32 {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let d = common::lazysnap_processes(mnt);
+        let d = list();
         if d.len() == 1 && Some(d[0]) != not {
             return d[0];
         }
@@ -50,6 +55,16 @@ fn wait_for_daemon(mnt: &Path, not: Option<u32>) -> u32 {
     }
 }
 
+/// A root with debian-gzip imported as `deb`, and an empty mountpoint.
+fn imported() -> (tempfile::TempDir, PathBuf, PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("root");
+    common::import_image(&root, "debian-gzip", "deb");
+    let mnt = tmp.path().join("mnt");
+    fs::create_dir_all(&mnt).unwrap();
+    (tmp, root, mnt)
+}
+
 #[test]
 fn readers_see_no_error_while_the_daemon_is_killed_again_and_again() {
     if !common::can_mount() || !common::require(common::is_root(), "root (drop_caches)") {
@@ -60,11 +75,7 @@ fn readers_see_no_error_while_the_daemon_is_killed_again_and_again() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(5);
     let data = common::testdata();
-    let tmp = tempfile::tempdir().unwrap();
-    let root = tmp.path().join("root");
-    common::import_image(&root, "debian-gzip", "deb");
-    let mnt = tmp.path().join("mnt");
-    fs::create_dir_all(&mnt).unwrap();
+    let (_tmp, root, mnt) = imported();
     // A small span cache: the new daemons decompress again, reads keep reaching them.
     common::ok(
         &root,
@@ -150,11 +161,7 @@ fn without_a_keeper_a_killed_daemon_leaves_a_stale_mount() {
     if !common::can_mount() {
         return;
     }
-    let tmp = tempfile::tempdir().unwrap();
-    let root = tmp.path().join("root");
-    common::import_image(&root, "debian-gzip", "deb");
-    let mnt = tmp.path().join("mnt");
-    fs::create_dir_all(&mnt).unwrap();
+    let (_tmp, root, mnt) = imported();
     let out = std::process::Command::new(common::lazysnap_bin())
         .env("LAZYSNAP_FUSE_KEEPER", "0")
         .arg("--root")
@@ -328,11 +335,7 @@ fn upgrade_replaces_the_daemon_under_readers_without_a_failed_read() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(10);
-    let tmp = tempfile::tempdir().unwrap();
-    let root = tmp.path().join("root");
-    common::import_image(&root, "debian-gzip", "deb");
-    let mnt = tmp.path().join("mnt");
-    fs::create_dir_all(&mnt).unwrap();
+    let (tmp, root, mnt) = imported();
     // The "installed" binary: a copy replaced by a new file (new inode) before each upgrade.
     let bin = tmp.path().join("bin/lazysnap");
     let install = || {
@@ -417,9 +420,8 @@ fn upgrade_replaces_the_daemon_under_readers_without_a_failed_read() {
 
 /// [`wait_for_daemon`] for daemons started from `bin` (the tests' helpers know this build's).
 fn wait_for_daemon_of(bin: &Path, mnt: &Path, not: Option<u32>) -> u32 {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let d: Vec<u32> = fs::read_dir("/proc")
+    wait_for_one(mnt, not, || {
+        fs::read_dir("/proc")
             .unwrap()
             .flatten()
             .filter_map(|e| {
@@ -433,17 +435,8 @@ fn wait_for_daemon_of(bin: &Path, mnt: &Path, not: Option<u32>) -> u32 {
                     && !args.contains(&b"fuse-keeper".as_slice()))
                 .then_some(pid)
             })
-            .collect();
-        if d.len() == 1 && Some(d[0]) != not {
-            return d[0];
-        }
-        assert!(
-            Instant::now() < deadline,
-            "daemons of {}: {d:?}",
-            mnt.display()
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+            .collect()
+    })
 }
 
 /// A daemon numbering nodes by another scheme than the one the kernel's ids came from refuses
@@ -454,11 +447,7 @@ fn a_daemon_of_another_ino_scheme_refuses_to_take_over() {
     if !common::can_mount() {
         return;
     }
-    let tmp = tempfile::tempdir().unwrap();
-    let root = tmp.path().join("root");
-    common::import_image(&root, "debian-gzip", "deb");
-    let mnt = tmp.path().join("mnt");
-    fs::create_dir_all(&mnt).unwrap();
+    let (_tmp, root, mnt) = imported();
     common::ok(&root, &["mount", "deb", mnt.to_str().unwrap()]);
     let _unmount = Unmount(root.clone(), mnt.clone());
     let before = file_hashes(&mnt.join("etc"));
