@@ -87,10 +87,12 @@ pub fn disk_usage(root: &mut Root) -> Result<DiskUsage, CheckError> {
             if crate::root::is_temp_name(&name) {
                 du.temp.add(len);
             } else if let Some(hex) = name.strip_suffix(".seekable.zst") {
-                let map = std::fs::read(root.index_dir().join(format!("{hex}.spans")))
+                let map =
+                    crate::blob::SpanMap::load(&root.index_dir().join(format!("{hex}.spans")));
+                match map
                     .ok()
-                    .and_then(|b| postcard::from_bytes::<crate::blob::SpanMap>(&b).ok());
-                match map.filter(|m| m.resume_points() > 0 && m.copied_spans() == 0) {
+                    .filter(|m| m.resume_points() > 0 && m.copied_spans() == 0)
+                {
                     Some(m) => {
                         du.zstd_resume_points.add(len);
                         du.zstd_resume_serves += m.uncompressed_size;

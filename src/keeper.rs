@@ -9,7 +9,6 @@
 //! The keeper knows nothing of layers or FUSE requests; the daemon knows nothing of keeping.
 
 use std::ffi::OsString;
-use std::io::Read as _;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt as _;
 use std::path::{Path, PathBuf};
@@ -42,34 +41,9 @@ pub fn spawn(device: OwnedFd, daemon_pid: u32, daemon_args: &[OsString]) -> anyh
         .arg(lazysnap_fuse::INO_SCHEME.to_string())
         .stdin(Stdio::null())
         .stdout(Stdio::null());
-    pass_fds(&mut cmd, &device, None);
+    crate::mount::detach(&mut cmd, Some(&device), None);
     cmd.spawn().context("starting the mount's keeper")?;
     Ok(())
-}
-
-/// Makes `device` the child's fd [`DEVICE_FD`] and keeps `ready` (stderr and the rest as this
-/// process has them).
-fn pass_fds(cmd: &mut Command, device: &OwnedFd, ready: Option<RawFd>) {
-    let raw = device.as_raw_fd();
-    // SAFETY: only async-signal-safe calls (setsid, dup2, fcntl, chdir) between fork and exec.
-    unsafe {
-        std::os::unix::process::CommandExt::pre_exec(cmd, move || {
-            libc::setsid();
-            // Not in the way of an unmount, wherever it was started.
-            libc::chdir(c"/".as_ptr());
-            if let Some(r) = ready {
-                let flags = libc::fcntl(r, libc::F_GETFD);
-                libc::fcntl(r, libc::F_SETFD, flags & !libc::FD_CLOEXEC);
-            }
-            if raw == DEVICE_FD {
-                let flags = libc::fcntl(raw, libc::F_GETFD);
-                libc::fcntl(raw, libc::F_SETFD, flags & !libc::FD_CLOEXEC);
-            } else if libc::dup2(raw, DEVICE_FD) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
 }
 
 /// The signal that asks a keeper to replace its daemon by one started from the binary now at
@@ -128,7 +102,7 @@ pub fn run(pid: u32, daemon_args: Vec<OsString>) -> anyhow::Result<()> {
     // The path, not /proc/self/exe: an upgrade replaces the file there, and new daemons start
     // from what is there then.
     let exe = std::env::current_exe().context("finding the lazysnap binary")?;
-    let (upgrades, upgrade_write) = pipe().context("creating a pipe")?;
+    let (upgrades, upgrade_write) = crate::mount::pipe().context("creating a pipe")?;
     signal_hook::low_level::pipe::register(UPGRADE_SIGNAL, upgrade_write)
         .context("installing the upgrade signal")?;
     // Signals aimed at the session (a terminal's ^C) are the daemon's to answer.
@@ -210,24 +184,12 @@ pub fn run(pid: u32, daemon_args: Vec<OsString>) -> anyhow::Result<()> {
 /// Starts a daemon that takes the connection over and returns once it serves.
 fn start_daemon(exe: &Path, daemon_args: &[OsString], device: &OwnedFd) -> anyhow::Result<Daemon> {
     let started = Instant::now();
-    let (ready_read, ready_write) = pipe().context("creating a pipe")?;
     let mut cmd = Command::new(exe);
     cmd.args(daemon_args)
         .arg("--resume-fd")
-        .arg(DEVICE_FD.to_string())
-        .env(
-            crate::mount::READY_FD_ENV,
-            ready_write.as_raw_fd().to_string(),
-        )
-        .stdin(Stdio::null())
-        .stdout(Stdio::null());
-    pass_fds(&mut cmd, device, Some(ready_write.as_raw_fd()));
-    let mut child = cmd
-        .spawn()
+        .arg(DEVICE_FD.to_string());
+    let (mut child, msg) = crate::mount::spawn_until_ready(cmd, Some(device))
         .with_context(|| format!("starting {}", exe.display()))?;
-    drop(ready_write);
-    let mut msg = String::new();
-    let _ = std::fs::File::from(ready_read).read_to_string(&mut msg);
     if !msg.starts_with("ok") {
         let status = child.wait().map(|s| s.to_string()).unwrap_or_default();
         anyhow::bail!(
@@ -284,17 +246,6 @@ fn drain(fd: &OwnedFd) {
     // SAFETY: reads into a live buffer from a non-blocking-enough pipe: only after poll said
     // it is readable, and one read takes what a burst of signals wrote.
     unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-}
-
-/// A pipe, both ends close-on-exec: (read end, write end).
-fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
-    let mut fds = [0 as RawFd; 2];
-    // SAFETY: pipe2 writes two fds into the array.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: both fds were just created and are owned here.
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
 /// One kept mount replaced by `lazysnap upgrade`.

@@ -67,10 +67,7 @@ impl LayerFiles {
     }
 
     pub fn span_map(&self, root: &Root) -> anyhow::Result<SpanMap> {
-        let path = root.abs(&self.blob.spans_path);
-        let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
-        postcard::from_bytes(&bytes)
-            .with_context(|| format!("span map {} is corrupt", path.display()))
+        Ok(SpanMap::load(&root.abs(&self.blob.spans_path))?)
     }
 
     /// The lazily pulled blob as a remote source, while it is not in the store.

@@ -221,14 +221,6 @@ fn take_ready_fd() -> Option<std::fs::File> {
 /// Starts a detached daemon serving the mount; returns once it is ready, with the time the
 /// mount took.
 pub fn spawn_daemon(root_path: &Path, req: &MountRequest, log: &Path) -> anyhow::Result<f64> {
-    let mut fds = [0i32; 2];
-    // SAFETY: pipe2 writes two fds into the array.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(std::io::Error::last_os_error()).context("creating a pipe");
-    }
-    // SAFETY: both fds were just created and are owned here.
-    let (read_end, write_end) =
-        unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
     let exe = std::env::current_exe().context("finding the lazysnap binary")?;
     let logfile = std::fs::OpenOptions::new()
         .create(true)
@@ -245,9 +237,6 @@ pub fn spawn_daemon(root_path: &Path, req: &MountRequest, log: &Path) -> anyhow:
         .args(req.snapshot.then_some("--snapshot"))
         .arg(&req.target)
         .arg(&req.dir)
-        .env(READY_FD_ENV, write_end.as_raw_fd().to_string())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
         .stderr(logfile);
     if let Some(t) = req.threads {
         cmd.arg("--threads").arg(t.to_string());
@@ -256,23 +245,7 @@ pub fn spawn_daemon(root_path: &Path, req: &MountRequest, log: &Path) -> anyhow:
         // The daemon runs as this user: squashing to its own ids is the same.
         cmd.arg("--owners").arg("caller");
     }
-    let raw_write = write_end.as_raw_fd();
-    // SAFETY: only async-signal-safe calls (setsid, fcntl) between fork and exec.
-    unsafe {
-        std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
-            libc::setsid();
-            // Keep the ready pipe open across exec.
-            let flags = libc::fcntl(raw_write, libc::F_GETFD);
-            libc::fcntl(raw_write, libc::F_SETFD, flags & !libc::FD_CLOEXEC);
-            Ok(())
-        });
-    }
-    let mut child = cmd.spawn().context("starting the mount daemon")?;
-    drop(write_end);
-    let mut msg = String::new();
-    std::fs::File::from(read_end)
-        .read_to_string(&mut msg)
-        .context("waiting for the mount daemon")?;
+    let (mut child, msg) = spawn_until_ready(cmd, None).context("starting the mount daemon")?;
     if let Some(us) = msg.strip_prefix("ok ") {
         return Ok(us.trim().parse::<f64>().unwrap_or(0.0) / 1000.0);
     }
@@ -285,6 +258,68 @@ pub fn spawn_daemon(root_path: &Path, req: &MountRequest, log: &Path) -> anyhow:
         status.map(|s| s.to_string()).unwrap_or_default(),
         log.display()
     )
+}
+
+/// Starts `cmd` (a mount daemon) detached ([`detach`]), with `device` as its fd
+/// [`crate::keeper::DEVICE_FD`] when given, and waits on its readiness pipe: returns the child
+/// and what it reported (`ok <µs>` or `error: <why>`; empty when it died before either).
+pub(crate) fn spawn_until_ready(
+    mut cmd: Command,
+    device: Option<&OwnedFd>,
+) -> anyhow::Result<(std::process::Child, String)> {
+    let (read_end, write_end) = pipe().context("creating a pipe")?;
+    cmd.env(READY_FD_ENV, write_end.as_raw_fd().to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null());
+    detach(&mut cmd, device, Some(write_end.as_raw_fd()));
+    let child = cmd.spawn()?;
+    drop(write_end);
+    let mut msg = String::new();
+    std::fs::File::from(read_end)
+        .read_to_string(&mut msg)
+        .context("waiting for the mount daemon")?;
+    Ok((child, msg))
+}
+
+/// Makes `cmd` start in a session of its own with `/` as its working directory (a daemon must
+/// not hold a directory busy, nor die with its caller's terminal), keeping `keep` open across
+/// exec and passing `device` as fd [`crate::keeper::DEVICE_FD`].
+pub(crate) fn detach(cmd: &mut Command, device: Option<&OwnedFd>, keep: Option<i32>) {
+    let device = device.map(|d| d.as_raw_fd());
+    let target = crate::keeper::DEVICE_FD;
+    // SAFETY: only async-signal-safe calls (setsid, chdir, fcntl, dup2) between fork and exec.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(cmd, move || {
+            let inherit = |fd: i32| {
+                let flags = libc::fcntl(fd, libc::F_GETFD);
+                libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC);
+            };
+            libc::setsid();
+            libc::chdir(c"/".as_ptr());
+            if let Some(fd) = keep {
+                inherit(fd);
+            }
+            if let Some(fd) = device {
+                if fd == target {
+                    inherit(fd);
+                } else if libc::dup2(fd, target) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+}
+
+/// A pipe, both ends close-on-exec: (read end, write end).
+pub(crate) fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0i32; 2];
+    // SAFETY: pipe2 writes two fds into the array.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: both fds were just created and are owned here.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
 /// The default span cache of a mount daemon. The kernel's page cache holds the file data a

@@ -261,10 +261,7 @@ fn kill_at_random_points_then_check_and_compare() {
         return;
     }
     let started = Instant::now();
-    let iterations: u64 = std::env::var("LAZYSNAP_CRASH_ITERATIONS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(12);
+    let iterations = common::env_number("LAZYSNAP_CRASH_ITERATIONS", 12);
     let base_seed: u64 = std::env::var("LAZYSNAP_CRASH_SEED")
         .ok()
         .and_then(|v| v.parse().ok())

@@ -70,10 +70,7 @@ fn readers_see_no_error_while_the_daemon_is_killed_again_and_again() {
     if !common::can_mount() || !common::require(common::is_root(), "root (drop_caches)") {
         return;
     }
-    let kills: u32 = std::env::var("LAZYSNAP_KEEPER_KILLS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(5);
+    let kills = common::env_number("LAZYSNAP_KEEPER_KILLS", 5);
     let data = common::testdata();
     let (_tmp, root, mnt) = imported();
     // A small span cache: the new daemons decompress again, reads keep reaching them.
@@ -162,14 +159,11 @@ fn without_a_keeper_a_killed_daemon_leaves_a_stale_mount() {
         return;
     }
     let (_tmp, root, mnt) = imported();
-    let out = std::process::Command::new(common::lazysnap_bin())
-        .env("LAZYSNAP_FUSE_KEEPER", "0")
-        .arg("--root")
-        .arg(&root)
-        .args(["mount", "deb"])
-        .arg(&mnt)
-        .output()
-        .unwrap();
+    let out = common::lazysnap_env(
+        &root,
+        &["mount", "deb", mnt.to_str().unwrap()],
+        &[("LAZYSNAP_FUSE_KEEPER", "0")],
+    );
     assert!(
         out.status.success(),
         "{}",
@@ -331,10 +325,7 @@ fn upgrade_replaces_the_daemon_under_readers_without_a_failed_read() {
     if !common::can_mount() || !common::require(common::is_root(), "root (drop_caches)") {
         return;
     }
-    let upgrades: u32 = std::env::var("LAZYSNAP_KEEPER_UPGRADES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(10);
+    let upgrades = common::env_number("LAZYSNAP_KEEPER_UPGRADES", 10);
     let (tmp, root, mnt) = imported();
     // The "installed" binary: a copy replaced by a new file (new inode) before each upgrade.
     let bin = tmp.path().join("bin/lazysnap");

@@ -497,14 +497,17 @@ impl Merged {
     /// The inode `ino`, if it was handed out, by this daemon or (a layer node's) by an earlier
     /// one serving the same stack.
     pub fn inode(&self, ino: Ino) -> Option<Arc<Inode>> {
-        let known = self
-            .table
+        self.handed_out(ino).or_else(|| self.find_again(ino))
+    }
+
+    /// The inode `ino` if this daemon handed it out (no search).
+    fn handed_out(&self, ino: Ino) -> Option<Arc<Inode>> {
+        self.table
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .inodes
             .get(&ino)
-            .cloned();
-        known.or_else(|| self.find_again(ino))
+            .cloned()
     }
 
     /// Finds layer node `ino` again by merging the directories on one of its paths, which
@@ -604,7 +607,10 @@ impl Merged {
     /// children (memory); its inode number and those of its children stay, because the table
     /// maps layer nodes to inodes for the whole mount.
     pub fn forget(&self, ino: Ino, n: u64) {
-        let Some(inode) = self.inode(ino) else { return };
+        // A number an earlier daemon handed out is not looked for just to be forgotten.
+        let Some(inode) = self.handed_out(ino) else {
+            return;
+        };
         let prev = inode
             .lookups
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
@@ -625,7 +631,7 @@ impl Merged {
 
     /// Drops the cached merge of directory `ino`; the next use merges it again.
     pub fn invalidate_dir(&self, ino: Ino) {
-        if let Some(inode) = self.inode(ino) {
+        if let Some(inode) = self.handed_out(ino) {
             *inode.dir.lock().unwrap_or_else(PoisonError::into_inner) = None;
         }
     }

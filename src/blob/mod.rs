@@ -178,6 +178,16 @@ enum SpanIndex {
 }
 
 impl SpanMap {
+    /// Reads the span map stored at `path` (the one loader for mounts, `inspect` and `df`).
+    pub fn load(path: &std::path::Path) -> Result<SpanMap> {
+        let bytes = std::fs::read(path)
+            .map_err(|e| BlobError::io(format!("reading {}", path.display()), e))?;
+        postcard::from_bytes(&bytes).map_err(|e| BlobError::BadMap {
+            blob: path.display().to_string(),
+            msg: format!("does not decode: {e}"),
+        })
+    }
+
     /// Whether reading needs the local seekable copy written during the pass.
     pub fn has_local_copy(&self) -> bool {
         match &self.index {

@@ -34,10 +34,7 @@ fn random_access(root: &Root, blob: &crate::meta::BlobRow) -> (String, u64) {
         .as_deref()
         .and_then(|p| std::fs::metadata(root.abs(p)).ok())
         .map_or(0, |m| m.len());
-    let map = std::fs::read(root.abs(&blob.spans_path))
-        .ok()
-        .and_then(|b| postcard::from_bytes::<crate::blob::SpanMap>(&b).ok());
-    let Some(map) = map else {
+    let Ok(map) = crate::blob::SpanMap::load(&root.abs(&blob.spans_path)) else {
         return ("span map missing".into(), local);
     };
     let spans = map.span_count();

@@ -55,12 +55,26 @@ pub fn lazysnap_bin() -> PathBuf {
 
 /// Runs `lazysnap --root ROOT ARGS…` (the binary built for this test run).
 pub fn lazysnap(root: &Path, args: &[&str]) -> std::process::Output {
+    lazysnap_env(root, args, &[])
+}
+
+/// Like [`lazysnap`], with `envs` set.
+pub fn lazysnap_env(root: &Path, args: &[&str], envs: &[(&str, &str)]) -> std::process::Output {
     Command::new(lazysnap_bin())
+        .envs(envs.iter().copied())
         .arg("--root")
         .arg(root)
         .args(args)
         .output()
         .expect("running lazysnap")
+}
+
+/// The number in environment variable `name` (a test's size knob), else `default`.
+pub fn env_number(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 /// Like [`lazysnap`], asserting success; returns stdout.
