@@ -1,10 +1,15 @@
-//! The keeper of a read-only mount's FUSE connection: a small process holding a duplicate of
+//! The keeper of a mount's FUSE connection: a small process holding a duplicate of
 //! the mount daemon's `/dev/fuse` fd. The kernel keeps a connection alive while any process
 //! holds its fd, so a daemon that dies (kill -9, OOM, a panic) does not leave a stale mount:
 //! requests wait, the keeper starts a new daemon on the same fd (`mount --foreground
 //! --resume-fd`), which asks the kernel to resend what the dead one had read and answers the
-//! node ids the kernel already holds (a pure function of layer and node). The keeper exits once
-//! the connection is gone (unmounted, or aborted through `/sys/fs/fuse/connections`).
+//! node ids the kernel already holds (a pure function of layer and node, or of the upper entry)
+//! and the file handles (which name their file). The keeper exits once the connection is gone
+//! (unmounted, or aborted through `/sys/fs/fuse/connections`).
+//!
+//! An upgrade of a read-only mount starts the new daemon beside the old one (both may answer
+//! anything); a writable mount's daemon is asked to hand over first ([`HANDOVER_SIGNAL`]: it
+//! finishes the changes in progress and exits), since two daemons must not change one upper.
 //!
 //! The keeper knows nothing of layers or FUSE requests; the daemon knows nothing of keeping.
 
@@ -28,13 +33,21 @@ const MAX_FAILED_STARTS: u32 = 5;
 
 /// Starts the keeper of the connection `device` for the daemon `daemon_pid`, which was started
 /// with `daemon_args` (argv without the program; the keeper adds `--resume-fd`).
-pub fn spawn(device: OwnedFd, daemon_pid: u32, daemon_args: &[OsString]) -> anyhow::Result<()> {
+pub fn spawn(
+    device: OwnedFd,
+    daemon_pid: u32,
+    writable: bool,
+    daemon_args: &[OsString],
+) -> anyhow::Result<()> {
     let exe = std::env::current_exe().context("finding the lazysnap binary")?;
     let mut cmd = Command::new(exe);
     cmd.arg("fuse-keeper")
         .arg("--pid")
-        .arg(daemon_pid.to_string())
-        .arg("--")
+        .arg(daemon_pid.to_string());
+    if writable {
+        cmd.arg("--writable");
+    }
+    cmd.arg("--")
         .args(daemon_args)
         // What every daemon taking over must number nodes by.
         .arg("--ino-scheme")
@@ -49,6 +62,14 @@ pub fn spawn(device: OwnedFd, daemon_pid: u32, daemon_args: &[OsString]) -> anyh
 /// The signal that asks a keeper to replace its daemon by one started from the binary now at
 /// the keeper's path (`lazysnap upgrade`).
 pub const UPGRADE_SIGNAL: i32 = libc::SIGUSR1;
+
+/// The signal that asks a daemon with a keeper to hand its mount over: it waits for the changes
+/// to the upper in progress, starts no other, and exits without unmounting.
+pub const HANDOVER_SIGNAL: i32 = libc::SIGUSR2;
+
+/// How long a writable mount's daemon may take to finish its changes in progress and exit
+/// before it is killed (what it had read is resent either way).
+const HANDOVER_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The daemon being kept: a pid and a pidfd that polls readable once it has exited.
 struct Daemon {
@@ -77,16 +98,38 @@ impl Daemon {
     }
 
     fn kill(&mut self) {
+        self.signal(libc::SIGKILL);
+    }
+
+    fn signal(&self, sig: i32) {
         // SAFETY: signalling the daemon we keep; a pidfd names it even if it exited meanwhile.
         unsafe {
             libc::syscall(
                 libc::SYS_pidfd_send_signal,
                 self.exited.as_raw_fd(),
-                libc::SIGKILL,
+                sig,
                 std::ptr::null::<libc::siginfo_t>(),
                 0,
             )
         };
+    }
+
+    /// Asks it to hand the mount over and waits until it exited (killing it after
+    /// [`HANDOVER_TIMEOUT`]).
+    fn hand_over(&mut self) -> String {
+        self.signal(HANDOVER_SIGNAL);
+        let ms = i32::try_from(HANDOVER_TIMEOUT.as_millis()).unwrap_or(i32::MAX);
+        if !matches!(
+            poll_readable(&[self.exited.as_raw_fd()], ms).as_deref(),
+            Ok([true])
+        ) {
+            warn!(
+                pid = self.pid,
+                "the daemon did not hand over in time; killing it"
+            );
+            self.kill();
+        }
+        self.wait()
     }
 }
 
@@ -94,8 +137,9 @@ impl Daemon {
 /// child). When the daemon dies while the connection lives, it starts a new one on it from
 /// `daemon_args`; on [`UPGRADE_SIGNAL`] it starts a new one beside it, and once that serves,
 /// kills the old one and has the kernel resend what it had read (both serve the same
-/// read-only tree, so either may answer any request).
-pub fn run(pid: u32, daemon_args: Vec<OsString>) -> anyhow::Result<()> {
+/// read-only tree, so either may answer any request). A `writable` mount's daemon hands over
+/// first, once the new binary is known to number nodes as the kernel was told.
+pub fn run(pid: u32, writable: bool, daemon_args: Vec<OsString>) -> anyhow::Result<()> {
     let _span = info_span!("fuse_keeper", pid).entered();
     // SAFETY: the daemon that started us passed the connection on this fd for our keeping.
     let device = unsafe { OwnedFd::from_raw_fd(DEVICE_FD) };
@@ -122,7 +166,31 @@ pub fn run(pid: u32, daemon_args: Vec<OsString>) -> anyhow::Result<()> {
         if let Some(d) = daemon.as_mut() {
             let ready = poll_readable(&[d.exited.as_raw_fd(), upgrades.as_raw_fd()], -1)
                 .context("waiting on the mount daemon")?;
-            if ready[1] {
+            if ready[1] && writable {
+                drain(&upgrades);
+                let _s = info_span!("upgrade", old = d.pid).entered();
+                match ino_scheme_of(&exe) {
+                    Ok(s) if s == lazysnap_fuse::INO_SCHEME => {
+                        let how = d.hand_over();
+                        info!(pid = d.pid, how, "the mount daemon handed over");
+                        // Started below as after a crash; the kernel resends what it had read.
+                    }
+                    Ok(s) => {
+                        warn!(
+                            "upgrade refused: {} numbers nodes by scheme {s}, the kernel holds scheme {} \
+                             numbers; the old daemon goes on serving (unmount and mount again to \
+                             serve the mount from the new build)",
+                            exe.display(),
+                            lazysnap_fuse::INO_SCHEME
+                        );
+                        continue;
+                    }
+                    Err(e) => {
+                        warn!(error = %format!("{e:#}"), "upgrade refused; the old daemon goes on serving");
+                        continue;
+                    }
+                }
+            } else if ready[1] {
                 drain(&upgrades);
                 let _s = info_span!("upgrade", old = d.pid).entered();
                 match start_daemon(&exe, &daemon_args, &device) {
@@ -141,12 +209,13 @@ pub fn run(pid: u32, daemon_args: Vec<OsString>) -> anyhow::Result<()> {
                     }
                 }
                 continue;
+            } else {
+                if !ready[0] {
+                    continue;
+                }
+                let how = d.wait();
+                info!(pid = d.pid, how, "the mount daemon ended");
             }
-            if !ready[0] {
-                continue;
-            }
-            let how = d.wait();
-            info!(pid = d.pid, how, "the mount daemon ended");
         }
         daemon = None;
         if lazysnap_fuse::connection_gone(&device) {
@@ -178,6 +247,26 @@ pub fn run(pid: u32, daemon_args: Vec<OsString>) -> anyhow::Result<()> {
                 std::thread::sleep(Duration::from_millis(50 << failed_starts.min(5)));
             }
         }
+    }
+}
+
+/// The node numbering of the binary at `exe` (`lazysnap fuse-ino-scheme`; a build without it
+/// predates handing writable mounts over).
+fn ino_scheme_of(exe: &Path) -> anyhow::Result<u32> {
+    let out = Command::new(exe)
+        .arg("fuse-ino-scheme")
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .with_context(|| format!("running {}", exe.display()))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    match text.trim().parse() {
+        Ok(s) if out.status.success() => Ok(s),
+        _ => anyhow::bail!(
+            "{} does not say how it numbers nodes (`fuse-ino-scheme`: {}): too old to take a              writable mount over",
+            exe.display(),
+            out.status
+        ),
     }
 }
 
@@ -248,18 +337,21 @@ fn drain(fd: &OwnedFd) {
     unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
 }
 
-/// One kept mount replaced by `lazysnap upgrade`.
+/// One kept mount replaced by `lazysnap upgrade`, or why not (`refused`: its old daemon
+/// serves on, `new` is `old`).
 #[derive(Debug)]
 pub struct Upgraded {
     pub mountpoint: PathBuf,
     pub old: u32,
     pub new: u32,
     pub ms: f64,
+    pub refused: Option<String>,
 }
 
 /// `lazysnap upgrade`: every kept mount of `root` gets a daemon started from the binary now at
-/// its keeper's path, one mount at a time (the old daemon serves until the new one does).
-/// Writable mounts have no keeper and are not touched (the returned list says which were).
+/// its keeper's path, one mount at a time (a read-only mount's old daemon serves until the new
+/// one does; a writable one's hands over first). A binary that numbers nodes otherwise than
+/// the kernel was told is refused for that mount, whose old daemon serves on.
 pub fn upgrade_all(root: &Path) -> anyhow::Result<Vec<Upgraded>> {
     upgrade_where(root, |_| true)
 }
@@ -290,6 +382,28 @@ fn upgrade_where(root: &Path, outdated: impl Fn(u32) -> bool) -> anyhow::Result<
             continue;
         }
         let started = Instant::now();
+        // The keeper checks this too; asked here, a refusal is told at once, not by a timeout.
+        let scheme = ino_scheme_of(&keeper.exe);
+        if scheme.as_ref().ok() != Some(&keeper.ino_scheme) {
+            let why = match scheme {
+                Ok(s) => format!(
+                    "{} numbers nodes by scheme {s}, the kernel holds scheme {} numbers; unmount \
+                     and mount again to serve it from the new build",
+                    keeper.exe.display(),
+                    keeper.ino_scheme
+                ),
+                Err(e) => format!("{e:#}"),
+            };
+            warn!(mountpoint = %keeper.mountpoint.display(), why, "upgrade refused");
+            done.push(Upgraded {
+                mountpoint: keeper.mountpoint,
+                old,
+                new: old,
+                ms: 0.0,
+                refused: Some(why),
+            });
+            continue;
+        }
         // SAFETY: signalling a keeper of this root (its handler only writes to a pipe).
         if unsafe { libc::kill(keeper.pid as i32, UPGRADE_SIGNAL) } != 0 {
             continue; // gone meanwhile (its mount with it)
@@ -313,6 +427,7 @@ fn upgrade_where(root: &Path, outdated: impl Fn(u32) -> bool) -> anyhow::Result<
             old,
             new,
             ms: started.elapsed().as_secs_f64() * 1000.0,
+            refused: None,
         });
     }
     Ok(done)
@@ -321,6 +436,10 @@ fn upgrade_where(root: &Path, outdated: impl Fn(u32) -> bool) -> anyhow::Result<
 struct KeeperProcess {
     pid: u32,
     mountpoint: PathBuf,
+    /// The binary it starts daemons from (its own path, where an upgrade installs).
+    exe: PathBuf,
+    /// How the kernel's node ids of its mount are numbered (its daemons' `--ino-scheme`).
+    ino_scheme: u32,
 }
 
 /// The keepers whose daemons serve mounts of `root`.
@@ -340,10 +459,16 @@ fn keepers_of(root: &Path) -> Vec<KeeperProcess> {
                 .collect();
             let is_keeper = args.get(1) == Some(&b"fuse-keeper".as_slice());
             let of_root = args.windows(2).any(|w| w[0] == b"--root" && w[1] == root);
-            let last = args.last().copied()?;
-            (is_keeper && of_root).then(|| KeeperProcess {
+            // The daemon's arguments end `DIR --ino-scheme N`.
+            let [.., dir, flag, scheme] = args[..] else {
+                return None;
+            };
+            let ino_scheme = std::str::from_utf8(scheme).ok()?.parse().ok()?;
+            (is_keeper && of_root && flag == b"--ino-scheme").then(|| KeeperProcess {
                 pid,
-                mountpoint: PathBuf::from(std::ffi::OsStr::from_bytes(last)),
+                mountpoint: PathBuf::from(std::ffi::OsStr::from_bytes(dir)),
+                exe: PathBuf::from(std::ffi::OsStr::from_bytes(args[0])),
+                ino_scheme,
             })
         })
         .collect();

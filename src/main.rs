@@ -254,19 +254,25 @@ enum Command {
         #[arg(long, hide = true)]
         ino_scheme: Option<u32>,
     },
-    /// Replace the daemon of every read-only mount of the root by one started from the binary
+    /// Replace the daemon of every FUSE mount of the root by one started from the binary
     /// installed now, without unmounting: requests in flight are answered by the new daemon
     Upgrade,
-    /// (internal) hold a read-only mount's FUSE connection; start a new daemon on it when the
+    /// (internal) hold a mount's FUSE connection; start a new daemon on it when the
     /// daemon PID dies (see src/keeper.rs)
     #[command(hide = true)]
     FuseKeeper {
         #[arg(long)]
         pid: u32,
+        /// The mount has an upper: its daemon hands over before a new one starts
+        #[arg(long)]
+        writable: bool,
         /// The daemon's arguments
         #[arg(last = true)]
         daemon_args: Vec<std::ffi::OsString>,
     },
+    /// (internal) print how this build numbers FUSE nodes (a keeper asks before an upgrade)
+    #[command(hide = true)]
+    FuseInoScheme,
     /// Commit the changes made in a `mount --rw` directory as a new image NAME
     Commit {
         dir: PathBuf,
@@ -387,21 +393,40 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
     }
     match cli.command {
-        Command::FuseKeeper { pid, daemon_args } => {
-            lazysnap::keeper::run(pid, daemon_args)?;
+        Command::FuseKeeper {
+            pid,
+            writable,
+            daemon_args,
+        } => {
+            lazysnap::keeper::run(pid, writable, daemon_args)?;
         }
+        Command::FuseInoScheme => println!("{}", lazysnap_fuse::INO_SCHEME),
         Command::Upgrade => {
             let done = lazysnap::keeper::upgrade_all(&root_path)?;
+            let mut refused = 0;
             for u in &done {
-                println!(
-                    "upgraded {}: daemon {} -> {} in {:.1} ms",
-                    u.mountpoint.display(),
-                    u.old,
-                    u.new,
-                    u.ms
-                );
+                match &u.refused {
+                    None => println!(
+                        "upgraded {}: daemon {} -> {} in {:.1} ms",
+                        u.mountpoint.display(),
+                        u.old,
+                        u.new,
+                        u.ms
+                    ),
+                    Some(why) => {
+                        refused += 1;
+                        println!(
+                            "not upgraded {} (daemon {} serves on): {why}",
+                            u.mountpoint.display(),
+                            u.old
+                        )
+                    }
+                }
             }
-            println!("{} mount(s) upgraded", done.len());
+            println!("{} mount(s) upgraded", done.len() - refused);
+            if refused > 0 {
+                anyhow::bail!("{refused} mount(s) not upgraded (see above)");
+            }
         }
         Command::Import {
             path,

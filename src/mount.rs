@@ -110,6 +110,7 @@ pub fn run_foreground(root: Root, req: &MountRequest) -> anyhow::Result<()> {
         signal_hook::consts::SIGINT,
         signal_hook::consts::SIGTERM,
         signal_hook::consts::SIGHUP,
+        crate::keeper::HANDOVER_SIGNAL,
     ])
     .context("installing signal handlers")?;
     let ready_fd = take_ready_fd();
@@ -148,27 +149,30 @@ pub fn run_foreground(root: Root, req: &MountRequest) -> anyhow::Result<()> {
         if let Some(t) = req.threads {
             opts.threads = t.max(1);
         }
-        // Read-only mounts are kept; writable ones would need their open files handed over.
-        opts.recoverable =
-            opts.upper.is_none() && std::env::var_os(KEEPER_ENV).is_none_or(|v| v != "0");
+        opts.recoverable = std::env::var_os(KEEPER_ENV).is_none_or(|v| v != "0");
         if let Some(fd) = req.resume_fd {
             // SAFETY: the keeper passed us the connection on this fd.
             let device = unsafe { OwnedFd::from_raw_fd(fd) };
             let handle = lazysnap_fuse::serve_taken_over(stack, device, &req.dir, &opts)
                 .with_context(|| format!("taking over the mount at {}", req.dir.display()))?;
-            return anyhow::Ok(handle);
+            return anyhow::Ok((handle, true));
         }
+        let writable = opts.upper.is_some();
         let mut handle = lazysnap_fuse::mount(stack, &req.dir, &opts)
             .with_context(|| format!("mounting at {}", req.dir.display()))?;
+        let mut kept = false;
         if let Some(device) = handle.take_device_fd() {
             let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
-            if let Err(e) = crate::keeper::spawn(device, std::process::id(), &args) {
-                warn!(error = %format!("{e:#}"), "no keeper for the mount: a crash of this daemon will leave it stale");
+            match crate::keeper::spawn(device, std::process::id(), writable, &args) {
+                Ok(()) => kept = true,
+                Err(e) => {
+                    warn!(error = %format!("{e:#}"), "no keeper for the mount: a crash of this daemon will leave it stale")
+                }
             }
         }
-        anyhow::Ok(handle)
+        anyhow::Ok((handle, kept))
     })();
-    let handle = match result {
+    let (handle, kept) = match result {
         Ok(h) => h,
         Err(e) => {
             if let Some(mut fd) = ready_fd {
@@ -191,12 +195,27 @@ pub fn run_foreground(root: Root, req: &MountRequest) -> anyhow::Result<()> {
         ),
     }
     let dir = req.dir.clone();
+    let gate = handle.gate();
     std::thread::spawn(move || {
-        if let Some(sig) = signals.forever().next() {
+        for sig in signals.forever() {
+            if sig == crate::keeper::HANDOVER_SIGNAL {
+                if !kept {
+                    warn!("asked to hand the mount over, but no keeper holds it: serving on");
+                    continue;
+                }
+                // The keeper holds the connection and starts the successor once we are gone;
+                // what we read and do not answer, the kernel resends to it.
+                info!("handing the mount over: waiting for the changes in progress");
+                gate.close();
+                info!("handed over; exiting without unmounting");
+                // SAFETY: ends the process at once, without unmounting in destructors.
+                unsafe { libc::_exit(0) };
+            }
             info!(signal = sig, "unmounting on signal");
             if let Err(e) = lazysnap_fuse::unmount(&dir) {
                 warn!(error = %e, "unmount on signal failed");
             }
+            break;
         }
     });
     handle.join().context("serving the mount")?;

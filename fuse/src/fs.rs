@@ -10,7 +10,13 @@
 //! stay). Directory listings are not cached by the kernel then, and each open directory reads
 //! a snapshot of the merged listing so that offsets stay valid while entries come and go (as
 //! `rm -rf` needs). Upper files are read and written through host fds kept per open.
+//!
+//! A daemon may take a live mount over from a dead or retiring one (see `crate::mount`): a file
+//! handle names its inode and open flags ([`file_handle`]), so a handle this daemon never gave
+//! out is opened again on its first use, and the changes to the upper pass a [`Gate`] that a
+//! retiring daemon closes, so that none is half made when it exits.
 
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::fs::File;
@@ -20,7 +26,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
@@ -48,13 +54,70 @@ const MAX_IO: u32 = 1 << 20;
 #[derive(Debug)]
 pub struct MergedFs {
     merged: Arc<Merged>,
-    /// Open upper files by file handle (handle 0 = read from the layer).
-    files: Mutex<HashMap<u64, Arc<File>>>,
-    /// Listing snapshots of open directories of a writable view.
-    dirs: Mutex<HashMap<u64, Arc<MergedDir>>>,
+    /// Open upper files by file handle (handle 0 = read from the layer), with how many opens
+    /// share the handle.
+    files: Mutex<HashMap<u64, (Arc<File>, u32)>>,
+    /// Listing snapshots of open directories of a writable view, with the directory's number.
+    dirs: Mutex<HashMap<u64, (Ino, Arc<MergedDir>)>>,
+    /// Handles of directories and of files [`file_handle`] cannot name: from this daemon's pid
+    /// up, so that a successor's do not meet them.
     next_fh: AtomicU64,
     /// Whose ids the mount shows (see [`Owners`]).
     owners: Owners,
+    gate: Arc<Gate>,
+}
+
+/// What every change to the upper passes while it runs, reply included. A daemon handing the
+/// mount over closes it and exits: each change is then either answered or not started, and the
+/// kernel resends the requests not answered to the next daemon (reads and data writes are
+/// idempotent at their offset and need not pass).
+#[derive(Debug, Default)]
+pub struct Gate(RwLock<()>);
+
+impl Gate {
+    fn pass(&self) -> RwLockReadGuard<'_, ()> {
+        self.0.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Waits for the changes in progress to be answered and lets no other start, for good.
+    pub fn close(&self) {
+        let shut = self.0.write().unwrap_or_else(PoisonError::into_inner);
+        std::mem::forget(shut);
+    }
+}
+
+/// Bit set in every handle [`file_handle`] makes.
+const FH_NAMED: u64 = 1 << 63;
+/// Inode numbers up to here fit a named handle (origins and [`merge::upper_ino`]'s).
+const FH_INO_BITS: u32 = 49;
+
+/// The handle of an upper file `ino` opened with `flags`: the inode number and the flags that
+/// matter for reopening it (access mode, O_SYNC/O_DSYNC). Opens that agree share a handle.
+/// `None` for a number too large to name.
+fn file_handle(ino: Ino, flags: i32) -> Option<u64> {
+    if ino >> FH_INO_BITS != 0 {
+        return None;
+    }
+    let acc = (flags & libc::O_ACCMODE) as u64 & 3;
+    let sync = u64::from(flags & libc::O_SYNC == libc::O_SYNC);
+    let dsync = u64::from(flags & libc::O_DSYNC != 0);
+    Some(FH_NAMED | ((acc | sync << 2 | dsync << 3) << FH_INO_BITS) | ino)
+}
+
+/// The inode and open flags a [`file_handle`] names.
+fn handle_file(fh: u64) -> Option<(Ino, i32)> {
+    if fh & FH_NAMED == 0 {
+        return None;
+    }
+    let ino = fh & ((1 << FH_INO_BITS) - 1);
+    let bits = (fh & !FH_NAMED) >> FH_INO_BITS;
+    let mut flags = (bits & 3) as i32;
+    if bits & 4 != 0 {
+        flags |= libc::O_SYNC;
+    } else if bits & 8 != 0 {
+        flags |= libc::O_DSYNC;
+    }
+    Some((ino, flags))
 }
 
 impl MergedFs {
@@ -78,9 +141,15 @@ impl MergedFs {
             merged: Arc::new(merged),
             files: Mutex::new(HashMap::new()),
             dirs: Mutex::new(HashMap::new()),
-            next_fh: AtomicU64::new(1),
+            next_fh: AtomicU64::new((u64::from(std::process::id()) << 32) + 1),
             owners: Owners::Image,
+            gate: Arc::default(),
         }
+    }
+
+    /// The gate every change to the upper passes ([`Gate::close`] before handing over).
+    pub fn gate(&self) -> Arc<Gate> {
+        self.gate.clone()
     }
 
     /// Shows ids as `owners` says (default: the image's).
@@ -103,15 +172,39 @@ impl MergedFs {
         })
     }
 
-    fn file(&self, fh: FileHandle) -> Option<Arc<File>> {
-        let files = self.files.lock().unwrap_or_else(PoisonError::into_inner);
-        files.get(&fh.0).cloned()
+    /// The upper file open as `fh` on `ino`; a handle an earlier daemon gave out is opened
+    /// again here (the kernel releases it once, as any other).
+    fn file(&self, ino: Ino, fh: FileHandle) -> Option<Arc<File>> {
+        {
+            let files = self.files.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Some((f, _)) = files.get(&fh.0) {
+                return Some(f.clone());
+            }
+        }
+        let (named, flags) = handle_file(fh.0)?;
+        if named != ino {
+            return None;
+        }
+        let _s = debug_span!("reopen", ino, flags).entered();
+        let f = match self.merged.open_upper(ino, flags) {
+            Ok(f) => Arc::new(f),
+            Err(e) => {
+                warn!(what = %self.merged.describe(ino), error = ?e, "cannot open a handle of an earlier daemon again");
+                return None;
+            }
+        };
+        let mut files = self.files.lock().unwrap_or_else(PoisonError::into_inner);
+        Some(files.entry(fh.0).or_insert((f, 1)).0.clone())
     }
 
-    fn add_file(&self, f: File) -> FileHandle {
-        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+    fn add_file(&self, ino: Ino, flags: i32, f: File) -> FileHandle {
+        let fh =
+            file_handle(ino, flags).unwrap_or_else(|| self.next_fh.fetch_add(1, Ordering::Relaxed));
         let mut files = self.files.lock().unwrap_or_else(PoisonError::into_inner);
-        files.insert(fh, Arc::new(f));
+        files
+            .entry(fh)
+            .and_modify(|(_, opens)| *opens += 1)
+            .or_insert((Arc::new(f), 1));
         FileHandle(fh)
     }
 
@@ -124,10 +217,10 @@ impl MergedFs {
         let snap = dirs.get(&fh.0).cloned();
         match snap {
             // A rewind sees the changes since the open.
-            Some(d) if offset > 0 => Some(d),
+            Some((of, d)) if offset > 0 && of == ino => Some(d),
             _ => {
                 let d = self.merged.dir(ino)?;
-                dirs.insert(fh.0, d.clone());
+                dirs.insert(fh.0, (ino, d.clone()));
                 Some(d)
             }
         }
@@ -143,6 +236,7 @@ impl MergedFs {
         node: NewNode,
         reply: ReplyEntry,
     ) {
+        let _g = self.gate.pass();
         match self
             .merged
             .create(self.caller(req), parent.0, name.as_bytes(), node)
@@ -381,8 +475,10 @@ impl Filesystem for MergedFs {
         if self.merged.is_writable() {
             let upper = self.merged.inode(ino.0).is_some_and(|i| i.is_upper());
             if writes || upper {
+                // Copy-up and truncation change the upper.
+                let _g = writes.then(|| self.gate.pass());
                 return match self.merged.open_upper(ino.0, flags.0) {
-                    Ok(f) => reply.opened(self.add_file(f), FopenFlags::empty()),
+                    Ok(f) => reply.opened(self.add_file(ino.0, flags.0, f), FopenFlags::empty()),
                     Err(e) => reply.error(errno(&e)),
                 };
             }
@@ -416,7 +512,7 @@ impl Filesystem for MergedFs {
         // Handles start at 1: 0 is a layer file (and every file of a read-only mount, whose
         // opens are zero-message), so the hot path takes no lock of the handle table.
         if _fh.0 != 0 {
-            if let Some(f) = self.file(_fh) {
+            if let Some(f) = self.file(ino.0, _fh) {
                 return read_file(&f, offset, size, reply);
             }
         }
@@ -633,7 +729,8 @@ impl Filesystem for MergedFs {
             atime: set_time(atime),
             mtime: set_time(mtime),
         };
-        let file = fh.and_then(|fh| self.file(fh));
+        let _g = self.gate.pass();
+        let file = fh.and_then(|fh| self.file(ino.0, fh));
         let done = self
             .merged
             .setattr(ino.0, &change, file.as_deref())
@@ -724,6 +821,7 @@ impl Filesystem for MergedFs {
         flags: i32,
         reply: ReplyCreate,
     ) {
+        let _g = self.gate.pass();
         let _s = debug_span!("create", parent = parent.0, name = ?name, mode).entered();
         let node = NewNode::File {
             perm: mode & 0o7777,
@@ -739,7 +837,7 @@ impl Filesystem for MergedFs {
         match made {
             Ok((ino, f, a)) => {
                 self.merged.add_lookup(ino);
-                let fh = self.add_file(f);
+                let fh = self.add_file(ino, flags, f);
                 reply.created(
                     &TTL,
                     &self.attr_out(ino, &a),
@@ -753,6 +851,7 @@ impl Filesystem for MergedFs {
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _g = self.gate.pass();
         let _s = debug_span!("unlink", parent = parent.0, name = ?name).entered();
         match self.merged.unlink(parent.0, name.as_bytes()) {
             Ok(()) => reply.ok(),
@@ -761,6 +860,7 @@ impl Filesystem for MergedFs {
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _g = self.gate.pass();
         let _s = debug_span!("rmdir", parent = parent.0, name = ?name).entered();
         match self.merged.rmdir(parent.0, name.as_bytes()) {
             Ok(()) => reply.ok(),
@@ -778,6 +878,7 @@ impl Filesystem for MergedFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
+        let _g = self.gate.pass();
         let _s = debug_span!("rename", parent = parent.0, name = ?name, newparent = newparent.0,
             newname = ?newname)
         .entered();
@@ -801,6 +902,7 @@ impl Filesystem for MergedFs {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
+        let _g = self.gate.pass();
         let _s =
             debug_span!("link", ino = ino.0, newparent = newparent.0, newname = ?newname).entered();
         match self.merged.link(ino.0, newparent.0, newname.as_bytes()) {
@@ -822,7 +924,7 @@ impl Filesystem for MergedFs {
         reply: ReplyWrite,
     ) {
         let _s = debug_span!("write", ino = ino.0, offset, len = data.len()).entered();
-        let Some(f) = self.file(fh) else {
+        let Some(f) = self.file(ino.0, fh) else {
             return reply.error(Errno::EBADF);
         };
         match f.write_all_at(data, offset) {
@@ -858,7 +960,12 @@ impl Filesystem for MergedFs {
         reply: ReplyEmpty,
     ) {
         let mut files = self.files.lock().unwrap_or_else(PoisonError::into_inner);
-        files.remove(&fh.0);
+        if let Entry::Occupied(mut e) = files.entry(fh.0) {
+            e.get_mut().1 -= 1;
+            if e.get().1 == 0 {
+                e.remove();
+            }
+        }
         reply.ok();
     }
 
@@ -871,7 +978,7 @@ impl Filesystem for MergedFs {
         reply: ReplyEmpty,
     ) {
         let _s = debug_span!("fsync", ino = ino.0).entered();
-        let Some(f) = self.file(fh) else {
+        let Some(f) = self.file(ino.0, fh) else {
             // A read-only open of a layer file: nothing to write out.
             return reply.ok();
         };
@@ -922,6 +1029,7 @@ impl Filesystem for MergedFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
+        let _g = self.gate.pass();
         let _s = debug_span!("setxattr", ino = ino.0, name = ?name).entered();
         match self.merged.set_xattr(ino.0, name.as_bytes(), value, flags) {
             Ok(()) => reply.ok(),
@@ -930,6 +1038,7 @@ impl Filesystem for MergedFs {
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _g = self.gate.pass();
         let _s = debug_span!("removexattr", ino = ino.0, name = ?name).entered();
         match self.merged.remove_xattr(ino.0, name.as_bytes()) {
             Ok(()) => reply.ok(),
@@ -948,7 +1057,7 @@ impl Filesystem for MergedFs {
         reply: ReplyEmpty,
     ) {
         let _s = debug_span!("fallocate", ino = ino.0, offset, length, mode).entered();
-        let Some(f) = self.file(fh) else {
+        let Some(f) = self.file(ino.0, fh) else {
             return reply.error(Errno::EBADF);
         };
         let (Ok(off), Ok(len)) = (i64::try_from(offset), i64::try_from(length)) else {

@@ -350,13 +350,31 @@ fn xattr_name(name: &[u8]) -> io::Result<CString> {
 }
 
 pub fn get_xattr(fd: BorrowedFd<'_>, name: &[u8]) -> io::Result<Option<Vec<u8>>> {
-    let p = proc_path(fd);
+    get_xattr_path(&proc_path(fd), name, false)
+}
+
+/// xattr `name` of entry `entry` of `dir`, not following a symlink (no fd opened: one syscall).
+pub fn get_xattr_at(dir: BorrowedFd<'_>, entry: &[u8], name: &[u8]) -> io::Result<Option<Vec<u8>>> {
+    let entry = component(entry)?;
+    let mut p = proc_path(dir).into_bytes();
+    p.push(b'/');
+    p.extend_from_slice(entry.as_bytes());
+    let p = CString::new(p).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    get_xattr_path(&p, name, true)
+}
+
+fn get_xattr_path(p: &CString, name: &[u8], nofollow: bool) -> io::Result<Option<Vec<u8>>> {
     let n = xattr_name(name)?;
     let mut buf = vec![0u8; 256];
     loop {
         // SAFETY: valid C strings; `buf` is writable for its length.
-        let rc =
-            unsafe { libc::getxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+        let rc = unsafe {
+            if nofollow {
+                libc::lgetxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len())
+            } else {
+                libc::getxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len())
+            }
+        };
         if rc >= 0 {
             buf.truncate(rc as usize);
             return Ok(Some(buf));

@@ -47,7 +47,7 @@ pub mod reference;
 pub mod upper;
 
 pub use error::FuseError;
-pub use fs::MergedFs;
+pub use fs::{Gate, MergedFs};
 pub use layer::{DirEntry, LayerStack, LayerTree, NodeAttr, NodeId, NodeKind, Timestamp, Xattrs};
 pub use merge::{Ino, Merged, INO_SCHEME, ROOT_INO};
 pub use mount::{

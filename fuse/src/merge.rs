@@ -14,8 +14,12 @@
 //! cached, so a mount costs nothing up front. The inode number of a layer node is a pure function of
 //! (layer, node) ([`origin_ino`]), so a daemon started again over the same stack answers the
 //! numbers the kernel got from an earlier one ([`Merged::inode`] finds such a node again by its
-//! path); a node visible through several hardlinks of one layer gets one inode. Entries only the
-//! upper has are numbered from [`UPPER_INO_BASE`] on, never reused while the [`Merged`] lives.
+//! path); a node visible through several hardlinks of one layer gets one inode. An upper entry
+//! is numbered by [`upper_ino`]: the number it recorded in [`INO_XATTR`] (a copy-up keeps its
+//! lower number; a new entry whose host inode number another inode holds gets one from a
+//! sequence), else [`UPPER_INO_BASE`] plus its host inode number, so a successor finds it again
+//! by walking the upper once. A number is never handed to two entries while the
+//! [`Merged`] lives.
 //!
 //! A writable upper directory (an OCI layer in directory form, see [`mod@write`]) may sit above
 //! the layers: its entries win, its `.wh.NAME` files hide lower names and its `.wh..wh..opq`
@@ -65,9 +69,25 @@ pub const ROOT_INO: Ino = 1;
 /// (layers are fewer than 65535).
 pub const UPPER_INO_BASE: Ino = 1 << 48;
 
-/// The version of how inode numbers are made ([`origin_ino`], [`UPPER_INO_BASE`]). A daemon
-/// takes over a mount only from one of the same scheme: the kernel holds the numbers.
-pub const INO_SCHEME: u32 = 1;
+/// Numbers of upper entries [`upper_ino`] cannot number (a host inode number past 2^47, or one
+/// a deleted entry still holds), recorded in the entry ([`INO_XATTR`]): this daemon's pid in
+/// bits 25..47 and a sequence below, so that a successor's do not meet them. Every number stays
+/// below 2^49, which a file handle holds.
+const UPPER_SEQ_BASE: Ino = 3 << 47;
+
+/// The version of how inode numbers are made ([`origin_ino`], [`upper_ino`]). A daemon takes
+/// over a mount only from one of the same scheme: the kernel holds the numbers.
+pub const INO_SCHEME: u32 = 2;
+
+pub use crate::ownership::INO_XATTR;
+
+/// The number of an upper entry whose recorded number ([`INO_XATTR`]) is `recorded` and whose
+/// host inode number is `host_ino`; `None` when neither gives one.
+pub fn upper_ino(recorded: Option<Ino>, host_ino: u64) -> Option<Ino> {
+    // Outside the layers' and the upper's ranges a recorded number is damaged.
+    let recorded = recorded.filter(|r| (1 << 32..1 << 49).contains(r));
+    recorded.or_else(|| (host_ino < 1 << 47).then_some(UPPER_INO_BASE | host_ino))
+}
 
 /// The inode number of layer node `o`: the same in every daemon serving the stack.
 pub fn origin_ino(o: Origin) -> Ino {
@@ -293,6 +313,34 @@ fn node_names(layer: &dyn LayerTree) -> NodeNames {
     names
 }
 
+/// The upper path of each upper entry's number (the first path found for a hardlinked one).
+fn walk_upper(upper: &Upper) -> HashMap<Ino, UpperPath> {
+    let mut paths = HashMap::new();
+    let mut dirs: Vec<(Arc<OwnedFd>, UpperPath)> = vec![(upper.root.clone(), Vec::new())];
+    while let Some((fd, path)) = dirs.pop() {
+        let scan = match upper::scan_dir(fd.as_fd()) {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(error = %e, "cannot list an upper directory while walking the upper");
+                continue;
+            }
+        };
+        for e in scan.entries {
+            let mut p = path.clone();
+            p.push(e.name.clone());
+            if e.kind == NodeKind::Dir && p.len() < MAX_DEPTH {
+                if let Ok(d) = host::open_dir_path(fd.as_fd(), &e.name) {
+                    dirs.push((Arc::new(d), p.clone()));
+                }
+            }
+            if let Some(ino) = upper_ino(e.recorded, e.id.1) {
+                paths.entry(ino).or_insert(p);
+            }
+        }
+    }
+    paths
+}
+
 /// `merge_len` for a directory with `sources`: through the first opaque one.
 fn merge_len(layers: &LayerStack, sources: &[Origin]) -> usize {
     sources
@@ -308,23 +356,37 @@ pub(crate) struct Table {
     pub by_origin: HashMap<Origin, Ino>,
     /// Inode of an upper entry.
     pub by_upper: HashMap<HostId, Ino>,
-    /// Entries only the upper has handed out so far.
-    upper_only: u64,
+    /// Upper entries numbered from [`UPPER_SEQ_BASE`] so far.
+    upper_seq: u64,
 }
 
 impl Table {
     /// Records the inode of layer node `origin` (its topmost source), numbered [`origin_ino`].
+    /// An upper entry that recorded this number (copied up from it) keeps it.
     pub fn push_origin(&mut self, origin: Origin, make: impl FnOnce(Ino) -> Inode) -> Ino {
         let ino = origin_ino(origin);
-        self.inodes.insert(ino, Arc::new(make(ino)));
+        self.inodes
+            .entry(ino)
+            .or_insert_with(|| Arc::new(make(ino)));
         self.by_origin.insert(origin, ino);
         ino
     }
 
-    /// Hands out the next number for an entry only the upper has.
-    pub fn push_upper(&mut self, make: impl FnOnce(Ino) -> Inode) -> Ino {
-        self.upper_only += 1;
-        let ino = UPPER_INO_BASE + self.upper_only;
+    /// Records the inode of an upper entry numbered `wanted` ([`upper_ino`]), or the next number
+    /// from [`UPPER_SEQ_BASE`] when there is none or another inode has it (a deleted entry whose
+    /// host inode number was reused, say).
+    pub fn push_upper(&mut self, wanted: Option<Ino>, make: impl FnOnce(Ino) -> Inode) -> Ino {
+        let ino = match wanted {
+            Some(ino) if !self.inodes.contains_key(&ino) => ino,
+            _ => loop {
+                self.upper_seq += 1;
+                let pid = u64::from(std::process::id()) & ((1 << 22) - 1);
+                let ino = UPPER_SEQ_BASE | pid << 25 | (self.upper_seq & ((1 << 25) - 1));
+                if !self.inodes.contains_key(&ino) {
+                    break ino;
+                }
+            },
+        };
         self.inodes.insert(ino, Arc::new(make(ino)));
         ino
     }
@@ -343,7 +405,13 @@ pub struct Merged {
     /// Per layer, the names of every node, built on the first number asked for that this
     /// daemon never handed out (see [`Merged::inode`]).
     names: Vec<std::sync::OnceLock<NodeNames>>,
+    /// The upper path of every upper entry's number, from one walk of the upper built on the
+    /// first number asked for that neither this daemon nor a layer path gives.
+    upper_paths: std::sync::OnceLock<HashMap<Ino, UpperPath>>,
 }
+
+/// The names leading from the upper's root to an entry.
+type UpperPath = Vec<Box<[u8]>>;
 
 /// The directory entries naming each node of one layer, as (parent dir, name).
 type NodeNames = HashMap<NodeId, Vec<(NodeId, Box<[u8]>)>>;
@@ -426,6 +494,7 @@ impl Merged {
         table.inodes.insert(ROOT_INO, root);
         Merged {
             names: layers.iter().map(|_| std::sync::OnceLock::new()).collect(),
+            upper_paths: std::sync::OnceLock::new(),
             layers,
             table: RwLock::new(table),
             upper,
@@ -494,10 +563,12 @@ impl Merged {
         &self.layers[o.layer as usize]
     }
 
-    /// The inode `ino`, if it was handed out, by this daemon or (a layer node's) by an earlier
-    /// one serving the same stack.
+    /// The inode `ino`, if it was handed out, by this daemon or by an earlier one serving the
+    /// same stack and upper.
     pub fn inode(&self, ino: Ino) -> Option<Arc<Inode>> {
-        self.handed_out(ino).or_else(|| self.find_again(ino))
+        self.handed_out(ino)
+            .or_else(|| self.find_again(ino))
+            .or_else(|| self.find_in_upper(ino))
     }
 
     /// The inode `ino` if this daemon handed it out (no search).
@@ -537,11 +608,29 @@ impl Merged {
                 }
             }
             if cur == ino {
-                let t = self.table.read().unwrap_or_else(PoisonError::into_inner);
-                return t.inodes.get(&ino).cloned();
+                return self.handed_out(ino);
             }
         }
         None
+    }
+
+    /// Finds upper entry `ino` (numbered by [`upper_ino`]: its own or, copied up and moved, its
+    /// recorded lower number) by merging the directories on its upper path.
+    fn find_in_upper(&self, ino: Ino) -> Option<Arc<Inode>> {
+        let upper = self.upper.as_ref()?;
+        let paths = self.upper_paths.get_or_init(|| {
+            let _s = tracing::debug_span!("walk_upper").entered();
+            walk_upper(upper)
+        });
+        let mut cur = ROOT_INO;
+        for n in paths.get(&ino)? {
+            cur = self.child(cur, n)?;
+        }
+        if cur == ino {
+            self.handed_out(ino)
+        } else {
+            None
+        }
     }
 
     /// How many inodes were handed out so far.
@@ -855,7 +944,7 @@ impl Merged {
                 }
                 None => {
                     let merge_len = merge_len(&self.layers, &sources);
-                    let ino = table.push_upper(|ino| {
+                    let ino = table.push_upper(upper_ino(e.recorded, e.id.1), |ino| {
                         let up = UpperNode::new(e.id);
                         Inode::new(
                             ino,

@@ -14,7 +14,7 @@ use fuser::{BackgroundSession, Config, MountOption, SessionACL};
 use tracing::{debug, info, warn};
 
 use crate::error::FuseError;
-use crate::fs::MergedFs;
+use crate::fs::{Gate, MergedFs};
 use crate::layer::LayerStack;
 use crate::merge::Merged;
 use crate::owners::Owners;
@@ -52,7 +52,7 @@ pub struct MountOptions {
     pub owners: Owners,
     /// Serve from one `/dev/fuse` fd (no cloned fds, whose requests in flight would be lost with
     /// the daemon) and keep a duplicate of it ([`MountHandle::take_device_fd`]), so that another
-    /// daemon can take the connection over ([`serve_taken_over`]). Read-only mounts only.
+    /// daemon can take the connection over ([`serve_taken_over`]).
     pub recoverable: bool,
 }
 
@@ -85,6 +85,7 @@ pub struct MountHandle {
     merged: Arc<Merged>,
     /// A duplicate of the connection's `/dev/fuse` fd, for a keeper (recoverable mounts).
     device: Option<OwnedFd>,
+    gate: Arc<Gate>,
 }
 
 impl MountHandle {
@@ -96,6 +97,12 @@ impl MountHandle {
     /// The merged view being served.
     pub fn merged(&self) -> &Arc<Merged> {
         &self.merged
+    }
+
+    /// The gate of the changes to the upper: closed, no change is in progress or starts, and
+    /// the process may exit for a successor to take the connection over.
+    pub fn gate(&self) -> Arc<Gate> {
+        self.gate.clone()
     }
 
     /// A duplicate of the connection's `/dev/fuse` fd (once; recoverable mounts only). While any
@@ -202,17 +209,9 @@ pub fn mount(
     if !fs::metadata(&canonical).map_err(bad)?.is_dir() {
         return Err(bad(io::Error::from_raw_os_error(libc::ENOTDIR)));
     }
-    let fs = match &opts.upper {
-        Some(upper) => MergedFs::with_upper(stack, upper, opts.record_ownership_in_xattr).map_err(
-            |source| FuseError::Upper {
-                path: upper.clone(),
-                source,
-            },
-        )?,
-        None => MergedFs::new(stack),
-    }
-    .with_owners(opts.owners);
+    let fs = merged_fs(stack, opts)?;
     let merged = fs.merged().clone();
+    let gate = fs.gate();
     let config = fuser_config(opts);
     let mount_err = |source| FuseError::Mount {
         path: canonical.clone(),
@@ -231,11 +230,6 @@ pub fn mount(
              (without udev, as root: chmod 0666 /dev/fuse; scripts/install-deps.sh does it)"
         )));
     }
-    if opts.recoverable && opts.upper.is_some() {
-        return Err(mount_err(io::Error::other(
-            "a writable mount cannot be taken over yet (recoverable is for read-only mounts)",
-        )));
-    }
     let session = fuser::Session::new(fs, &canonical, &config).map_err(mount_err)?;
     let device = if opts.recoverable {
         Some(session.as_fd().try_clone_to_owned().map_err(mount_err)?)
@@ -248,6 +242,7 @@ pub fn mount(
         mountpoint: canonical,
         merged,
         device,
+        gate,
     };
     if let Some(kb) = opts.read_ahead_kb {
         raise_read_ahead(&handle.mountpoint, kb);
@@ -256,11 +251,26 @@ pub fn mount(
     Ok(handle)
 }
 
-/// Serves the merged view of `stack` on `device`, the `/dev/fuse` fd of a live read-only mount
-/// at `mountpoint` whose daemon is gone (or handing over): no mount, no INIT (the kernel sent it
-/// to the first daemon). The node ids the kernel holds are a pure function of the stack
-/// ([`crate::merge::origin_ino`]), so they resolve here too; the requests the previous daemon
-/// had read but not answered are asked for again (`FUSE_NOTIFY_RESEND`, Linux 6.9+).
+/// The filesystem `opts` asks for over `stack`.
+fn merged_fs(stack: LayerStack, opts: &MountOptions) -> Result<MergedFs, FuseError> {
+    let fs = match &opts.upper {
+        Some(upper) => MergedFs::with_upper(stack, upper, opts.record_ownership_in_xattr).map_err(
+            |source| FuseError::Upper {
+                path: upper.clone(),
+                source,
+            },
+        )?,
+        None => MergedFs::new(stack),
+    };
+    Ok(fs.with_owners(opts.owners))
+}
+
+/// Serves the merged view of `stack` (and `opts.upper`) on `device`, the `/dev/fuse` fd of a
+/// live mount at `mountpoint` whose daemon is gone (or handed over): no mount, no INIT (the
+/// kernel sent it to the first daemon). The node ids the kernel holds are a pure function of
+/// the stack and the upper ([`crate::merge::origin_ino`], [`crate::merge::upper_ino`]) and file
+/// handles name their file, so they resolve here too; the requests the previous daemon had read
+/// but not answered are asked for again (`FUSE_NOTIFY_RESEND`, Linux 6.9+).
 pub fn serve_taken_over(
     stack: LayerStack,
     device: OwnedFd,
@@ -271,13 +281,9 @@ pub fn serve_taken_over(
         path: mountpoint.to_path_buf(),
         source,
     };
-    if opts.upper.is_some() {
-        return Err(err(io::Error::other(
-            "a writable mount cannot be taken over yet",
-        )));
-    }
-    let fs = MergedFs::new(stack).with_owners(opts.owners);
+    let fs = merged_fs(stack, opts)?;
     let merged = fs.merged().clone();
+    let gate = fs.gate();
     let config = fuser_config(&MountOptions {
         recoverable: true,
         ..opts.clone()
@@ -298,6 +304,7 @@ pub fn serve_taken_over(
         mountpoint: mountpoint.to_path_buf(),
         merged,
         device: Some(keep),
+        gate,
     })
 }
 

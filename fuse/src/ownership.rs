@@ -15,10 +15,15 @@ use crate::host;
 /// The xattr name.
 pub const OVERRIDE_XATTR: &[u8] = b"user.lazysnap.override";
 
+/// The xattr in which an entry copied up records the inode number it keeps (8 bytes, little
+/// endian; see `merge::upper_ino`): after a rename its lower path no longer leads to it, and a
+/// daemon taking the mount over reads the number here.
+pub const INO_XATTR: &[u8] = b"user.lazysnap.ino";
+
 /// xattrs the mount keeps for itself: hidden from the container and refused to it. Only the
 /// exact names lazysnap writes, so images may carry other `user.lazysnap.*` xattrs.
 pub fn is_private(name: &[u8]) -> bool {
-    name == OVERRIDE_XATTR
+    name == OVERRIDE_XATTR || name == INO_XATTR
 }
 
 /// Recorded ownership: what getattr reports instead of the host file's.

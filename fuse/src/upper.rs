@@ -43,6 +43,8 @@ pub struct ScanEntry {
     pub name: Box<[u8]>,
     pub kind: NodeKind,
     pub id: HostId,
+    /// The inode number it recorded when it was copied up ([`ownership::INO_XATTR`]).
+    pub recorded: Option<u64>,
 }
 
 /// An upper directory read for merging.
@@ -168,13 +170,25 @@ pub fn scan_dir(dir: BorrowedFd<'_>) -> io::Result<Scan> {
                 }
             }
         }
+        // Only files and directories take `user.*` xattrs.
+        let recorded = match st.st_mode & libc::S_IFMT {
+            libc::S_IFREG | libc::S_IFDIR => recorded_ino(dir, &name),
+            _ => None,
+        };
         scan.entries.push(ScanEntry {
             name: name.into(),
             kind,
             id: host::host_id(&st),
+            recorded,
         });
     }
     Ok(scan)
+}
+
+/// The inode number entry `name` of `dir` recorded at copy-up, if any (and well formed).
+fn recorded_ino(dir: BorrowedFd<'_>, name: &[u8]) -> Option<u64> {
+    let v = host::get_xattr_at(dir, name, ownership::INO_XATTR).ok()??;
+    Some(u64::from_le_bytes(v.try_into().ok()?))
 }
 
 fn ts(sec: i64, nsec: i64) -> Timestamp {

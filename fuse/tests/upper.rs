@@ -134,7 +134,12 @@ fn lxattrs(path: &Path) -> Vec<(Vec<u8>, Vec<u8>)> {
     names.truncate(n as usize);
     let mut out: Vec<(Vec<u8>, Vec<u8>)> = names
         .split(|b| *b == 0)
-        .filter(|n| !n.is_empty() && !n.starts_with(b"security."))
+        // The number a copy-up records for a daemon taking the mount over is the mount's own.
+        .filter(|n| {
+            !n.is_empty()
+                && !n.starts_with(b"security.")
+                && *n != lazysnap_fuse::ownership::INO_XATTR
+        })
         .map(|name| {
             let cn = CString::new(name).expect("name");
             let mut v = vec![0u8; 65536];

@@ -111,11 +111,14 @@ pub async fn serve(
         sn.containerd_content = containerd_content;
         sn.remote = remote.map(crate::snapshot::remote::Resolver::new);
         reattach(&mut sn);
-        // Read-only mounts served by an older build's daemons move to this one.
+        // Mounts served by an older build's daemons move to this one.
         match crate::keeper::upgrade_outdated(&sn.root().path) {
             Ok(done) => {
                 for u in done {
-                    info!(mountpoint = %u.mountpoint.display(), old = u.old, new = u.new, ms = u.ms, "mount daemon upgraded to this build");
+                    match u.refused {
+                        None => info!(mountpoint = %u.mountpoint.display(), old = u.old, new = u.new, ms = u.ms, "mount daemon upgraded to this build"),
+                        Some(why) => warn!(mountpoint = %u.mountpoint.display(), daemon = u.old, why, "mount daemon not upgraded to this build; it serves on"),
+                    }
                 }
             }
             Err(e) => warn!(error = %format!("{e:#}"), "upgrading older mount daemons failed"),

@@ -16,7 +16,7 @@ use std::sync::{Arc, PoisonError};
 
 use tracing::{debug, debug_span};
 
-use super::{Child, Errno, Ino, Inode, Merged, UpperNode};
+use super::{upper_ino, Child, Errno, Ino, Inode, Merged, UpperNode, INO_XATTR};
 use crate::host;
 use crate::layer::{NodeAttr, NodeKind, Timestamp, Xattrs};
 use crate::owners::Caller;
@@ -244,6 +244,7 @@ impl Merged {
             host::mkdir_at(pfd.as_fd(), &tmp, 0o700)?;
             let fd = Arc::new(host::open_dir_path(pfd.as_fd(), &tmp)?);
             let placed = self.apply_meta(fd.as_fd(), &attr, &xattrs).and_then(|()| {
+                record_ino(fd.as_fd(), inode.ino);
                 host::rename_at(
                     pfd.as_fd(),
                     &tmp,
@@ -284,6 +285,7 @@ impl Merged {
             .make_copy(pfd.as_fd(), &tmp, inode, &attr)
             .and_then(|fd| {
                 self.apply_meta(fd.as_fd(), &attr, &xattrs)?;
+                record_ino(fd.as_fd(), inode.ino);
                 host::rename_at(pfd.as_fd(), &tmp, pfd.as_fd(), &n0, libc::RENAME_NOREPLACE)?;
                 Ok(fd)
             });
@@ -467,7 +469,7 @@ impl Merged {
         let id = host::host_id(&host::stat_fd(fd.as_fd())?);
         let ino = {
             let mut t = self.table.write().unwrap_or_else(PoisonError::into_inner);
-            let ino = t.push_upper(|ino| {
+            let ino = t.push_upper(upper_ino(None, id.1), |ino| {
                 Inode::new(
                     ino,
                     parent,
@@ -481,6 +483,11 @@ impl Merged {
             t.by_upper.insert(id, ino);
             ino
         };
+        // Its host inode number names another inode (a deleted entry's, reused by the host):
+        // a successor daemon reads the number it got instead.
+        if Some(ino) != upper_ino(None, id.1) {
+            record_ino(fd.as_fd(), ino);
+        }
         self.fds.put(ino, id, fd);
         if opaque {
             if let Some(i) = self.inode(ino) {
@@ -820,6 +827,15 @@ impl Merged {
     pub fn upper_statfs(&self) -> Option<libc::statvfs> {
         let u = self.upper.as_ref()?;
         host::statvfs(u.root.as_fd()).ok()
+    }
+}
+
+/// Records in a copy the inode number it keeps ([`INO_XATTR`]), before it takes its name. Best
+/// effort: a symlink takes no `user.*` xattr, and then only a successor daemon misses it (after
+/// the entry moved, `ESTALE`), never this one.
+fn record_ino(fd: BorrowedFd<'_>, ino: Ino) {
+    if let Err(e) = host::set_xattr(fd, INO_XATTR, &ino.to_le_bytes(), 0) {
+        debug!(ino, error = %e, "inode number not recorded in the copy");
     }
 }
 

@@ -139,3 +139,87 @@ fn a_symlink_planted_in_the_upper_is_not_followed_on_reopen() {
         "{e:?}"
     );
 }
+
+/// Every entry a view shows, by path: its number and what identifies it (kind, mode, size,
+/// links, mtime; not atime, which reads move).
+fn numbers(m: &Merged) -> Vec<(String, Ino, (NodeKind, u32, u64, u32, i64))> {
+    let mut out = Vec::new();
+    let mut dirs = vec![(String::new(), ROOT_INO)];
+    while let Some((path, dir)) = dirs.pop() {
+        for c in m.dir(dir).expect("a directory").children() {
+            let p = format!("{path}/{}", String::from_utf8_lossy(&c.name));
+            let a = m.attr(c.ino).expect("attr");
+            out.push((
+                p.clone(),
+                c.ino,
+                (a.kind, a.perm, a.size, a.nlink, a.mtime.sec),
+            ));
+            if c.kind == NodeKind::Dir {
+                dirs.push((p, c.ino));
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn a_second_view_of_the_upper_answers_every_number_the_first_handed_out() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let m = view(tmp.path());
+    // Changes of each kind: a copy-up (it keeps its lower number), one copied up and moved to
+    // another directory (its lower path now leads nowhere), new entries (numbered by the host),
+    // a hardlink, a renamed lower directory (copied up as a tree), a symlink.
+    let lower = at(&m, "a/b/c/file");
+    append(&m, lower, b"+");
+    let other = at(&m, "a/b/other");
+    let chmod = SetAttr {
+        perm: Some(0o640),
+        ..SetAttr::default()
+    };
+    m.setattr(other, &chmod, None).expect("chmod");
+    m.rename(at(&m, "a/b"), b"other", ROOT_INO, b"moved-other", 0)
+        .expect("rename");
+    let d = m
+        .create(ME, ROOT_INO, b"new", NewNode::Dir { perm: 0o755 })
+        .expect("mkdir");
+    let f = m
+        .create(ME, d, b"f", NewNode::File { perm: 0o644 })
+        .expect("create");
+    append(&m, f, b"new file");
+    m.link(f, ROOT_INO, b"f-link").expect("link");
+    m.rename(at(&m, "a"), b"b", ROOT_INO, b"b2", 0)
+        .expect("rename a lower directory");
+    m.create(
+        ME,
+        d,
+        b"s",
+        NewNode::Symlink {
+            target: b"f".to_vec(),
+        },
+    )
+    .expect("symlink");
+    let first = numbers(&m);
+    assert!(first
+        .iter()
+        .any(|(p, ino, _)| p == "/moved-other" && *ino == other));
+    assert!(first
+        .iter()
+        .any(|(p, ino, _)| p == "/b2/c/file" && *ino == lower));
+
+    // A daemon started again over the same layers and upper, asked deepest first.
+    let again = view(tmp.path());
+    for (p, ino, a) in first.iter().rev() {
+        let got = again
+            .attr(*ino)
+            .map(|a| (a.kind, a.perm, a.size, a.nlink, a.mtime.sec));
+        assert_eq!(got.as_ref(), Some(a), "{p} (ino {ino:#x}) found again");
+    }
+    assert_eq!(
+        numbers(&again),
+        first,
+        "the second view shows the same numbers"
+    );
+    assert!(again
+        .inode(crate::merge::UPPER_INO_BASE | 0xffff_ffff)
+        .is_none());
+}
