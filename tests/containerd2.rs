@@ -463,3 +463,144 @@ fn nerdctl_pulls_runs_on_a_cni_bridge_and_commits_on_lazysnap() {
         "nerdctl on containerd 2.x: pull {pull_secs:.2}s, run on the CNI bridge {run_secs:.2}s"
     );
 }
+
+/// [upgrade] Containers (runc, FUSE-mode snapshots: the mount daemons hold their writes) read
+/// and write in a loop while `lazysnap upgrade` replaces every mount daemon, again and again:
+/// each container checks every syscall of its loop and every byte it wrote, and exits 0 only if
+/// all held. `LAZYSNAP_UPGRADE_CONTAINERS` containers (default 4; the issue's 20 with 20),
+/// `LAZYSNAP_KEEPER_UPGRADES` upgrades (default 3; the issue's 10).
+#[test]
+fn containers_write_on_through_upgrades_of_their_mount_daemons() {
+    if !prerequisites() {
+        return;
+    }
+    let n = common::env_number("LAZYSNAP_UPGRADE_CONTAINERS", 4);
+    let upgrades = common::env_number("LAZYSNAP_KEEPER_UPGRADES", 3);
+    let env = Ctr2::start("upg", "--upper fuse");
+    env.ctr_ok(&[
+        "images",
+        "import",
+        "--snapshotter",
+        "lazysnap",
+        common::image("debian-gzip.oci.tar").to_str().unwrap(),
+    ]);
+    let image = env
+        .ctr_ok(&["images", "ls", "-q"])
+        .lines()
+        .next()
+        .expect("an image")
+        .to_string();
+    // Runs until /ready/stop exists... no shared dir: it runs for a while given as $1 seconds,
+    // then checks what it kept. Each step's failure ends it with the step named.
+    let script = r#"
+        set -u
+        end=$((SECONDS + $1)); i=0; kept=0
+        fail() { echo "FAILED round $i: $*"; exit 1; }
+        while [ $SECONDS -lt $end ]; do
+            d=/work/d$((i % 10))
+            mkdir -p $d || fail mkdir
+            printf 'round %s\n' $i > $d/f.tmp || fail write
+            mv $d/f.tmp $d/f$i || fail rename
+            [ "$(cat $d/f$i)" = "round $i" ] || fail read back
+            if [ $((i % 3)) -eq 0 ]; then rm $d/f$i || fail rm; else kept=$((kept + 1)); fi
+            mkdir $d/sub$i && echo x > $d/sub$i/x && rm -r $d/sub$i || fail subdir
+            echo "line $i" >> /etc/issue || fail append
+            cat /usr/lib/python3.11/os.py /bin/bash > /dev/null || fail read lower
+            i=$((i + 1))
+        done
+        found=0
+        for f in /work/d*/f*; do
+            [ "$(cat $f)" = "round ${f##*/f}" ] || fail "content of $f"
+            found=$((found + 1))
+        done
+        [ $found -eq $kept ] || fail "$found files, $kept kept"
+        k=0
+        while read -r l; do
+            case $l in "line "*) [ "$l" = "line $k" ] || fail "appended line $k: $l"; k=$((k + 1));; esac
+        done < /etc/issue
+        [ $k -eq $i ] || fail "$k appended lines of $i"
+        echo "ok $i rounds"
+    "#;
+    let seconds = 8 + 3 * upgrades;
+    let root = env.lazysnap_root();
+    let mut upgrade_failures = Vec::new();
+    let outcomes: Vec<(u64, std::process::Output)> = std::thread::scope(|s| {
+        let runs: Vec<_> = (0..n)
+            .map(|c| {
+                let (env, image) = (&env, &image);
+                s.spawn(move || {
+                    let id = format!("upg{c}");
+                    let secs = seconds.to_string();
+                    let out = env.env.ctr(
+                        &env.ns,
+                        &[
+                            "run",
+                            "--rm",
+                            "--snapshotter",
+                            "lazysnap",
+                            image,
+                            &id,
+                            "/bin/bash",
+                            "-c",
+                            script,
+                            "loop",
+                            &secs,
+                        ],
+                    );
+                    (c, out)
+                })
+            })
+            .collect();
+        // Every container's mount up (one daemon each), then the upgrades under them.
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while common::lazysnap_processes(&root.join("snapshots")).len() < n as usize
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        std::thread::sleep(Duration::from_secs(2));
+        let mut failed_upgrades = Vec::new();
+        for u in 0..upgrades {
+            let out = common::lazysnap(&root, &["upgrade"]);
+            let printed = String::from_utf8_lossy(&out.stdout).into_owned();
+            if !(out.status.success() && printed.contains(&format!("{n} mount(s) upgraded"))) {
+                failed_upgrades.push(format!(
+                    "upgrade {u}: {printed}{} (daemons {:?}, keepers {:?})",
+                    String::from_utf8_lossy(&out.stderr),
+                    common::lazysnap_processes(&root.join("snapshots")),
+                    common::keeper_processes(&root.join("snapshots"))
+                ));
+            }
+            eprintln!("upgrade {u}: {}", printed.lines().last().unwrap_or(""));
+            std::thread::sleep(Duration::from_secs(2));
+        }
+        upgrade_failures = failed_upgrades;
+        runs.into_iter().map(|r| r.join().unwrap()).collect()
+    });
+    let mut rounds = 0;
+    let outputs: Vec<String> = outcomes
+        .iter()
+        .map(|(c, o)| format!("container {c}: {}{}", text(&o.stdout), text(&o.stderr)))
+        .collect();
+    assert!(
+        upgrade_failures.is_empty(),
+        "{upgrade_failures:#?}\n{outputs:#?}\n{}",
+        env.lazysnap_log()
+    );
+    for (c, out) in &outcomes {
+        let stdout = text(&out.stdout);
+        assert!(
+            out.status.success() && stdout.starts_with("ok "),
+            "container {c}: {stdout}{}",
+            text(&out.stderr)
+        );
+        rounds += stdout
+            .split_whitespace()
+            .nth(1)
+            .and_then(|r| r.parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    eprintln!(
+        "{n} containers, {upgrades} upgrades of every mount daemon: {rounds} rounds, 0 failures"
+    );
+}
