@@ -443,6 +443,69 @@ fn a_plain_users_mount_survives_kill_9_of_its_daemon() {
     }
 }
 
+/// A plain user's `--rw` mount (FUSE upper: its daemon holds the writes) survives `kill -9` of
+/// its daemon: a file held open for writing takes every line written across the kills, the
+/// changes made before a kill stay, changes after it work, and the commit holds them all.
+#[test]
+fn a_plain_users_writable_mount_survives_kill_9_of_its_daemon() {
+    let Some(user) = prerequisites() else { return };
+    let layout = image("debian-zstd");
+    let s = Scratch::new(&user, "keeper-rw");
+    s.ok(
+        false,
+        &format!(
+            r#"$L import {layout} --name img >/dev/null
+            $L mount --rw img $S/rw >/dev/null
+            daemon() {{ pgrep -u "$(id -u)" -f "mount --foreground .* $S/rw" | while read p; do
+                grep -qa fuse-keeper /proc/$p/cmdline || echo $p; done; }}
+            test -n "$(pgrep -u "$(id -u)" -f "fuse-keeper .* $S/rw")"
+            mkdir $S/rw/work
+            echo before > $S/rw/work/a
+            echo appended >> $S/rw/etc/issue
+            # A writer holding its file open for the whole run, one line every 10 ms.
+            python3 -c '
+import os, sys, time
+f = open(sys.argv[1] + "/work/held", "w")
+i = 0
+while not os.path.exists(sys.argv[2]):
+    f.write("line %d\n" % i); f.flush(); i += 1; time.sleep(0.01)
+f.close()
+print(i)' $S/rw $S/stop > $S/out/lines &
+            writer=$!
+            for i in 1 2 3; do
+                sleep 0.3
+                d=$(daemon); test -n "$d"; kill -9 $d
+                for t in $(seq 100); do n=$(daemon); [ -n "$n" ] && [ "$n" != "$d" ] && break; sleep 0.1; done
+                test "$n" != "$d"
+                echo "after kill $i" >> $S/rw/work/a
+                mv $S/rw/work/a $S/rw/work/b; mv $S/rw/work/b $S/rw/work/a
+            done
+            touch $S/stop
+            wait $writer
+            cat $S/rw/work/a > $S/out/a
+            cat $S/rw/work/held > $S/out/held
+            tail -n 1 $S/rw/etc/issue > $S/out/issue
+            $L commit $S/rw img:2 >/dev/null
+            $L umount $S/rw >/dev/null
+            $L mount img:2 $S/mnt >/dev/null
+            cmp $S/mnt/work/held $S/out/held
+            cmp $S/mnt/work/a $S/out/a
+            $L umount $S/mnt >/dev/null"#,
+            layout = layout.display()
+        ),
+    );
+    let read = |f: &str| fs::read_to_string(s.dir.join("out").join(f)).unwrap();
+    assert_eq!(
+        read("a"),
+        "before\nafter kill 1\nafter kill 2\nafter kill 3\n"
+    );
+    assert_eq!(read("issue"), "appended\n");
+    let lines: usize = read("lines").trim().parse().unwrap();
+    let want: String = (0..lines).map(|i| format!("line {i}\n")).collect();
+    assert!(lines > 20, "{lines} lines");
+    assert_eq!(read("held"), want, "every line written through the held fd");
+}
+
 #[test]
 fn user_namespace_mount_write_commit_export() {
     let Some(user) = prerequisites() else { return };
