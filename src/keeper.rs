@@ -162,6 +162,8 @@ pub fn run(pid: u32, writable: bool, daemon_args: Vec<OsString>) -> anyhow::Resu
         Err(e) => return Err(e).context("watching the mount daemon"),
     };
     let mut failed_starts = 0;
+    // Set while the daemon just handed over for an upgrade (not a crash).
+    let mut handed_over = false;
     loop {
         if let Some(d) = daemon.as_mut() {
             let ready = poll_readable(&[d.exited.as_raw_fd(), upgrades.as_raw_fd()], -1)
@@ -173,6 +175,7 @@ pub fn run(pid: u32, writable: bool, daemon_args: Vec<OsString>) -> anyhow::Resu
                     Ok(s) if s == lazysnap_fuse::INO_SCHEME => {
                         let how = d.hand_over();
                         info!(pid = d.pid, how, "the mount daemon handed over");
+                        handed_over = true;
                         // Started below as after a crash; the kernel resends what it had read.
                     }
                     Ok(s) => {
@@ -223,6 +226,11 @@ pub fn run(pid: u32, writable: bool, daemon_args: Vec<OsString>) -> anyhow::Resu
             return Ok(());
         }
         match start_daemon(&exe, &daemon_args, &device) {
+            Ok(new) if std::mem::take(&mut handed_over) => {
+                info!(new = new.pid, "mount daemon upgraded");
+                failed_starts = 0;
+                daemon = Some(new);
+            }
             Ok(new) => {
                 warn!(
                     new = new.pid,

@@ -571,7 +571,18 @@ fn containers_write_on_through_upgrades_of_their_mount_daemons() {
                     common::keeper_processes(&root.join("snapshots"))
                 ));
             }
-            eprintln!("upgrade {u}: {}", printed.lines().last().unwrap_or(""));
+            // "upgraded MNT: daemon OLD -> NEW in MS ms" per mount.
+            let mut ms: Vec<f64> = printed
+                .lines()
+                .filter_map(|l| l.strip_suffix(" ms")?.rsplit(' ').next()?.parse().ok())
+                .collect();
+            ms.sort_by(f64::total_cmp);
+            eprintln!(
+                "upgrade {u}: {}; per mount median {:?} ms, max {:?} ms",
+                printed.lines().last().unwrap_or(""),
+                ms.get(ms.len() / 2),
+                ms.last()
+            );
             std::thread::sleep(Duration::from_secs(2));
         }
         upgrade_failures = failed_upgrades;

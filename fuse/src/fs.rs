@@ -86,6 +86,24 @@ impl Gate {
     }
 }
 
+/// Set by the kernel in the `unique` of a request it sends again after `FUSE_NOTIFY_RESEND`:
+/// a daemon read it before, and may have made the change before it died.
+const FUSE_UNIQUE_RESEND: u64 = 1 << 63;
+
+/// True when `e`, the answer to change `req`, is what the change gives once made (`already`:
+/// `EEXIST` for a name it adds, `ENOENT` for one it removes) and the kernel resent it: the
+/// daemon that first read it made it and died before answering, so it is done, not failed.
+fn done_before(req: &Request, e: &merge::Errno, already: i32) -> bool {
+    let done = req.unique().0 & FUSE_UNIQUE_RESEND != 0 && e.raw() == already;
+    if done {
+        debug!(
+            unique = req.unique().0,
+            already, "a resent change was made before"
+        );
+    }
+    done
+}
+
 /// Bit set in every handle [`file_handle`] makes.
 const FH_NAMED: u64 = 1 << 63;
 /// Inode numbers up to here fit a named handle (origins and [`merge::upper_ino`]'s).
@@ -237,11 +255,20 @@ impl MergedFs {
         reply: ReplyEntry,
     ) {
         let _g = self.gate.pass();
+        let kind = node.kind();
         match self
             .merged
             .create(self.caller(req), parent.0, name.as_bytes(), node)
         {
             Ok(ino) => self.reply_new(ino, reply),
+            Err(e) if done_before(req, &e, libc::EEXIST) => {
+                match self.merged.child(parent.0, name.as_bytes()) {
+                    Some(ino) if self.merged.inode(ino).is_some_and(|i| i.kind == kind) => {
+                        self.reply_new(ino, reply)
+                    }
+                    _ => reply.error(errno(&e)),
+                }
+            }
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -829,6 +856,10 @@ impl Filesystem for MergedFs {
         let made = self
             .merged
             .create(self.caller(req), parent.0, name.as_bytes(), node)
+            .or_else(|e| match self.merged.child(parent.0, name.as_bytes()) {
+                Some(ino) if done_before(req, &e, libc::EEXIST) => Ok(ino),
+                _ => Err(e),
+            })
             .and_then(|ino| {
                 let f = self.merged.open_upper(ino, flags & !libc::O_TRUNC)?;
                 let a = self.merged.attr_full(ino)?;
@@ -850,27 +881,29 @@ impl Filesystem for MergedFs {
         }
     }
 
-    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+    fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let _g = self.gate.pass();
         let _s = debug_span!("unlink", parent = parent.0, name = ?name).entered();
         match self.merged.unlink(parent.0, name.as_bytes()) {
             Ok(()) => reply.ok(),
+            Err(e) if done_before(req, &e, libc::ENOENT) => reply.ok(),
             Err(e) => reply.error(errno(&e)),
         }
     }
 
-    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+    fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let _g = self.gate.pass();
         let _s = debug_span!("rmdir", parent = parent.0, name = ?name).entered();
         match self.merged.rmdir(parent.0, name.as_bytes()) {
             Ok(()) => reply.ok(),
+            Err(e) if done_before(req, &e, libc::ENOENT) => reply.ok(),
             Err(e) => reply.error(errno(&e)),
         }
     }
 
     fn rename(
         &self,
-        _req: &Request,
+        req: &Request,
         parent: INodeNo,
         name: &OsStr,
         newparent: INodeNo,
@@ -890,13 +923,20 @@ impl Filesystem for MergedFs {
             flags.bits(),
         ) {
             Ok(()) => reply.ok(),
+            // The source gone and the target there: moved before.
+            Err(e)
+                if self.merged.child(newparent.0, newname.as_bytes()).is_some()
+                    && done_before(req, &e, libc::ENOENT) =>
+            {
+                reply.ok()
+            }
             Err(e) => reply.error(errno(&e)),
         }
     }
 
     fn link(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         newparent: INodeNo,
         newname: &OsStr,
@@ -907,6 +947,12 @@ impl Filesystem for MergedFs {
             debug_span!("link", ino = ino.0, newparent = newparent.0, newname = ?newname).entered();
         match self.merged.link(ino.0, newparent.0, newname.as_bytes()) {
             Ok(()) => self.reply_new(ino.0, reply),
+            Err(e)
+                if self.merged.child(newparent.0, newname.as_bytes()) == Some(ino.0)
+                    && done_before(req, &e, libc::EEXIST) =>
+            {
+                self.reply_new(ino.0, reply)
+            }
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -1021,7 +1067,7 @@ impl Filesystem for MergedFs {
 
     fn setxattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         name: &OsStr,
         value: &[u8],
@@ -1033,15 +1079,17 @@ impl Filesystem for MergedFs {
         let _s = debug_span!("setxattr", ino = ino.0, name = ?name).entered();
         match self.merged.set_xattr(ino.0, name.as_bytes(), value, flags) {
             Ok(()) => reply.ok(),
+            Err(e) if done_before(req, &e, libc::EEXIST) => reply.ok(),
             Err(e) => reply.error(errno(&e)),
         }
     }
 
-    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+    fn removexattr(&self, req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let _g = self.gate.pass();
         let _s = debug_span!("removexattr", ino = ino.0, name = ?name).entered();
         match self.merged.remove_xattr(ino.0, name.as_bytes()) {
             Ok(()) => reply.ok(),
+            Err(e) if done_before(req, &e, libc::ENODATA) => reply.ok(),
             Err(e) => reply.error(errno(&e)),
         }
     }

@@ -30,6 +30,8 @@ VENV = os.path.join(BENCH, ".venv")
 QUICK = os.environ.get("QUICK") == "1"
 ROUNDS = int(os.environ.get("ROUNDS", "3" if QUICK else "5"))
 LAZYSNAP = os.environ.get("LAZYSNAP") or os.path.join(REPO, "target", "release", "lazysnap")
+# An earlier build, measured beside this one on the FUSE upper's writes (LAZYSNAP_OLD=path).
+LAZYSNAP_OLD = os.environ.get("LAZYSNAP_OLD")
 RATARMOUNT = os.path.join(VENV, "bin", "ratarmount")
 SKIP = set(filter(None, os.environ.get("SKIP", "").split(",")))
 CACHE_MIB = 64  # lazysnap's default --cache-size (src/mount.rs DEFAULT_CACHE_SIZE)
@@ -549,9 +551,21 @@ def section_write(prep, rnd):
         record("copy-up append", key, name, a)
         fuse_umount(mnt)
     # lazysnap --rw in both upper modes: overlay (the kernel's overlayfs over the shared lazy
-    # lower; the default as root) and fuse (lazysnap serves the upper: the rootless fallback)
-    for mode, name in (("fuse", "lazysnap fuse"), ("overlay", "lazysnap")):
-        sh([LAZYSNAP, "--root", root, "--upper", mode, "mount", "img", mnt, "--rw"])
+    # lower; the default as root) and fuse (lazysnap serves the upper: the rootless fallback);
+    # the FUSE upper also without its keeper (what recovery costs writes) and, given
+    # LAZYSNAP_OLD, as an earlier build serves it
+    variants = [("fuse", "lazysnap fuse", LAZYSNAP, {}),
+                ("fuse", "lazysnap fuse, no keeper", LAZYSNAP, {"LAZYSNAP_FUSE_KEEPER": "0"})]
+    if LAZYSNAP_OLD:
+        variants.append(("fuse", "lazysnap fuse, old build", LAZYSNAP_OLD, {}))
+    variants.append(("overlay", "lazysnap", LAZYSNAP, {}))
+    # rounds alternate the order of the FUSE variants
+    fuse_variants = variants[:-1]
+    if rnd % 2:
+        fuse_variants.reverse()
+    for mode, name, binary, extra in fuse_variants + variants[-1:]:
+        sh([binary, "--root", root, "--upper", mode, "mount", "img", mnt, "--rw"],
+           env=dict(os.environ, **extra))
         if mode == "overlay":
             # read-all through the container's overlay vs the read-only mount alone (step 3)
             drop()
@@ -578,7 +592,7 @@ def section_write(prep, rnd):
             out = os.path.join(base, "changes.tar.zst")
             record("commit", key, "tar | zstd -3", timed(lambda: sh(
                 "tar -cf - -C %s . | zstd -3 -q -T1 > %s && sync %s" % (cd, out, out))))
-        sh([LAZYSNAP, "--root", root, "umount", mnt])
+        sh([binary, "--root", root, "umount", mnt])
         sh([LAZYSNAP, "--root", root, "snapshot", "rm", "rw:" + os.path.realpath(mnt)], check=False)
     sh([LAZYSNAP, "--root", root, "rmi", "bench-commit-%d" % rnd], check=False)
     rmtree(base)
@@ -653,10 +667,11 @@ def report(prep, started):
         row("5 random 4K p99", "random p99", k, ["lazysnap", "ratarmount", "squashfuse", "extracted"], "ms")
         row("5 one span decompressed", "span time", k, ["decompress"], "ms")
         row("6 peak RSS after random", "rss random", k, ["lazysnap", "ratarmount", "squashfuse"], "MiB")
-    wr = ["lazysnap", "lazysnap fuse", "native", "overlayfs", "fuse-overlayfs"]
+    fv = ["lazysnap fuse", "lazysnap fuse, no keeper"] + (["lazysnap fuse, old build"] if LAZYSNAP_OLD else [])
+    wr = ["lazysnap"] + fv + ["native", "overlayfs", "fuse-overlayfs"]
     row("7 sequential write", "write seq", "gzip", wr, "MB/s")
     row("7 small-file creates", "creates", "gzip", wr, "/s")
-    sn = ["lazysnap", "lazysnap fuse", "overlayfs", "fuse-overlayfs"]
+    sn = ["lazysnap"] + fv + ["overlayfs", "fuse-overlayfs"]
     row("7 untar %s entries" % INFO.get("untar entries", "?"), "untar", "gzip", sn, "s")
     row("7 copy-up append to every lower file", "copy-up append", "gzip", sn, "s")
     row("7 read-all through the overlay, cold", "overlay read cold", "gzip", ["lazysnap"], "s")

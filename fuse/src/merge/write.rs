@@ -50,7 +50,7 @@ pub enum NewNode {
 }
 
 impl NewNode {
-    fn kind(&self) -> NodeKind {
+    pub fn kind(&self) -> NodeKind {
         match self {
             NewNode::File { .. } => NodeKind::File,
             NewNode::Dir { .. } => NodeKind::Dir,
