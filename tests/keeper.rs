@@ -1,8 +1,10 @@
-//! [upgrade] A read-only mount survives the death of its daemon: the mount's keeper
-//! (src/keeper.rs) holds the `/dev/fuse` connection and starts a new daemon on it, which
-//! answers the node ids the kernel already has and the requests the dead one had read.
-//! Readers in a loop see no error across `kill -9`s (`LAZYSNAP_KEEPER_KILLS`, default 5; the
-//! issue's 100 with `LAZYSNAP_KEEPER_KILLS=100`), and the tree still equals umoci's afterwards.
+//! [upgrade] A mount survives the death of its daemon: the mount's keeper (src/keeper.rs) holds
+//! the `/dev/fuse` connection and starts a new daemon on it, which answers the node ids and file
+//! handles the kernel already has and the requests the dead one had read. Readers in a loop see
+//! no error across `kill -9`s (`LAZYSNAP_KEEPER_KILLS`, default 5; the issue's 100 with
+//! `LAZYSNAP_KEEPER_KILLS=100`), and the tree still equals umoci's afterwards; on a writable
+//! mount writers do not either, and `lazysnap upgrade` replaces read-only and writable mounts'
+//! daemons under readers and writers without a failed syscall.
 
 mod common;
 
@@ -111,7 +113,7 @@ fn readers_see_no_error_while_the_daemon_is_killed_again_and_again() {
         stalls.push(killed.elapsed());
     }
     std::thread::sleep(Duration::from_millis(200));
-    let (reads, slowest, errors) = readers.stop();
+    let (reads, slowest, errors) = readers.stop_reads();
     stalls.sort();
     eprintln!(
         "keeper: {kills} kills, {reads} reads, {} errors; reads continued within median {:?}, max {:?} of a kill; slowest read {slowest:?}",
@@ -241,78 +243,107 @@ fn an_overlay_snapshot_survives_kill_9_of_its_lowers_daemon() {
     }
 }
 
-/// Threads reading every file of `want` in a loop, each read compared with its hash.
-struct Readers {
+/// Threads running a loop until stopped, counting rounds and collecting errors; each thread
+/// returns what it made ([`Readers`], [`Writers`]).
+struct Workers<T> {
+    ctx: Worker,
+    threads: Vec<std::thread::JoinHandle<T>>,
+}
+
+/// What a worker thread shares with the others: when to stop, where errors go, the rounds.
+#[derive(Clone, Default)]
+struct Worker {
     stop: Arc<AtomicBool>,
     errors: Arc<Mutex<Vec<String>>>,
-    reads: Arc<AtomicU64>,
-    slowest_us: Arc<AtomicU64>,
-    threads: Vec<std::thread::JoinHandle<()>>,
+    rounds: Arc<AtomicU64>,
 }
+
+impl Worker {
+    fn running(&self) -> bool {
+        !self.stop.load(Ordering::Relaxed)
+    }
+
+    fn fail(&self, m: String) {
+        self.errors.lock().unwrap().push(m);
+    }
+
+    fn round_done(&self) {
+        self.rounds.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+impl<T: Send + 'static> Workers<T> {
+    fn new() -> Workers<T> {
+        Workers {
+            ctx: Worker::default(),
+            threads: Vec::new(),
+        }
+    }
+
+    fn spawn(&mut self, f: impl FnOnce(Worker) -> T + Send + 'static) {
+        let ctx = self.ctx.clone();
+        self.threads.push(std::thread::spawn(move || f(ctx)));
+    }
+
+    fn rounds(&self) -> u64 {
+        self.ctx.rounds.load(Ordering::Relaxed)
+    }
+
+    /// Stops them: (rounds, errors, what each made).
+    fn stop(mut self) -> (u64, Vec<String>, Vec<T>) {
+        self.ctx.stop.store(true, Ordering::Relaxed);
+        let made = std::mem::take(&mut self.threads)
+            .into_iter()
+            .map(|t| t.join().unwrap())
+            .collect();
+        let errors = std::mem::take(&mut *self.ctx.errors.lock().unwrap());
+        (self.rounds(), errors, made)
+    }
+}
+
+/// Threads reading every file of `want` in a loop, each read compared with its hash and
+/// followed by a stat; each returns its slowest read.
+type Readers = Workers<Duration>;
 
 impl Readers {
     fn start(want: Arc<BTreeMap<PathBuf, [u8; 32]>>, n: usize) -> Readers {
-        let stop = Arc::new(AtomicBool::new(false));
-        let errors = Arc::new(Mutex::new(Vec::<String>::new()));
-        let reads = Arc::new(AtomicU64::new(0));
-        let slowest_us = Arc::new(AtomicU64::new(0));
-        let threads = (0..n)
-            .map(|r| {
-                let (want, stop, errors, reads, slowest_us) = (
-                    want.clone(),
-                    stop.clone(),
-                    errors.clone(),
-                    reads.clone(),
-                    slowest_us.clone(),
-                );
-                std::thread::spawn(move || {
-                    let files: Vec<(&PathBuf, &[u8; 32])> = want.iter().collect();
-                    let mut i = r * files.len() / n;
-                    while !stop.load(Ordering::Relaxed) {
-                        let (p, h) = files[i % files.len()];
-                        let t = Instant::now();
-                        let fail = |m: String| errors.lock().unwrap().push(m);
-                        match fs::read(p) {
-                            Ok(d) if Sha256::digest(&d)[..] == h[..] => {}
-                            Ok(_) => fail(format!("{}: wrong bytes", p.display())),
-                            Err(e) => fail(format!("{}: {e}", p.display())),
-                        }
-                        // Metadata too: the kernel's node ids must resolve in a new daemon.
-                        if let Err(e) = fs::symlink_metadata(p) {
-                            fail(format!("stat {}: {e}", p.display()));
-                        }
-                        slowest_us.fetch_max(t.elapsed().as_micros() as u64, Ordering::Relaxed);
-                        reads.fetch_add(1, Ordering::Relaxed);
-                        i += 1;
+        let mut readers = Workers::new();
+        for r in 0..n {
+            let want = want.clone();
+            readers.spawn(move |ctx| {
+                let files: Vec<(&PathBuf, &[u8; 32])> = want.iter().collect();
+                let mut slowest = Duration::ZERO;
+                let mut i = r * files.len() / n;
+                while ctx.running() {
+                    let (p, h) = files[i % files.len()];
+                    let t = Instant::now();
+                    match fs::read(p) {
+                        Ok(d) if Sha256::digest(&d)[..] == h[..] => {}
+                        Ok(_) => ctx.fail(format!("{}: wrong bytes", p.display())),
+                        Err(e) => ctx.fail(format!("{}: {e}", p.display())),
                     }
-                })
-            })
-            .collect();
-        Readers {
-            stop,
-            errors,
-            reads,
-            slowest_us,
-            threads,
+                    // Metadata too: the kernel's node ids must resolve in a new daemon.
+                    if let Err(e) = fs::symlink_metadata(p) {
+                        ctx.fail(format!("stat {}: {e}", p.display()));
+                    }
+                    slowest = slowest.max(t.elapsed());
+                    ctx.round_done();
+                    i += 1;
+                }
+                slowest
+            });
         }
+        readers
     }
 
     fn reads(&self) -> u64 {
-        self.reads.load(Ordering::Relaxed)
+        self.rounds()
     }
 
     /// Stops them: (reads, the slowest read, the errors).
-    fn stop(mut self) -> (u64, Duration, Vec<String>) {
-        self.stop.store(true, Ordering::Relaxed);
-        for t in std::mem::take(&mut self.threads) {
-            t.join().unwrap();
-        }
-        let errors = std::mem::take(&mut *self.errors.lock().unwrap());
-        (
-            self.reads(),
-            Duration::from_micros(self.slowest_us.load(Ordering::Relaxed)),
-            errors,
-        )
+    fn stop_reads(self) -> (u64, Duration, Vec<String>) {
+        let (reads, errors, slowest) = self.stop();
+        (reads, slowest.into_iter().max().unwrap_or_default(), errors)
     }
 }
 
@@ -331,20 +362,7 @@ fn upgrade_replaces_the_daemon_under_readers_without_a_failed_read() {
     let bin = tmp.path().join("bin/lazysnap");
     let install = || install_binary(&bin);
     install();
-    let run = |args: &[&str]| {
-        let out = std::process::Command::new(&bin)
-            .arg("--root")
-            .arg(&root)
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
+    let run = |args: &[&str]| common::ok_from(&bin, &root, args);
     run(&["mount", "deb", mnt.to_str().unwrap(), "--cache-size", "4M"]);
     let _unmount = Unmount(root.clone(), mnt.clone());
     let want = Arc::new(file_hashes(&mnt));
@@ -392,7 +410,7 @@ fn upgrade_replaces_the_daemon_under_readers_without_a_failed_read() {
         "serve's start moved the mount to the new build"
     );
     std::thread::sleep(Duration::from_millis(200));
-    let (reads, slowest, errors) = readers.stop();
+    let (reads, slowest, errors) = readers.stop_reads();
     eprintln!(
         "keeper: {upgrades} upgrades, {reads} reads, {} errors, slowest read {slowest:?}",
         errors.len()
@@ -489,25 +507,16 @@ struct Written {
 /// removed, a line appended to a lower file (copy-up) through an fd held open, and a 4 KiB record
 /// per round written at its offset through another held fd. `changes` off: only the writes
 /// through held fds.
-struct Writers {
-    stop: Arc<AtomicBool>,
-    errors: Arc<Mutex<Vec<String>>>,
-    rounds: Arc<AtomicU64>,
-    threads: Vec<std::thread::JoinHandle<Written>>,
-}
+type Writers = Workers<Written>;
 
 impl Writers {
     fn start(mounts: &[PathBuf], per_mount: usize, changes: bool) -> Writers {
         use std::io::Write as _;
         use std::os::unix::fs::FileExt as _;
-        let stop = Arc::new(AtomicBool::new(false));
-        let errors = Arc::new(Mutex::new(Vec::<String>::new()));
-        let rounds = Arc::new(AtomicU64::new(0));
-        let mut threads = Vec::new();
+        let mut writers = Workers::new();
         for (m, mnt) in mounts.iter().enumerate() {
             for w in 0..per_mount {
-                let (stop, errors, rounds, mnt) =
-                    (stop.clone(), errors.clone(), rounds.clone(), mnt.clone());
+                let mnt = mnt.clone();
                 let id = format!("m{m}w{w}");
                 // Lower files of the image, one per writer and mount, appended to.
                 let lower: Vec<PathBuf> = ["etc/issue", "etc/host.conf", "etc/debian_version"]
@@ -515,8 +524,8 @@ impl Writers {
                     .map(|p| mnt.join(p))
                     .collect();
                 let lower = lower[w % lower.len()].clone();
-                threads.push(std::thread::spawn(move || {
-                    let fail = |m: String| errors.lock().unwrap().push(m);
+                writers.spawn(move |ctx| {
+                    let fail = |m: String| ctx.fail(m);
                     let mut out = Written::default();
                     let dir = mnt.join(format!("work-{id}"));
                     fs::create_dir_all(&dir).unwrap();
@@ -526,7 +535,7 @@ impl Writers {
                     let mut appender = fs::OpenOptions::new().append(true).open(&lower).unwrap();
                     let mut records = Vec::new();
                     let mut i = 0u64;
-                    while !stop.load(Ordering::Relaxed) {
+                    while ctx.running() {
                         let line = format!("{id} {i}\n");
                         match appender.write_all(line.as_bytes()) {
                             Ok(()) => before.extend_from_slice(line.as_bytes()),
@@ -579,37 +588,17 @@ impl Writers {
                                 fail(format!("{id} round {i}: {e}"));
                             }
                         }
-                        rounds.fetch_add(1, Ordering::Relaxed);
+                        ctx.round_done();
                         i += 1;
                     }
                     drop(record);
                     out.files.insert(record_path, records);
                     out.appended.insert(lower, before);
                     out
-                }));
+                });
             }
         }
-        Writers {
-            stop,
-            errors,
-            rounds,
-            threads,
-        }
-    }
-
-    fn rounds(&self) -> u64 {
-        self.rounds.load(Ordering::Relaxed)
-    }
-
-    /// Stops them: (rounds, errors, what they wrote).
-    fn stop(mut self) -> (u64, Vec<String>, Vec<Written>) {
-        self.stop.store(true, Ordering::Relaxed);
-        let written = std::mem::take(&mut self.threads)
-            .into_iter()
-            .map(|t| t.join().unwrap())
-            .collect();
-        let errors = std::mem::take(&mut *self.errors.lock().unwrap());
-        (self.rounds(), errors, written)
+        writers
     }
 }
 
@@ -644,18 +633,8 @@ fn check_written(written: &[Written]) {
 /// A FUSE-mode writable mount of `deb` at `mnt` (`--upper fuse`: the daemon holds the writes).
 fn mount_rw(bin: &Path, root: &Path, mnt: &Path) {
     fs::create_dir_all(mnt).unwrap();
-    let out = std::process::Command::new(bin)
-        .arg("--root")
-        .arg(root)
-        .args(["--upper", "fuse", "mount", "--rw", "deb"])
-        .arg(mnt)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "mount --rw: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let mnt = mnt.to_str().unwrap();
+    common::ok_from(bin, root, &["--upper", "fuse", "mount", "--rw", "deb", mnt]);
 }
 
 /// A writable FUSE mount survives `kill -9` of its daemon: readers of lower files, writes
@@ -694,7 +673,7 @@ fn a_writable_mount_survives_kill_9_with_files_open_for_writing() {
         }
     }
     let (rounds, werrors, written) = writers.stop();
-    let (reads, _, rerrors) = readers.stop();
+    let (reads, _, rerrors) = readers.stop_reads();
     eprintln!(
         "keeper rw: {kills} kills, {rounds} write rounds, {reads} reads, {} errors",
         werrors.len() + rerrors.len()
@@ -737,17 +716,10 @@ fn upgrade_replaces_writable_mounts_daemons_under_writers_without_a_failed_sysca
     for u in 0..upgrades {
         std::thread::sleep(Duration::from_millis(300));
         install();
-        let out = std::process::Command::new(&bin)
-            .arg("--root")
-            .arg(&root)
-            .arg("upgrade")
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout);
+        let text = common::ok_from(&bin, &root, &["upgrade"]);
         assert!(
-            out.status.success() && text.contains(&format!("{n} mount(s) upgraded")),
-            "upgrade {u}: {text}{}",
-            String::from_utf8_lossy(&out.stderr)
+            text.contains(&format!("{n} mount(s) upgraded")),
+            "upgrade {u}: {text}"
         );
         for (m, d) in mounts.iter().zip(daemons.iter_mut()) {
             *d = wait_for_daemon_of(&bin, m, Some(*d));
@@ -755,7 +727,7 @@ fn upgrade_replaces_writable_mounts_daemons_under_writers_without_a_failed_sysca
     }
     std::thread::sleep(Duration::from_millis(300));
     let (rounds, werrors, written) = writers.stop();
-    let (reads, slowest, rerrors) = readers.stop();
+    let (reads, slowest, rerrors) = readers.stop_reads();
     eprintln!(
         "keeper rw: {n} mounts, {upgrades} upgrades, {rounds} write rounds, {reads} reads, {} \
          errors, slowest read {slowest:?}",
@@ -801,12 +773,7 @@ fn an_upgrade_to_another_ino_scheme_is_refused_and_the_old_daemons_serve_on() {
         .arg(&bin)
         .status()
         .unwrap();
-    let out = std::process::Command::new(&real)
-        .arg("--root")
-        .arg(&root)
-        .arg("upgrade")
-        .output()
-        .unwrap();
+    let out = common::lazysnap_from(&real, &root, &["upgrade"], &[]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         !out.status.success() && text.contains("not upgraded") && text.contains("scheme 99"),

@@ -60,7 +60,17 @@ pub fn lazysnap(root: &Path, args: &[&str]) -> std::process::Output {
 
 /// Like [`lazysnap`], with `envs` set.
 pub fn lazysnap_env(root: &Path, args: &[&str], envs: &[(&str, &str)]) -> std::process::Output {
-    Command::new(lazysnap_bin())
+    lazysnap_from(&lazysnap_bin(), root, args, envs)
+}
+
+/// Like [`lazysnap_env`], running the binary at `bin` (an installed copy of this build).
+pub fn lazysnap_from(
+    bin: &Path,
+    root: &Path,
+    args: &[&str],
+    envs: &[(&str, &str)],
+) -> std::process::Output {
+    Command::new(bin)
         .envs(envs.iter().copied())
         .arg("--root")
         .arg(root)
@@ -79,7 +89,12 @@ pub fn env_number(name: &str, default: u64) -> u64 {
 
 /// Like [`lazysnap`], asserting success; returns stdout.
 pub fn ok(root: &Path, args: &[&str]) -> String {
-    let out = lazysnap(root, args);
+    ok_from(&lazysnap_bin(), root, args)
+}
+
+/// Like [`ok`], running the binary at `bin`.
+pub fn ok_from(bin: &Path, root: &Path, args: &[&str]) -> String {
+    let out = lazysnap_from(bin, root, args, &[]);
     assert!(
         out.status.success(),
         "lazysnap {args:?} failed: {}",
