@@ -600,14 +600,7 @@ impl Merged {
                     return None;
                 }
             }
-            let mut cur = ROOT_INO;
-            for n in path.iter().rev() {
-                match self.child(cur, n) {
-                    Some(c) => cur = c,
-                    None => break,
-                }
-            }
-            if cur == ino {
+            if self.at_path(path.iter().rev().copied()) == Some(ino) {
                 return self.handed_out(ino);
             }
         }
@@ -622,15 +615,18 @@ impl Merged {
             let _s = tracing::debug_span!("walk_upper").entered();
             walk_upper(upper)
         });
-        let mut cur = ROOT_INO;
-        for n in paths.get(&ino)? {
-            cur = self.child(cur, n)?;
-        }
-        if cur == ino {
+        let path = paths.get(&ino)?.iter().map(|n| &**n);
+        if self.at_path(path) == Some(ino) {
             self.handed_out(ino)
         } else {
             None
         }
+    }
+
+    /// The entry the names `path` lead to from the root (no kernel reference counted).
+    fn at_path<'a>(&self, path: impl IntoIterator<Item = &'a [u8]>) -> Option<Ino> {
+        path.into_iter()
+            .try_fold(ROOT_INO, |cur, name| self.child(cur, name))
     }
 
     /// How many inodes were handed out so far.
@@ -810,19 +806,11 @@ impl Merged {
             let Some(path) = layer_path(&**layer, dir) else {
                 continue;
             };
-            let mut cur = ROOT_INO;
-            let mut ok = true;
-            for comp in &path {
-                match self.child(cur, comp) {
-                    Some(next) => cur = next,
-                    None => {
-                        ok = false;
-                        break;
-                    }
-                }
-            }
-            if ok && self.child(cur, &name) == Some(inode.ino) {
-                places.push((cur, name.into()));
+            let Some(dir) = self.at_path(path.iter().map(|c| &c[..])) else {
+                continue;
+            };
+            if self.child(dir, &name) == Some(inode.ino) {
+                places.push((dir, name.into()));
             }
         }
         places
