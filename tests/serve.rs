@@ -442,10 +442,35 @@ fn restart_keeps_active_snapshots() {
         b"no server running"
     );
 
-    // A dead mount daemon leaves a stale mount; the next server start replaces it.
+    // A dead mount daemon is replaced by its keeper (src/keeper.rs): the mount stays live
+    // and keeps what was written.
     let daemon = mount_daemon_of(&mnt).expect("the mount daemon of the active snapshot");
     // SAFETY: signalling a process this test's server started.
     unsafe { libc::kill(daemon, libc::SIGKILL) };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while mount_daemon_of(&mnt).is_none_or(|pid| pid == daemon) {
+        assert!(
+            Instant::now() < deadline,
+            "the keeper starts a new daemon for the killed one"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        !lazysnap_fuse::is_stale_mount(&mnt),
+        "the keeper kept the mount live"
+    );
+    assert_eq!(fs::read(mnt.join("after-restart")).unwrap(), b"second life");
+
+    // With its keeper gone too, a dead daemon leaves a stale mount; the next server start
+    // replaces it.
+    let keepers = common::keeper_processes(&mnt);
+    assert_eq!(keepers.len(), 1, "one keeper per mount: {keepers:?}");
+    let daemon = mount_daemon_of(&mnt).expect("the keeper's new daemon");
+    // SAFETY: signalling processes this test's server started.
+    unsafe {
+        libc::kill(keepers[0] as i32, libc::SIGKILL);
+        libc::kill(daemon, libc::SIGKILL);
+    }
     let deadline = Instant::now() + Duration::from_secs(10);
     while !lazysnap_fuse::is_stale_mount(&mnt) {
         assert!(
