@@ -13,16 +13,21 @@ use anyhow::{bail, Context as _};
 use rayon::prelude::*;
 use tracing::{debug, info_span};
 
-use crate::blob::{Compression, IndexingReader, SpanMap, SpanOptions};
+use crate::blob::{Compression, FineRegion, IndexingReader, SpanMap, SpanOptions};
 use crate::digest::Digest;
 use crate::image::{compression_name, LayerDesc};
-use crate::index::{build_index, LayerIndex};
+use crate::index::{build_index_observed, LayerIndex};
 use crate::meta::{BlobRow, ChainRow, LayerRow};
 use crate::root::Root;
 use crate::store::write_atomic;
 
 /// Span size of the random-access map: the most a read ever decompresses.
 pub const SPAN_SIZE: u64 = 4 << 20;
+
+/// Files at least this big get restart points [`crate::blob::FINE_SPAN_SIZE`] apart: big
+/// files are the ones read at random (databases, model weights, big binaries), so a 4 KiB read
+/// there should not decompress a whole span; smaller files are mostly read whole.
+pub const FINE_FILE_MIN: u64 = 32 << 20;
 
 /// Default [`Limits::max_layer_size`]: 256 GiB uncompressed.
 pub const DEFAULT_MAX_LAYER_SIZE: u64 = 256 << 30;
@@ -339,9 +344,11 @@ pub fn index_stream<R: Read + Send + 'static>(
 ) -> anyhow::Result<Indexed> {
     let file = reader;
     let local_copy_rel = local_copy_rel_path(&layer.desc.digest);
+    let fine = Arc::new(FineRegion::default());
     let opts = SpanOptions {
         span_size: SPAN_SIZE,
         local_copy: Some(root_path.join(&local_copy_rel)),
+        fine: Some(fine.clone()),
     };
     let counting = CountingReader {
         inner: file,
@@ -357,7 +364,16 @@ pub fn index_stream<R: Read + Send + 'static>(
         n: 0,
     };
     let mut threaded = ThreadedReader::spawn(limited);
-    let built = build_index(&mut threaded);
+    // The pass decompresses ahead of this parser (ThreadedReader's queue): a big file's
+    // first few MiB may get the usual spacing.
+    let built = build_index_observed(
+        &mut threaded,
+        Some(Box::new(move |at, len| {
+            if len >= FINE_FILE_MIN {
+                fine.set(at, at + len);
+            }
+        })),
+    );
     let indexing = threaded.into_inner()?.inner;
     if let Err(e) = &built {
         if let Some(t) = too_large(e) {

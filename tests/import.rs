@@ -16,7 +16,7 @@ use std::sync::Arc;
 use lazysnap::blob::SpanCache;
 use lazysnap::digest::Digest;
 use lazysnap::index::{Kind, WHITEOUT};
-use lazysnap::layer::IndexedLayer;
+use lazysnap::layer::{IndexedLayer, LayerFiles};
 use lazysnap::root::Root;
 use lazysnap_fuse::LayerTree;
 use rand::{Rng, SeedableRng};
@@ -698,4 +698,170 @@ fn interrupted_import_leaves_only_whole_blobs() {
         fs::read_dir(root.join("content/ingest")).unwrap().count(),
         0
     );
+}
+
+/// Real bytes of this machine's libraries, `n` of them.
+fn machine_bytes(n: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(n);
+    let mut dirs = vec![
+        PathBuf::from("/usr/lib/x86_64-linux-gnu"),
+        "/usr/bin".into(),
+    ];
+    while let Some(d) = dirs.pop() {
+        let Ok(rd) = fs::read_dir(&d) else { continue };
+        let mut paths: Vec<PathBuf> = rd.flatten().map(|e| e.path()).collect();
+        paths.sort();
+        for p in paths {
+            let Ok(md) = fs::symlink_metadata(&p) else {
+                continue;
+            };
+            if md.is_dir() {
+                dirs.push(p);
+            } else if md.is_file() {
+                out.extend(fs::read(&p).unwrap_or_default());
+                if out.len() >= n {
+                    out.truncate(n);
+                    return out;
+                }
+            }
+        }
+    }
+    assert!(
+        out.len() >= n / 2,
+        "only {} bytes of machine files",
+        out.len()
+    );
+    out
+}
+
+/// A big file (the kind read at random: a database, model weights) gets restart points close
+/// together at import: a cold 4 KiB read anywhere in it decompresses at most 1 MiB (gzip) or
+/// 2 zstd windows and a block, while the small files around it keep 4 MiB spans (gzip) or
+/// points 4 windows apart (zstd). Single-member gzip and single-frame zstd, as image builders
+/// write them.
+#[test]
+fn a_big_files_random_reads_decompress_little() {
+    let big = machine_bytes(40 << 20);
+    let small = machine_bytes(12 << 20);
+    let mut b = tar::Builder::new(Vec::new());
+    let add = |b: &mut tar::Builder<Vec<u8>>, path: &str, data: &[u8]| {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_mtime(1_700_000_000);
+        b.append_data(&mut h, path, data).unwrap();
+    };
+    for (i, part) in small.chunks(1 << 20).enumerate() {
+        add(&mut b, &format!("lib/small{i}"), part);
+    }
+    add(&mut b, "data/big.db", &big);
+    add(&mut b, "lib/after", &small[..4 << 20]);
+    let layer = b.into_inner().unwrap();
+    // Where the big file's bytes and the small files lie in the stream.
+    let mut big_at = 0;
+    let mut ar = tar::Archive::new(&layer[..]);
+    for e in ar.entries().unwrap() {
+        let e = e.unwrap();
+        if e.path().unwrap().as_os_str() == "data/big.db" {
+            big_at = e.raw_file_position();
+        }
+    }
+    assert!(big_at > 0);
+    let zstd_window = 2u64 << 20; // zstd -3 on inputs past 1 MiB
+    let cases = [
+        (
+            "gzip",
+            gzip(&layer),
+            "application/vnd.oci.image.layer.v1.tar+gzip",
+            1u64 << 20,
+        ),
+        (
+            "zstd",
+            zstd_of(&layer),
+            "application/vnd.oci.image.layer.v1.tar+zstd",
+            2 * zstd_window + (128 << 10),
+        ),
+    ];
+    let tmp = tempfile::tempdir().unwrap();
+    for (name, blob, media_type, limit) in cases {
+        let layout = tmp.path().join(name);
+        write_layout(
+            &layout,
+            &[Blob {
+                data: blob,
+                media_type: media_type.into(),
+            }],
+            &[sha(&layer)],
+            ("linux", "amd64"),
+        );
+        let root_path = tmp.path().join(format!("root-{name}"));
+        ok(
+            &root_path,
+            &["import", layout.to_str().unwrap(), "--name", name],
+        );
+        let root = Root::open(&root_path).unwrap();
+        let img = root.meta.image(name).unwrap().expect("image recorded");
+        let chain = root
+            .meta
+            .chain_stack(img.chain_id.as_deref().unwrap())
+            .unwrap();
+        // One cold read: what a 4 KiB read at stream offset `at` decompresses.
+        let cold_read = |at: u64| {
+            let l = IndexedLayer::open(&root, &chain[0], SpanCache::new(64 << 20)).unwrap();
+            let mut buf = vec![0u8; 4096];
+            let n = l.reader().read_at(at, &mut buf).unwrap();
+            assert_eq!(
+                &buf[..n],
+                &layer[at as usize..at as usize + n],
+                "{name}: read at {at}"
+            );
+            l.reader().decompressed_bytes()
+        };
+        // The pass runs up to ~10 MiB ahead of the tar parser: the file's first MiBs may have
+        // the usual spacing. Reads stay inside one span (one crossing a boundary decodes two).
+        let map = LayerFiles::of(&root, &chain[0].blob_digest)
+            .unwrap()
+            .span_map(&root)
+            .unwrap();
+        let spans: Vec<(u64, u64)> = (0..map.span_count()).map(|i| map.span_extent(i)).collect();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        let mut read_in = |a: u64, b: u64| cold_read(rng.random_range(a..b - 4096));
+        let settled = big_at + (14 << 20);
+        let big_end = big_at + big.len() as u64;
+        let inside: Vec<_> = spans
+            .iter()
+            .filter(|&&(a, b)| a >= settled && b <= big_end)
+            .collect();
+        assert!(
+            inside.len() as u64 >= (big_end - settled) / limit - 1,
+            "{name}: {} spans over the big file's last {} bytes",
+            inside.len(),
+            big_end - settled
+        );
+        let mut worst = 0;
+        for &&(a, b) in &inside {
+            assert!(
+                b - a <= limit,
+                "{name}: a span of {} bytes in the big file",
+                b - a
+            );
+            worst = worst.max(read_in(a, b));
+        }
+        assert!(
+            worst <= limit,
+            "{name}: a 4 KiB read in the big file decompressed {worst} bytes (limit {limit})"
+        );
+        // Among the small files the spacing stays coarse (and the local disk small).
+        let coarse = spans
+            .iter()
+            .filter(|&&(_, b)| b <= big_at)
+            .map(|&(a, b)| read_in(a, b))
+            .max()
+            .unwrap_or(0);
+        assert!(
+            coarse > limit,
+            "{name}: reads among the small files decompressed at most {coarse} bytes"
+        );
+        eprintln!("{name}: a cold 4 KiB read decompresses at most {worst} bytes in the big file, {coarse} among the small files");
+    }
 }

@@ -4,8 +4,8 @@
 //! Go encoder buildkit and containerd use: tools/zstd-klauspost). For each: the pass decodes
 //! the same bytes as `zstd -dc`; every span read on its own (from its resume point, decoding
 //! exactly that span) equals those bytes; random `read_at`s equal them; points are 4 windows
-//! apart (resume data within 25% of the output); and damaged or cut resume data fails the read, never returns wrong
-//! bytes. The data is real files of this machine.
+//! apart (resume data within 25% of the output), 2 windows in a fine region (a big file's data);
+//! and damaged or cut resume data fails the read, never returns wrong bytes. The data is real files of this machine.
 
 mod common;
 
@@ -14,7 +14,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, OnceLock};
 
-use lazysnap::blob::{BlobReader, Compression, IndexingReader, SpanCache, SpanMap, SpanOptions};
+use lazysnap::blob::{
+    BlobReader, Compression, FineRegion, IndexingReader, SpanCache, SpanMap, SpanOptions,
+    FINE_SPAN_SIZE, FINE_WINDOWS,
+};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -122,7 +125,7 @@ struct Indexed {
     map: Arc<SpanMap>,
 }
 
-fn index(blob: &[u8], data: &[u8], span: u64) -> Indexed {
+fn index(blob: &[u8], data: &[u8], span: u64, fine: Option<Arc<FineRegion>>) -> Indexed {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("blob");
     std::fs::write(&path, blob).expect("write blob");
@@ -130,6 +133,7 @@ fn index(blob: &[u8], data: &[u8], span: u64) -> Indexed {
     let opts = SpanOptions {
         span_size: span,
         local_copy: Some(copy.clone()),
+        fine,
     };
     let mut pass = IndexingReader::new(Compression::Zstd, blob, opts).expect("pass");
     let mut out = Vec::with_capacity(data.len());
@@ -157,7 +161,23 @@ fn reader(ix: &Indexed, cache: u64) -> BlobReader {
 }
 
 fn check(name: &str, blob: Vec<u8>, data: &[u8], expect: Expect) -> Indexed {
-    let ix = index(&blob, data, SPAN);
+    check_fine(name, blob, data, expect, None)
+}
+
+/// As [`check`], with closer points over `fine` (stream offsets `[start, end)`).
+fn check_fine(
+    name: &str,
+    blob: Vec<u8>,
+    data: &[u8],
+    expect: Expect,
+    fine: Option<(u64, u64)>,
+) -> Indexed {
+    let region = fine.map(|(a, b)| {
+        let r = FineRegion::default();
+        r.set(a, b);
+        Arc::new(r)
+    });
+    let ix = index(&blob, data, SPAN, region);
     let map = &ix.map;
     let (points, copied) = (map.resume_points(), map.copied_spans());
     eprintln!(
@@ -191,9 +211,39 @@ fn check(name: &str, blob: Vec<u8>, data: &[u8], expect: Expect) -> Indexed {
             map.largest_span()
         );
         let extra = std::fs::metadata(&ix.copy).expect("copy").len();
+        let (fine_len, allowed) = match fine {
+            None => (0, data.len() as u64 / 4),
+            Some((a, b)) => {
+                // In the region: points FINE_WINDOWS windows apart, once the pass has a
+                // window of output since the region began.
+                let fine_limit = FINE_SPAN_SIZE.max(FINE_WINDOWS * w + (128 << 10));
+                let settled = a + w + limit;
+                let mut inside = 0;
+                for i in 0..map.span_count() {
+                    let (x, y) = map.span_extent(i);
+                    if x >= settled && y <= b {
+                        inside += 1;
+                        assert!(
+                            y - x <= fine_limit,
+                            "{name}: span {i} in the fine region is {} bytes",
+                            y - x
+                        );
+                    }
+                }
+                let want = (b - settled) / fine_limit;
+                assert!(
+                    inside + 1 >= want,
+                    "{name}: {inside} spans in the fine region, want {want}"
+                );
+                (
+                    b - a,
+                    (data.len() as u64 - (b - a)) / 4 + (b - a) / FINE_WINDOWS + w,
+                )
+            }
+        };
         assert!(
-            extra * 4 <= data.len() as u64 + (1 << 16),
-            "{name}: {extra} bytes of resume data for {}",
+            extra <= allowed + (1 << 16),
+            "{name}: {extra} bytes of resume data for {} ({fine_len} of it fine)",
             data.len()
         );
     }
@@ -261,6 +311,23 @@ fn zstd_cli_levels_resume_to_the_same_bytes() {
         &data,
         Expect::Copy,
     );
+}
+
+/// A big file's stretch of the stream (`FineRegion`, set by unpack from the tar headers) gets
+/// points 2 windows apart, each still decoding exactly its span; the rest keeps 4 windows.
+#[test]
+fn a_fine_region_gets_closer_resume_points() {
+    let data = corpus(40 * MIB);
+    let region = (8 * MIB as u64, 32 * MIB as u64);
+    for level in ["-3", "-9"] {
+        check_fine(
+            &format!("zstd {level}, fine region"),
+            zstd(&[level], &data),
+            &data,
+            Expect::Resume,
+            Some(region),
+        );
+    }
 }
 
 #[test]

@@ -80,9 +80,14 @@ pub fn random_access(compression: Compression, data: &[u8]) {
     let blob = dir.path().join("blob");
     let local = dir.path().join("copy");
     std::fs::write(&blob, data).expect("writing the blob");
+    // Closer restart points over part of the stream, so the pass also crosses into and out
+    // of a fine region.
+    let fine = std::sync::Arc::new(lazysnap::blob::FineRegion::default());
+    fine.set(64 << 10, 4 << 20);
     let opts = SpanOptions {
         span_size: lazysnap::blob::MIN_SPAN_SIZE,
         local_copy: Some(local.clone()),
+        fine: Some(fine),
     };
     let Ok(mut pass) = IndexingReader::new(compression, data, opts) else {
         return;

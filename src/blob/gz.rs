@@ -5,7 +5,8 @@
 //! bits of the last byte) and the 32 KiB of output before it to start again, so a checkpoint
 //! stores exactly that. Checkpoints are placed at the last boundary before a span would exceed
 //! `span_size`, so a span is never longer than `span_size` unless one deflate block is. The start
-//! of every gzip member is a boundary too, with an empty window. Member CRC and length trailers
+//! of every gzip member is a boundary too, with an empty window. In a [`super::FineRegion`]
+//! (a file big enough to be read at random) checkpoints are [`super::FINE_SPAN_SIZE`] apart. Member CRC and length trailers
 //! are verified during the pass (zlib does it in gzip mode); at read time a span that runs into
 //! the next member switches to gzip mode to parse its header.
 //!
@@ -237,6 +238,8 @@ pub(super) struct GzIndexer<R> {
     total_out: u64,
     z: Inflater,
     span_size: u64,
+    /// Where checkpoints are [`super::FINE_SPAN_SIZE`] apart instead.
+    fine: Option<std::sync::Arc<super::FineRegion>>,
     points: Vec<Checkpoint>,
     /// Latest boundary within `span_size` of the last checkpoint.
     candidate: Option<Checkpoint>,
@@ -266,6 +269,7 @@ impl<R: Read> GzIndexer<R> {
             total_out: 0,
             z: Inflater::new(GZIP).map_err(BlobError::Internal)?,
             span_size: opts.span_size,
+            fine: opts.fine.clone(),
             points: Vec::new(),
             candidate: None,
             last_boundary: None,
@@ -394,7 +398,12 @@ impl<R: Read> GzIndexer<R> {
             self.points.push(cp);
             return Ok(());
         };
-        if cp.u_off - last <= self.span_size {
+        let spacing = if super::fine_at(&self.fine, cp.u_off) {
+            super::FINE_SPAN_SIZE.min(self.span_size)
+        } else {
+            self.span_size
+        };
+        if cp.u_off - last <= spacing {
             self.candidate = Some(cp);
             return Ok(());
         }
@@ -404,7 +413,7 @@ impl<R: Read> GzIndexer<R> {
             }
         }
         let last = self.points.last().map_or(0, |p| p.u_off);
-        if cp.u_off - last > self.span_size {
+        if cp.u_off - last > spacing {
             // One deflate block longer than a span: the best we can do is to start here.
             self.points.push(cp);
         } else {

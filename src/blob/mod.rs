@@ -42,6 +42,14 @@ pub const MIN_SPAN_SIZE: u64 = 4 << 10;
 /// Largest accepted span size; every span is one allocation at read time.
 pub const MAX_SPAN_SIZE: u64 = 256 << 20;
 
+/// Spacing of restart points inside a [`FineRegion`]: a random read there decompresses at
+/// most this much (gzip), or from a zstd resume point at most
+/// `max(FINE_SPAN_SIZE, FINE_WINDOWS × window + a block)`.
+pub const FINE_SPAN_SIZE: u64 = 1 << 20;
+/// zstd resume points in a fine region are this many windows apart: each stores a window, so
+/// they cost up to 1 / `FINE_WINDOWS` of that region in local disk (elsewhere: a quarter).
+pub const FINE_WINDOWS: u64 = 2;
+
 /// Refuse maps whose spans would need allocations larger than this.
 const MAX_DECODED_SPAN: u64 = 1 << 30;
 
@@ -146,6 +154,8 @@ pub struct SpanOptions {
     /// blocks longer than 2 × `span_size`. Without it such regions are served by decompressing
     /// from their start (correct, but unbounded).
     pub local_copy: Option<PathBuf>,
+    /// Where the pass places restart points [`FINE_SPAN_SIZE`] apart (None: nowhere).
+    pub fine: Option<Arc<FineRegion>>,
 }
 
 impl Default for SpanOptions {
@@ -153,8 +163,41 @@ impl Default for SpanOptions {
         SpanOptions {
             span_size: DEFAULT_SPAN_SIZE,
             local_copy: None,
+            fine: None,
         }
     }
+}
+
+/// The stretch of the uncompressed stream that gets finer restart points: the data of a file
+/// big enough to be read at random (a database, model weights, a big binary), announced by
+/// whoever parses the stream when it reaches that file's header, while the pass decompresses
+/// ahead on another thread. Only a hint: the points the pass places are correct either way.
+#[derive(Debug, Default)]
+pub struct FineRegion {
+    start: AtomicU64,
+    end: AtomicU64,
+}
+
+impl FineRegion {
+    /// Uncompressed `[start, end)` from now on (replacing the last one).
+    pub fn set(&self, start: u64, end: u64) {
+        // `end` goes first and last, so a reader never pairs a new start with an old end
+        // that lies past it.
+        self.end.store(0, Ordering::Release);
+        self.start.store(start, Ordering::Release);
+        self.end.store(end, Ordering::Release);
+    }
+
+    /// Whether uncompressed offset `u` is in the region.
+    pub fn covers(&self, u: u64) -> bool {
+        let end = self.end.load(Ordering::Acquire);
+        u < end && u >= self.start.load(Ordering::Acquire)
+    }
+}
+
+/// Whether `fine` covers `u`.
+fn fine_at(fine: &Option<Arc<FineRegion>>, u: u64) -> bool {
+    fine.as_ref().is_some_and(|f| f.covers(u))
 }
 
 /// Serializable random-access map of one blob.

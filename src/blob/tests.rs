@@ -260,6 +260,7 @@ fn gzip_single_member_round_trip() {
     let opts = SpanOptions {
         span_size: SMALL_SPAN,
         local_copy: None,
+        fine: None,
     };
     let map = round_trip(Compression::Gzip, &data, &blob, opts);
     let spans = map.span_count();
@@ -277,6 +278,41 @@ fn gzip_single_member_round_trip() {
     );
 }
 
+/// In a fine region (a big file's data, announced by unpack) checkpoints are
+/// `FINE_SPAN_SIZE` apart; elsewhere `span_size`. Reads anywhere still return the data.
+#[test]
+fn gzip_fine_region_has_closer_checkpoints() {
+    let data = make_data(24 << 20, 12);
+    let blob = gzip(&data, 6);
+    let (a, b) = (6u64 << 20, 18u64 << 20);
+    let fine = Arc::new(FineRegion::default());
+    fine.set(a, b);
+    let opts = SpanOptions {
+        span_size: DEFAULT_SPAN_SIZE,
+        local_copy: None,
+        fine: Some(fine),
+    };
+    let map = round_trip(Compression::Gzip, &data, &blob, opts);
+    let (mut inside, mut outside) = (0, 0);
+    for i in 0..map.span_count() {
+        let (x, y) = map.span_range(i);
+        if x >= a && y <= b {
+            inside += 1;
+            assert!(
+                y - x <= FINE_SPAN_SIZE,
+                "span {i} in the region is {} bytes",
+                y - x
+            );
+        } else if y <= a || x >= b {
+            outside += 1;
+        }
+    }
+    // 12 MiB at 1 MiB; the 12 MiB outside at 4 MiB (each span ends at the block boundary
+    // before 4 MiB, so a few more).
+    assert!(inside >= 11, "{inside} spans in the fine region");
+    assert!(outside <= 6, "{outside} spans outside it");
+}
+
 #[test]
 fn gzip_multi_member_round_trip() {
     let data = make_data(10 << 20, 3);
@@ -291,6 +327,7 @@ fn gzip_multi_member_round_trip() {
     let opts = SpanOptions {
         span_size: SMALL_SPAN,
         local_copy: None,
+        fine: None,
     };
     round_trip(Compression::Gzip, &data, &blob, opts);
 }
@@ -312,6 +349,7 @@ fn zstd_single_frame_local_copy_round_trip() {
     let opts = SpanOptions {
         span_size: SMALL_SPAN,
         local_copy: Some(PathBuf::new()),
+        fine: None,
     };
     let map = round_trip(Compression::Zstd, &data, &blob, opts);
     assert!(map.has_local_copy());
@@ -330,6 +368,7 @@ fn zstd_single_frame_without_copy_round_trip() {
     let opts = SpanOptions {
         span_size: SMALL_SPAN,
         local_copy: None,
+        fine: None,
     };
     let map = round_trip(Compression::Zstd, &data, &blob, opts);
     assert!(!map.has_local_copy());
@@ -347,6 +386,7 @@ fn zstd_multi_frame_round_trip() {
     let opts = SpanOptions {
         span_size: SMALL_SPAN,
         local_copy: Some(PathBuf::new()),
+        fine: None,
     };
     let map = round_trip(Compression::Zstd, &data, &blob, opts);
     assert!(map.has_local_copy());
@@ -363,6 +403,7 @@ fn zstd_small_frames_need_no_copy() {
     let opts = SpanOptions {
         span_size: SMALL_SPAN,
         local_copy: Some(PathBuf::new()),
+        fine: None,
     };
     let map = round_trip(Compression::Zstd, &data, &blob, opts);
     assert!(!map.has_local_copy());
@@ -376,6 +417,7 @@ fn check_bound(c: Compression, data: &[u8], blob: &[u8], copy: bool) {
     let opts = SpanOptions {
         span_size: DEFAULT_SPAN_SIZE,
         local_copy: copy.then(|| fx.copy.clone()),
+        fine: None,
     };
     let (out, map) = index(c, blob, opts).expect("pass");
     assert!(out == data);
@@ -518,6 +560,7 @@ fn corrupt_after_index(c: Compression, data: &[u8], blob: &[u8]) {
     let opts = SpanOptions {
         span_size: SMALL_SPAN,
         local_copy: Some(fx.copy.clone()),
+        fine: None,
     };
     let (_, map) = index(c, blob, opts).expect("pass");
     let mut bad = blob.to_vec();
@@ -589,6 +632,7 @@ fn concurrent_readers() {
         let opts = SpanOptions {
             span_size: SMALL_SPAN,
             local_copy: Some(fx.copy.clone()),
+            fine: None,
         };
         let (_, map) = index(c, &blob, opts).expect("pass");
         // A cache smaller than the data, so spans get evicted and reloaded.
@@ -621,6 +665,7 @@ fn concurrent_readers_of_one_span_decompress_it_once() {
     let opts = SpanOptions {
         span_size: SMALL_SPAN,
         local_copy: None,
+        fine: None,
     };
     let (_, map) = index(Compression::Gzip, &blob, opts).expect("pass");
     let (start, end) = map.span_range(5);
@@ -650,6 +695,7 @@ fn cache_is_bounded_and_shared() {
     let opts = SpanOptions {
         span_size: SMALL_SPAN,
         local_copy: None,
+        fine: None,
     };
     let (_, map) = index(Compression::Zstd, &blob, opts).expect("pass");
     let cache = SpanCache::new(3 * SMALL_SPAN);
@@ -687,6 +733,7 @@ fn map_checks() {
     let opts = SpanOptions {
         span_size: SMALL_SPAN,
         local_copy: Some(copy.clone()),
+        fine: None,
     };
     let (_, map) = index(Compression::Zstd, &blob, opts).expect("pass");
     assert!(copy.exists(), "local copy renamed into place");
@@ -706,6 +753,7 @@ fn map_checks() {
     let bad = SpanOptions {
         span_size: 0,
         local_copy: None,
+        fine: None,
     };
     assert!(IndexingReader::new(Compression::Gzip, &blob[..], bad).is_err());
     // Garbage map bytes fail to decode or to validate, never panic.
@@ -742,6 +790,7 @@ fn gzip_one_block(data: &[u8]) -> Vec<u8> {
     let opts = SpanOptions {
         span_size: MIN_SPAN_SIZE,
         local_copy: None,
+        fine: None,
     };
     let (_, map) = index(Compression::Gzip, &blob, opts).expect("pass");
     let (a, b) = map.span_range(0);
@@ -772,6 +821,7 @@ fn gzip_long_blocks_spill_into_local_copy() {
     let opts = SpanOptions {
         span_size: SMALL_SPAN,
         local_copy: Some(PathBuf::new()),
+        fine: None,
     };
     let map = round_trip(Compression::Gzip, &data, &blob, opts);
     assert!(map.has_local_copy());
@@ -805,6 +855,7 @@ fn gzip_long_block_without_local_copy_still_reads() {
     let opts = SpanOptions {
         span_size: SMALL_SPAN,
         local_copy: None,
+        fine: None,
     };
     let map = round_trip(Compression::Gzip, &data, &blob, opts);
     assert!(!map.has_local_copy());
@@ -818,6 +869,7 @@ fn gzip_long_block_copy_needs_the_copy_file() {
     let opts = SpanOptions {
         span_size: SMALL_SPAN,
         local_copy: Some(fx.copy.clone()),
+        fine: None,
     };
     let (_, map) = index(Compression::Gzip, &blob, opts).expect("pass");
     assert!(map.has_local_copy() && fx.copy.exists());
@@ -834,6 +886,7 @@ fn sequential_reads_prefetch_the_next_spans() {
     let opts = SpanOptions {
         span_size: SMALL_SPAN,
         local_copy: None,
+        fine: None,
     };
     let (_, map) = index(Compression::Zstd, &blob, opts).expect("pass");
     let cache = SpanCache::new(64 << 20);

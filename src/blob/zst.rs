@@ -13,7 +13,8 @@
 //! window, no checksum) plus the blob's blocks from the point, with that dictionary
 //! ([`format`] follows the tables and offsets; libzstd decodes). Points are at least 4 windows
 //! and at most `max(span_size, 4 × window + a block)` apart, so the dictionaries cost at most a
-//! quarter of the output in local disk,
+//! quarter of the output in local disk (in a [`FineRegion`], a big file that may be read at
+//! random: `max(FINE_SPAN_SIZE, FINE_WINDOWS × window + a block)` apart, half of it),
 //! and each one is checked at once against the block after it, and by crc32 when read.
 //!
 //! A frame whose window is larger than [`RESUME_WINDOW_MAX`] (`zstd --long`), or whose state
@@ -28,16 +29,21 @@
 
 pub(super) mod format;
 
+use std::cell::RefCell;
 use std::fs::File;
 use std::io::{self, Read};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use zstd::zstd_safe::{self, DCtx, InBuffer, OutBuffer};
 
 use super::copy::{LocalCopy, Record};
-use super::{BlobError, Decode, PreadInput, Result, SpanIndex, SpanMap, SpanOptions};
+use super::{
+    BlobError, Decode, FineRegion, PreadInput, Result, SpanIndex, SpanMap, SpanOptions,
+    FINE_SPAN_SIZE, FINE_WINDOWS,
+};
 use format::{BlockHeader, BlockKind, FrameHeader, History, Needs, Tables};
 
 const ZSTD_MAGIC: u32 = 0xFD2F_B528;
@@ -174,13 +180,16 @@ impl ZstdIndex {
                 let local = local.ok_or_else(|| BlobError::MissingLocalCopy {
                     blob: blob.to_string(),
                 })?;
-                let dict =
-                    read_dictionary(local, p).map_err(|msg| BlobError::CorruptResumePoint {
-                        blob: blob.to_string(),
-                        span: idx,
-                        msg,
+                return with_decoder(|dctx, dict| {
+                    read_dictionary(local, p, dict).map_err(|msg| {
+                        BlobError::CorruptResumePoint {
+                            blob: blob.to_string(),
+                            span: idx,
+                            msg,
+                        }
                     })?;
-                return decode_resumed(blob_file, blob, s, p.window, &dict, out, counter);
+                    decode_resumed(dctx, blob_file, blob, s, p.window, dict, out, counter)
+                });
             }
             Source::Blob => (blob_file, blob.to_string(), 0),
             &Source::BlobSkip(skip) => (blob_file, blob.to_string(), skip),
@@ -206,21 +215,50 @@ fn zerr(blob: &str, offset: u64, code: usize) -> BlobError {
     }
 }
 
-/// A resume point's dictionary, checked against its crc32.
-fn read_dictionary(local: &File, p: &ResumePoint) -> std::result::Result<Vec<u8>, String> {
-    let mut dict = vec![0u8; p.dict_len as usize];
-    let n = super::pread_full(local, p.dict_off, &mut dict).map_err(|e| e.to_string())?;
+thread_local! {
+    /// Each reading thread's decoder and dictionary buffer, reused span after span: fresh ones
+    /// cost a read its window's and dictionary's allocations and page faults again (measured:
+    /// more than the decoding of a 4 MiB span from a resume point).
+    static DECODER: RefCell<Option<(DCtx<'static>, Vec<u8>)>> = const { RefCell::new(None) };
+}
+
+/// Runs `f` with this thread's decoder (reset: no parameters, no dictionary) and dictionary
+/// buffer.
+fn with_decoder<T>(f: impl FnOnce(&mut DCtx<'static>, &mut Vec<u8>) -> Result<T>) -> Result<T> {
+    DECODER.with(|cell| {
+        // A decode never starts another on the same thread; if it somehow did, it gets its
+        // own decoder.
+        let Ok(mut slot) = cell.try_borrow_mut() else {
+            return f(&mut DCtx::create(), &mut Vec::new());
+        };
+        let (dctx, dict) = slot.get_or_insert_with(|| (DCtx::create(), Vec::new()));
+        dctx.reset(zstd_safe::ResetDirective::SessionAndParameters)
+            .map_err(|code| BlobError::Internal(zstd_safe::get_error_name(code).to_string()))?;
+        f(dctx, dict)
+    })
+}
+
+/// Reads a resume point's dictionary into `dict`, checked against its crc32.
+fn read_dictionary(
+    local: &File,
+    p: &ResumePoint,
+    dict: &mut Vec<u8>,
+) -> std::result::Result<(), String> {
+    dict.resize(p.dict_len as usize, 0);
+    let n = super::pread_full(local, p.dict_off, dict).map_err(|e| e.to_string())?;
     if n != dict.len() {
         return Err("dictionary cut short".into());
     }
-    if crc32fast::hash(&dict) != p.crc {
+    if crc32fast::hash(dict) != p.crc {
         return Err("dictionary fails its crc32".into());
     }
-    Ok(dict)
+    Ok(())
 }
 
 /// Decodes span `s` (blocks of a frame from a resume point) with the point's dictionary.
+#[allow(clippy::too_many_arguments)]
 fn decode_resumed(
+    dctx: &mut DCtx<'static>,
     file: &dyn super::BlobBytes,
     blob: &str,
     s: &ZSpan,
@@ -235,7 +273,6 @@ fn decode_resumed(
         msg,
     };
     let header = format::resume_frame_header(window).map_err(bad)?;
-    let mut dctx = DCtx::create();
     dctx.load_dictionary(dict).map_err(|code| {
         bad(format!(
             "resume dictionary: {}",
@@ -274,12 +311,12 @@ pub(super) fn decode_range(
     out: &mut [u8],
     counter: &AtomicU64,
 ) -> Result<()> {
-    stream_into(DCtx::create(), file, name, start, end, skip, out, counter)
+    with_decoder(|dctx, _| stream_into(dctx, file, name, start, end, skip, out, counter))
 }
 
 #[allow(clippy::too_many_arguments)]
 fn stream_into(
-    mut dctx: DCtx<'_>,
+    dctx: &mut DCtx<'static>,
     file: &dyn super::BlobBytes,
     name: &str,
     start: u64,
@@ -417,9 +454,18 @@ struct Point {
 struct Resume {
     window: u64,
     spacing: u64,
+    /// Spacing inside the fine region (`fine`, in stream offsets: the frame starts at
+    /// `frame_u_off`).
+    fine_spacing: u64,
+    fine: Option<Arc<FineRegion>>,
+    frame_u_off: u64,
     tables: Tables,
     history: History,
     ring: Ring,
+    /// The ring holds the output from `ring_from` to `fed_to` (in-frame offsets) without a
+    /// gap: only a point with its whole window in there may be taken.
+    ring_from: u64,
+    fed_to: u64,
     /// In-frame offset of the last point (0: the frame start).
     last_point: u64,
     points: Vec<Point>,
@@ -429,15 +475,20 @@ struct Resume {
 }
 
 impl Resume {
-    fn new(window: u64, span_size: u64) -> Resume {
+    fn new(window: u64, span_size: u64, fine: Option<Arc<FineRegion>>, frame_u_off: u64) -> Resume {
         Resume {
             window,
             // A point stores one window: points at least 4 windows apart keep that within
             // 25% of the output (one is placed up to a block early, see `consider`).
             spacing: span_size.max(4 * window + block_max(window)),
+            fine_spacing: FINE_SPAN_SIZE.max(FINE_WINDOWS * window + block_max(window)),
+            fine,
+            frame_u_off,
             tables: Tables::default(),
             history: History::default(),
             ring: Ring::new(window as usize),
+            ring_from: 0,
+            fed_to: 0,
             last_point: 0,
             points: Vec::new(),
             candidate: None,
@@ -450,7 +501,12 @@ impl Resume {
     fn consider(&mut self, u_in: u64, c_off: u64, kind: BlockKind, block: &[u8]) {
         // A block adds at most BLOCK_MAX: placing the point a block early keeps spans within
         // `spacing`.
-        if self.stopped || u_in + block_max(self.window) < self.last_point + self.spacing {
+        if self.stopped || u_in + block_max(self.window) < self.last_point + self.spacing_at(u_in) {
+            return;
+        }
+        let n = self.window.min(u_in);
+        if self.fed_to != u_in || self.ring_from + n > u_in {
+            // The ring started late (the spacing just shrank): a later block then.
             return;
         }
         let needs = match kind {
@@ -466,20 +522,38 @@ impl Resume {
             Err(e) => return self.stop(&e),
         };
         if let Some(prefix) = self.tables.dictionary_prefix(needs, reps) {
-            let n = self.window.min(u_in) as usize;
             self.candidate = Some(Candidate {
                 u_in,
                 c_off,
                 prefix,
-                window: self.ring.last(n).concat(),
+                window: self.ring.last(n as usize).concat(),
             });
         }
     }
 
     /// In-frame offset from which output must go to the ring: a window before the next point
     /// can be due (copying all output would cost the pass a memcpy of everything).
-    fn window_from(&self) -> u64 {
-        (self.last_point + self.spacing).saturating_sub(block_max(self.window) + self.window)
+    fn window_from(&self, u_in: u64) -> u64 {
+        (self.last_point + self.spacing_at(u_in))
+            .saturating_sub(block_max(self.window) + self.window)
+    }
+
+    /// Point spacing at in-frame offset `u_in`.
+    fn spacing_at(&self, u_in: u64) -> u64 {
+        if super::fine_at(&self.fine, self.frame_u_off + u_in) {
+            self.fine_spacing.min(self.spacing)
+        } else {
+            self.spacing
+        }
+    }
+
+    /// Output at in-frame offset `u_in` that a window may need.
+    fn feed(&mut self, u_in: u64, data: &[u8]) {
+        if u_in != self.fed_to {
+            self.ring_from = u_in;
+        }
+        self.ring.push(data);
+        self.fed_to = u_in + data.len() as u64;
     }
 
     /// Follows a compressed block's tables and offsets.
@@ -601,6 +675,8 @@ pub(super) struct ZstdIndexer<R> {
     group: Option<Group>,
     copy_path: Option<PathBuf>,
     copy: Option<LocalCopy>,
+    /// Where resume points are closer (see [`FineRegion`]).
+    fine: Option<Arc<FineRegion>>,
     /// Output of the last block when the caller's buffer was too small for a whole block.
     block_out: Vec<u8>,
     out_pos: usize,
@@ -626,6 +702,7 @@ impl<R: Read> ZstdIndexer<R> {
             group: None,
             copy_path: opts.local_copy,
             copy: None,
+            fine: opts.fine,
             block_out: Vec::new(),
             out_pos: 0,
             out_len: 0,
@@ -728,8 +805,8 @@ impl<R: Read> ZstdIndexer<R> {
     /// for a frame with resume points, only keep its window).
     fn frame_output(&mut self, f: &mut Frame, data: &[u8]) -> Result<()> {
         if let Some(r) = &mut f.resume {
-            if f.u_len + data.len() as u64 > r.window_from() {
-                r.ring.push(data);
+            if f.u_len + data.len() as u64 > r.window_from(f.u_len) {
+                r.feed(f.u_len, data);
             }
         }
         f.u_len += data.len() as u64;
@@ -968,7 +1045,12 @@ impl<R: Read> ZstdIndexer<R> {
         self.advance(header.len);
         // A frame known to end before its first point would be due (e.g. a single-segment
         // frame, whose window is its whole content) takes the local copy if it is big.
-        let resume = Resume::new(header.window, self.span_size);
+        let resume = Resume::new(
+            header.window,
+            self.span_size,
+            self.fine.clone(),
+            self.total_out,
+        );
         let resume = (self.copy_path.is_some()
             && header.dict_id == 0
             && header.window <= RESUME_WINDOW_MAX

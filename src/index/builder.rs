@@ -7,7 +7,7 @@ use std::io::{self, Read};
 
 use sha2::{Digest as _, Sha256};
 
-use super::tar::{EntryType, TarEntry, TarError, TarReader};
+use super::tar::{DataHook, EntryType, TarEntry, TarError, TarReader};
 use super::{
     Dirent, Kind, LayerIndex, LayerStats, Node, Range, Span, Xattr, FLAG_IMPLICIT, FLAG_OPAQUE,
     FORMAT_VERSION, NO_PARENT, WHITEOUT,
@@ -58,12 +58,24 @@ impl<R: Read> Read for HashingReader<R> {
 /// Reads the whole uncompressed stream `reader` (to EOF, past the end-of-archive marker) and
 /// builds its index. `progress` gets the uncompressed bytes read so far.
 pub fn build_index<R: Read>(reader: R) -> Result<BuiltLayer, BuildError> {
+    build_index_observed(reader, None)
+}
+
+/// As [`build_index`], telling `before_data` where each regular file's data lies before
+/// reading it (see [`TarReader::before_data`]).
+pub fn build_index_observed<R: Read>(
+    reader: R,
+    before_data: Option<DataHook>,
+) -> Result<BuiltLayer, BuildError> {
     let hashing = HashingReader {
         inner: reader,
         hasher: Sha256::new(),
         count: 0,
     };
     let mut tar = TarReader::new(hashing);
+    if let Some(hook) = before_data {
+        tar.before_data(hook);
+    }
     let mut tree = Tree::new();
     let mut entries = 0u64;
     while let Some(entry) = tar.next_entry()? {

@@ -10,7 +10,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-pub use builder::{build_index, BuildError, BuiltLayer};
+pub use builder::{build_index, build_index_observed, BuildError, BuiltLayer};
 
 /// Bumped when the on-disk format changes; older files are rebuilt.
 pub const FORMAT_VERSION: u32 = 1;

@@ -84,7 +84,11 @@ pub struct TarReader<R: Read> {
     global_pax: Vec<(Vec<u8>, Vec<u8>)>,
     done: bool,
     scratch: Vec<u8>,
+    before_data: Option<DataHook>,
 }
+
+/// Told `(stream offset, stored length)` of a regular file's data before it is read.
+pub type DataHook = Box<dyn FnMut(u64, u64) + Send>;
 
 impl<R: Read> TarReader<R> {
     pub fn new(inner: R) -> Self {
@@ -94,7 +98,14 @@ impl<R: Read> TarReader<R> {
             global_pax: Vec::new(),
             done: false,
             scratch: vec![0u8; 256 * 1024],
+            before_data: None,
         }
+    }
+
+    /// Calls `hook` with each regular file's data extent as its header is parsed, before the
+    /// data is read (an entry is returned only after it).
+    pub fn before_data(&mut self, hook: DataHook) {
+        self.before_data = Some(hook);
     }
 
     /// Position in the stream (bytes consumed).
@@ -456,6 +467,11 @@ impl<R: Read> TarReader<R> {
             sparse = Some(pairs_of(&nums, offset)?);
         } else if !sparse_pairs.is_empty() && sparse_major.is_none() {
             sparse = Some(pairs_of(&sparse_pairs, offset)?);
+        }
+        if kind == EntryType::Regular {
+            if let Some(hook) = &mut self.before_data {
+                hook(data_offset, stored_size);
+            }
         }
         if sparse_major == Some(1) {
             // PAX sparse 1.0: the map is a decimal list at the start of the data.

@@ -236,6 +236,7 @@ fn remote_span_map(path: &Path, compression: &str) -> anyhow::Result<Option<Span
         crate::blob::SpanOptions {
             span_size: ARTIFACT_SPAN_SIZE,
             local_copy: None,
+            fine: None,
         },
     )?;
     std::io::copy(&mut pass, &mut std::io::sink())?;
