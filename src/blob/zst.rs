@@ -29,12 +29,11 @@
 
 pub(super) mod format;
 
-use std::cell::RefCell;
 use std::fs::File;
 use std::io::{self, Read};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 use zstd::zstd_safe::{self, DCtx, InBuffer, OutBuffer};
@@ -215,27 +214,34 @@ fn zerr(blob: &str, offset: u64, code: usize) -> BlobError {
     }
 }
 
-thread_local! {
-    /// Each reading thread's decoder and dictionary buffer, reused span after span: fresh ones
-    /// cost a read its window's and dictionary's allocations and page faults again (measured:
-    /// more than the decoding of a 4 MiB span from a resume point).
-    static DECODER: RefCell<Option<(DCtx<'static>, Vec<u8>)>> = const { RefCell::new(None) };
-}
+/// A decoder and a dictionary buffer, kept between spans: fresh ones cost a read its
+/// window's and dictionary's allocations and page faults again (measured: more than decoding
+/// a 4 MiB span from a resume point).
+type Decoder = (DCtx<'static>, Vec<u8>);
 
-/// Runs `f` with this thread's decoder (reset: no parameters, no dictionary) and dictionary
-/// buffer.
+/// Idle decoders, at most one per core (decodes beyond that wait for a core anyway), so the
+/// memory they keep stays bounded however many threads read.
+static DECODERS: Mutex<Vec<Decoder>> = Mutex::new(Vec::new());
+
+/// Runs `f` with an idle decoder (reset: no parameters, no dictionary) and its dictionary
+/// buffer, or new ones.
 fn with_decoder<T>(f: impl FnOnce(&mut DCtx<'static>, &mut Vec<u8>) -> Result<T>) -> Result<T> {
-    DECODER.with(|cell| {
-        // A decode never starts another on the same thread; if it somehow did, it gets its
-        // own decoder.
-        let Ok(mut slot) = cell.try_borrow_mut() else {
-            return f(&mut DCtx::create(), &mut Vec::new());
-        };
-        let (dctx, dict) = slot.get_or_insert_with(|| (DCtx::create(), Vec::new()));
-        dctx.reset(zstd_safe::ResetDirective::SessionAndParameters)
-            .map_err(|code| BlobError::Internal(zstd_safe::get_error_name(code).to_string()))?;
-        f(dctx, dict)
-    })
+    let idle = DECODERS.lock().unwrap_or_else(|e| e.into_inner()).pop();
+    let (mut dctx, mut dict) = idle.unwrap_or_else(|| (DCtx::create(), Vec::new()));
+    let reset = |d: &mut DCtx<'static>| {
+        d.reset(zstd_safe::ResetDirective::SessionAndParameters)
+            .map_err(|code| BlobError::Internal(zstd_safe::get_error_name(code).to_string()))
+    };
+    reset(&mut dctx)?;
+    let out = f(&mut dctx, &mut dict);
+    // Drops the decoder's copy of the dictionary now, not at its next use.
+    if reset(&mut dctx).is_ok() {
+        let mut pool = DECODERS.lock().unwrap_or_else(|e| e.into_inner());
+        if pool.len() < super::prefetch_limit() {
+            pool.push((dctx, dict));
+        }
+    }
+    out
 }
 
 /// Reads a resume point's dictionary into `dict`, checked against its crc32.
