@@ -16,13 +16,23 @@ use common::{have_cmd, image, is_root, reference_tree, require, testdata, TAG};
 /// The unprivileged account the tests run as.
 const USER: &str = "lazysnap-rootless";
 
+#[derive(Clone, Copy)]
 struct User {
     uid: u32,
     gid: u32,
 }
 
 /// Creates the test account (with subordinate ids for user namespaces) unless it exists.
+/// The test user, created once per test process: tests run in parallel, and two `useradd`s of
+/// one name at once can both succeed (seen on a fresh machine: uid 1001 then 1002, two subuid
+/// ranges), so a test that read the first uid chowned its directories to a user that no longer
+/// exists.
 fn ensure_user() -> User {
+    static USER_ONCE: std::sync::OnceLock<User> = std::sync::OnceLock::new();
+    *USER_ONCE.get_or_init(create_user)
+}
+
+fn create_user() -> User {
     let id = |flag: &str| {
         Command::new("id")
             .args([flag, USER])
@@ -41,7 +51,7 @@ fn ensure_user() -> User {
             .args(["--create-home", "--shell", "/bin/bash", USER])
             .output()
             .expect("running useradd");
-        // A concurrent test may have created it first.
+        // Another test process may have created it first.
         assert!(
             out.status.success() || id("-u").is_some(),
             "useradd {USER}: {}",
