@@ -700,40 +700,6 @@ fn interrupted_import_leaves_only_whole_blobs() {
     );
 }
 
-/// Real bytes of this machine's libraries, `n` of them.
-fn machine_bytes(n: usize) -> Vec<u8> {
-    let mut out = Vec::with_capacity(n);
-    let mut dirs = vec![
-        PathBuf::from("/usr/lib/x86_64-linux-gnu"),
-        "/usr/bin".into(),
-    ];
-    while let Some(d) = dirs.pop() {
-        let Ok(rd) = fs::read_dir(&d) else { continue };
-        let mut paths: Vec<PathBuf> = rd.flatten().map(|e| e.path()).collect();
-        paths.sort();
-        for p in paths {
-            let Ok(md) = fs::symlink_metadata(&p) else {
-                continue;
-            };
-            if md.is_dir() {
-                dirs.push(p);
-            } else if md.is_file() {
-                out.extend(fs::read(&p).unwrap_or_default());
-                if out.len() >= n {
-                    out.truncate(n);
-                    return out;
-                }
-            }
-        }
-    }
-    assert!(
-        out.len() >= n / 2,
-        "only {} bytes of machine files",
-        out.len()
-    );
-    out
-}
-
 /// A big file (the kind read at random: a database, model weights) gets restart points close
 /// together at import: a cold 4 KiB read anywhere in it decompresses at most 1 MiB (gzip) or
 /// 2 zstd windows and a block, while the small files around it keep 4 MiB spans (gzip) or
@@ -741,8 +707,8 @@ fn machine_bytes(n: usize) -> Vec<u8> {
 /// write them.
 #[test]
 fn a_big_files_random_reads_decompress_little() {
-    let big = machine_bytes(40 << 20);
-    let small = machine_bytes(12 << 20);
+    let files = common::machine_corpus(52 << 20);
+    let (big, small) = files.split_at(40 << 20);
     let mut b = tar::Builder::new(Vec::new());
     let add = |b: &mut tar::Builder<Vec<u8>>, path: &str, data: &[u8]| {
         let mut h = tar::Header::new_gnu();
@@ -754,7 +720,7 @@ fn a_big_files_random_reads_decompress_little() {
     for (i, part) in small.chunks(1 << 20).enumerate() {
         add(&mut b, &format!("lib/small{i}"), part);
     }
-    add(&mut b, "data/big.db", &big);
+    add(&mut b, "data/big.db", big);
     add(&mut b, "lib/after", &small[..4 << 20]);
     let layer = b.into_inner().unwrap();
     // Where the big file's bytes and the small files lie in the stream.

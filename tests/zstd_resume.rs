@@ -24,38 +24,6 @@ use rand::{Rng, SeedableRng};
 const SPAN: u64 = 256 << 10;
 const MIB: usize = 1 << 20;
 
-/// The first `n` bytes of a tar of real files (libraries, binaries, text).
-fn corpus(n: usize) -> Vec<u8> {
-    static DATA: OnceLock<Vec<u8>> = OnceLock::new();
-    let all = DATA.get_or_init(|| {
-        let mut child = Command::new("tar")
-            .args([
-                "-cf",
-                "-",
-                "/usr/lib/x86_64-linux-gnu",
-                "/usr/share",
-                "/usr/bin",
-            ])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("tar");
-        let mut out = Vec::new();
-        child
-            .stdout
-            .take()
-            .expect("stdout")
-            .take(64 * MIB as u64)
-            .read_to_end(&mut out)
-            .expect("read tar");
-        let _ = child.kill();
-        let _ = child.wait();
-        assert!(out.len() >= 48 * MIB, "only {} bytes of corpus", out.len());
-        out
-    });
-    all[..n].to_vec()
-}
-
 /// Runs `cmd` with `input` on stdin; its stdout.
 fn pipe(cmd: &Path, args: &[&str], input: &[u8]) -> Vec<u8> {
     let mut child = Command::new(cmd)
@@ -287,7 +255,7 @@ fn check_fine(
 
 #[test]
 fn zstd_cli_levels_resume_to_the_same_bytes() {
-    let data = corpus(40 * MIB);
+    let data = common::machine_corpus(40 * MIB);
     for level in ["-1", "-3", "-9"] {
         check(
             &format!("zstd {level}"),
@@ -297,7 +265,7 @@ fn zstd_cli_levels_resume_to_the_same_bytes() {
         );
     }
     // Level 19 on 16 MiB, its window held at 2 MiB so points fit (level 19's strategies).
-    let small = corpus(16 * MIB);
+    let small = common::machine_corpus(16 * MIB);
     check(
         "zstd -19",
         zstd(&["-19", "--zstd=wlog=21"], &small),
@@ -317,7 +285,7 @@ fn zstd_cli_levels_resume_to_the_same_bytes() {
 /// points 2 windows apart, each still decoding exactly its span; the rest keeps 4 windows.
 #[test]
 fn a_fine_region_gets_closer_resume_points() {
-    let data = corpus(40 * MIB);
+    let data = common::machine_corpus(40 * MIB);
     let region = (8 * MIB as u64, 32 * MIB as u64);
     for level in ["-3", "-9"] {
         check_fine(
@@ -332,7 +300,7 @@ fn a_fine_region_gets_closer_resume_points() {
 
 #[test]
 fn several_frames_raw_and_rle_blocks_tiny_and_empty_layers() {
-    let data = corpus(36 * MIB);
+    let data = common::machine_corpus(36 * MIB);
     let mut frames = Vec::new();
     for part in data.chunks(12 * MIB) {
         frames.extend(zstd(&["-3"], part));
@@ -341,11 +309,11 @@ fn several_frames_raw_and_rle_blocks_tiny_and_empty_layers() {
 
     // Incompressible bytes make raw blocks, runs of one byte RLE blocks; points land on both.
     let mut rng = StdRng::seed_from_u64(7);
-    let mut mixed = corpus(MIB);
+    let mut mixed = common::machine_corpus(MIB);
     mixed.extend((0..5 * MIB).map(|_| rng.random::<u8>()));
     mixed.extend(std::iter::repeat_n(0u8, 5 * MIB));
     mixed.extend(std::iter::repeat_n(b'x', 3 * MIB));
-    mixed.extend(corpus(8 * MIB));
+    mixed.extend(common::machine_corpus(8 * MIB));
     check(
         "raw and RLE blocks",
         zstd(&["-3"], &mixed),
@@ -353,7 +321,7 @@ fn several_frames_raw_and_rle_blocks_tiny_and_empty_layers() {
         Expect::Resume,
     );
 
-    let tiny = corpus(100);
+    let tiny = common::machine_corpus(100);
     check("tiny", zstd(&["-3"], &tiny), &tiny, Expect::Whole);
     check("empty", zstd(&["-3"], &[]), &[], Expect::Whole);
 }
@@ -361,7 +329,7 @@ fn several_frames_raw_and_rle_blocks_tiny_and_empty_layers() {
 #[test]
 fn klauspost_layers_resume_to_the_same_bytes() {
     let Some(bin) = klauspost() else { return };
-    let data = corpus(48 * MIB);
+    let data = common::machine_corpus(48 * MIB);
     // Its defaults (what containerd and buildkit write): 8 MiB window, one point per 32 MiB.
     check(
         "klauspost default",
@@ -389,7 +357,7 @@ fn klauspost_layers_resume_to_the_same_bytes() {
 
 #[test]
 fn damaged_or_cut_resume_data_fails_the_read() {
-    let data = corpus(40 * MIB);
+    let data = common::machine_corpus(40 * MIB);
     let ix = check("zstd -1", zstd(&["-1"], &data), &data, Expect::Resume);
     let good = std::fs::read(&ix.copy).expect("copy");
     let read_all = |what: &str| {

@@ -398,11 +398,8 @@ impl<R: Read> GzIndexer<R> {
             self.points.push(cp);
             return Ok(());
         };
-        let spacing = if super::fine_at(&self.fine, cp.u_off) {
-            super::FINE_SPAN_SIZE.min(self.span_size)
-        } else {
-            self.span_size
-        };
+        let spacing =
+            super::spacing_at(&self.fine, cp.u_off, self.span_size, super::FINE_SPAN_SIZE);
         if cp.u_off - last <= spacing {
             self.candidate = Some(cp);
             return Ok(());

@@ -195,9 +195,14 @@ impl FineRegion {
     }
 }
 
-/// Whether `fine` covers `u`.
-fn fine_at(fine: &Option<Arc<FineRegion>>, u: u64) -> bool {
-    fine.as_ref().is_some_and(|f| f.covers(u))
+/// Restart point spacing at uncompressed offset `u`: `closer` where `fine` covers it (never
+/// wider than `usual`), else `usual`.
+fn spacing_at(fine: &Option<Arc<FineRegion>>, u: u64, usual: u64, closer: u64) -> u64 {
+    if fine.as_ref().is_some_and(|f| f.covers(u)) {
+        closer.min(usual)
+    } else {
+        usual
+    }
 }
 
 /// Serializable random-access map of one blob.

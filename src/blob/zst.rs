@@ -546,11 +546,12 @@ impl Resume {
 
     /// Point spacing at in-frame offset `u_in`.
     fn spacing_at(&self, u_in: u64) -> u64 {
-        if super::fine_at(&self.fine, self.frame_u_off + u_in) {
-            self.fine_spacing.min(self.spacing)
-        } else {
-            self.spacing
-        }
+        super::spacing_at(
+            &self.fine,
+            self.frame_u_off + u_in,
+            self.spacing,
+            self.fine_spacing,
+        )
     }
 
     /// Output at in-frame offset `u_in` that a window may need.

@@ -27,7 +27,7 @@ use std::io::Read;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 
 use sha2::{Digest, Sha256};
@@ -909,4 +909,36 @@ pub fn go_build_tool(tool: &str, out: &Path) {
         "go build tools/{tool}: {}",
         String::from_utf8_lossy(&built.stderr)
     );
+}
+
+/// The first `n` bytes of a tar of real files (libraries, binaries, text).
+pub fn machine_corpus(n: usize) -> Vec<u8> {
+    static DATA: OnceLock<Vec<u8>> = OnceLock::new();
+    let all = DATA.get_or_init(|| {
+        let mut child = Command::new("tar")
+            .args([
+                "-cf",
+                "-",
+                "/usr/lib/x86_64-linux-gnu",
+                "/usr/share",
+                "/usr/bin",
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("tar");
+        let mut out = Vec::new();
+        child
+            .stdout
+            .take()
+            .expect("stdout")
+            .take(64 << 20)
+            .read_to_end(&mut out)
+            .expect("read tar");
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(out.len() >= 48 << 20, "only {} bytes of corpus", out.len());
+        out
+    });
+    all[..n].to_vec()
 }
